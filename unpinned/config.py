@@ -1,0 +1,213 @@
+"""Configuration: one TOML file (see unpinned.example.toml), command-line flags on top,
+secrets from the environment. Every key has a default."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, parse_qs
+
+from .auth import UserSecret
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass
+class Upstream:
+    host: str = "127.0.0.1"      # a directory means a unix socket
+    port: int = 5432
+    user: str = "postgres"
+    password: str | None = None
+    database: str = "postgres"
+
+    @classmethod
+    def from_url(cls, url: str) -> "Upstream":
+        u = urlsplit(url)
+        if u.scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"upstream must be a postgresql:// URL, got {url!r}")
+        q = parse_qs(u.query)
+        host = unquote(u.hostname or "") or q.get("host", ["127.0.0.1"])[0]
+        try:
+            port = u.port or int(q.get("port", ["5432"])[0])
+        except ValueError:
+            raise ConfigError(f"bad port in upstream URL {url!r}") from None
+        return cls(host=host, port=port,
+                   user=unquote(u.username or "") or "postgres",
+                   password=unquote(u.password) if u.password is not None else None,
+                   database=unquote(u.path.lstrip("/")) or "postgres")
+
+    @property
+    def is_unix(self) -> bool:
+        return self.host.startswith("/")
+
+    def __repr__(self) -> str:  # never print the password
+        return f"Upstream(host={self.host!r}, port={self.port}, user={self.user!r}, database={self.database!r})"
+
+
+@dataclass
+class Config:
+    # [proxy]
+    listen: str = "127.0.0.1:6432"
+    mode: str = "smart"                  # "smart" | "rds"
+    auth: str = "scram"                  # "scram" | "md5" | "trust"
+    users_file: str = ""
+    max_client_connections: int = 10000
+    client_idle_timeout: float = 1800.0  # seconds; 0 = never
+    admin_database: str = "unpinned"
+    # [pool]
+    pool_size: int = 20                  # max server connections per (database, user)
+    max_idle: int = 20                   # idle server connections kept per pool
+    server_idle_timeout: float = 300.0   # close idle server connections after this long
+    borrow_timeout: float = 120.0        # seconds a client waits for a server connection
+    init_query: str = ""                 # run on every new server connection
+    health_check_after: float = 30.0     # check an idle server connection idle this long before reuse
+    max_prepared_statements: int = 1000  # per server connection (LRU beyond it)
+    connect_timeout: float = 10.0
+    # [upstream]
+    upstream: Upstream = field(default_factory=Upstream)
+    # [users] (inline) or users_file
+    users: dict[str, UserSecret] = field(default_factory=dict)
+
+    def validate(self) -> "Config":
+        if self.mode not in ("smart", "rds"):
+            raise ConfigError(f"mode must be 'smart' or 'rds', not {self.mode!r}")
+        if self.auth not in ("scram", "md5", "trust"):
+            raise ConfigError(f"auth must be 'scram', 'md5' or 'trust', not {self.auth!r}")
+        for name in ("pool_size", "max_client_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("max_idle", "server_idle_timeout", "borrow_timeout", "client_idle_timeout",
+                     "health_check_after", "connect_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        self.listen_address()
+        if self.auth != "trust" and not self.users:
+            raise ConfigError("auth is not 'trust' but no users are configured: give --users FILE or [users] entries")
+        return self
+
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, "listen")
+
+    def secret_for(self, user: str) -> UserSecret | None:
+        s = self.users.get(user)
+        if s is None and self.auth == "trust" and user == self.upstream.user:
+            s = UserSecret(name=user, password=self.upstream.password)
+        return s
+
+    def server_credentials(self, user: str) -> tuple[str, str | None]:
+        s = self.secret_for(user)
+        if s is None:
+            return user, None
+        password = s.server_password if s.server_password is not None else s.password
+        server_user = s.server_user or user
+        if password is None and server_user == self.upstream.user:
+            password = self.upstream.password
+        return server_user, password
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+_SECTIONS = {
+    "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout",
+              "admin_database"),
+    "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
+             "health_check_after", "max_prepared_statements", "connect_timeout"),
+}
+
+
+def load(path: str | None = None, **overrides) -> Config:
+    """Read the TOML file (if any), apply non-None overrides (command-line flags), read users."""
+    cfg = Config()
+    raw: dict = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    known = {f.name: f for f in fields(Config)}
+    for section, keys in _SECTIONS.items():
+        values = raw.get(section, {})
+        for key, value in values.items():
+            if key not in keys:
+                raise ConfigError(f"unknown key [{section}] {key}")
+            _set(cfg, known[key].type, key, value)
+    for section in raw:
+        if section not in (*_SECTIONS, "upstream", "users"):
+            raise ConfigError(f"unknown section [{section}]")
+    up = raw.get("upstream", {})
+    if "url" in up:
+        cfg.upstream = Upstream.from_url(up["url"])
+    for key in ("host", "port", "user", "password", "database"):
+        if key in up:
+            setattr(cfg.upstream, key, up[key])
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "upstream":
+            cfg.upstream = Upstream.from_url(value)
+        elif key in known:
+            _set(cfg, known[key].type, key, value)
+        else:
+            raise ConfigError(f"unknown option {key}")
+    if os.environ.get("UNPINNED_UPSTREAM_PASSWORD"):
+        cfg.upstream.password = os.environ["UNPINNED_UPSTREAM_PASSWORD"]
+    cfg.users = {}
+    if cfg.users_file:
+        try:
+            users_raw = tomllib.loads(Path(cfg.users_file).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"users file not found: {cfg.users_file}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{cfg.users_file}: {e}") from None
+        cfg.users.update(_users(users_raw.get("users", users_raw)))
+    cfg.users.update(_users(raw.get("users", {})))
+    return cfg.validate()
+
+
+def _set(cfg: Config, typ, key: str, value) -> None:
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "int":
+            value = int(value)
+        elif typ == "float":
+            value = float(value)
+        elif typ == "str":
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a {typ}, got {value!r}") from None
+    setattr(cfg, key, value)
+
+
+def _users(raw: dict) -> dict[str, UserSecret]:
+    out = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"users.{name} must be a table")
+        unknown = set(entry) - {"password", "scram_verifier", "md5", "server_user", "server_password", "admin"}
+        if unknown:
+            raise ConfigError(f"unknown keys for users.{name}: {', '.join(sorted(unknown))}")
+        env = os.environ.get("UNPINNED_PASSWORD_" + name.upper().replace("-", "_"))
+        secret = UserSecret(name=name, password=env or entry.get("password"),
+                            scram_verifier=entry.get("scram_verifier"), md5_hash=entry.get("md5"),
+                            server_user=entry.get("server_user"), server_password=entry.get("server_password"),
+                            admin=bool(entry.get("admin", False)))
+        if secret.scram_verifier:
+            from .auth import parse_scram_verifier
+            try:
+                parse_scram_verifier(secret.scram_verifier)
+            except ValueError as e:
+                raise ConfigError(f"users.{name}.scram_verifier: {e}") from None
+        if secret.password is None and not secret.scram_verifier and not secret.md5_hash:
+            raise ConfigError(f"users.{name} needs a password, scram_verifier or md5")
+        out[name] = secret
+    return out

@@ -1,0 +1,513 @@
+"""The asyncio shell: accept clients, log them in, lend them server connections.
+
+Everything protocol-shaped is decided in `relay` (pure); this module only moves
+bytes between sockets, waits for the pool, and cleans up.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import struct
+import time
+
+from . import __version__
+from .auth import AuthFailed, ClientAuth
+from .config import Config
+from .pool import BorrowTimeout, Pool
+from .protocol import messages as m
+from .relay import Relay, param_sync_sql
+from .server import ServerConnection, ServerError
+from .statements import StatementRegistry
+
+log = logging.getLogger("unpinned")
+
+RDS_OPTIONS_TEXT = "Feature not supported: RDS Proxy currently doesn't support command-line options."
+RDS_REPLICATION_TEXT = "Feature not supported: RDS Proxy currently doesn't support streaming replication mode."
+RDS_VERSION_TEXT = "Feature not supported: RDS Proxy supports only version 3.0 of the PostgreSQL messaging protocol."
+# Startup keys that are not session parameters.
+_NOT_GUCS = {"user", "database", "options", "replication"}
+
+
+class Proxy:
+    def __init__(self, config: Config):
+        self.config = config
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.registry = StatementRegistry()
+        self.clients: set[ClientConnection] = set()
+        self.by_key: dict[tuple[int, int], ClientConnection] = {}
+        self.servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._housekeeper: asyncio.Task | None = None
+        self.started = time.time()
+        self._next_client = 0
+        # Counters.
+        self.clients_received = 0
+        self.clients_failed_auth = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.listen_address()
+        srv = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096)
+        self.servers.append(srv)
+        self._housekeeper = loop.create_task(self._housekeeping())
+        if self.config.auth == "trust":
+            log.warning("client authentication is 'trust': anyone who can reach %s logs in. Development only.",
+                        self.config.listen)
+        log.info("unpinned %s listening on %s, mode %s, upstream %s:%s", __version__, self.config.listen,
+                 self.config.mode, self.config.upstream.host, self.config.upstream.port)
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        if self._housekeeper:
+            self._housekeeper.cancel()
+        for client in list(self.clients):
+            client.shutdown(m.fatal("57P01", "terminating connection because the proxy is shutting down"))
+        for pool in self.pools.values():
+            pool.close_all()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.sleep(0)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for pool in self.pools.values():
+                pool.reap(now)
+            limit = self.config.client_idle_timeout
+            if limit:
+                for client in list(self.clients):
+                    if client.server is None and client.active and now - client.last_active > limit:
+                        client.shutdown(m.fatal("57P05", "terminating connection due to idle-session timeout"))
+
+    def pool_for(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            server_user, password = self.config.server_credentials(user)
+            pool = self.pools[key] = Pool(self.config, database, user, server_user, password)
+        return pool
+
+    def new_client_id(self) -> int:
+        self._next_client += 1
+        return self._next_client
+
+    async def cancel(self, pid: int, secret: int) -> None:
+        client = self.by_key.get((pid, secret))
+        conn = client.server if client is not None else None
+        if conn is None:
+            return
+        up = self.config.upstream
+        try:
+            if up.is_unix:
+                _, w = await asyncio.open_unix_connection(f"{up.host}/.s.PGSQL.{up.port}")
+            else:
+                _, w = await asyncio.open_connection(up.host, up.port)
+            w.write(m.cancel_request(conn.state.pid, conn.state.secret))
+            await w.drain()
+            w.close()
+        except OSError as e:
+            log.warning("could not forward a cancel request: %s", e)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client of the proxy."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.config = proxy.config
+        self.transport: asyncio.Transport | None = None
+        self.id = proxy.new_client_id()
+        self.addr = ""
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.pool: Pool | None = None
+        self.relay: Relay | None = None
+        self.server: ServerConnection | None = None
+        self.active = False            # logged in; bytes go through the relay
+        self.closing = False
+        self.pending: list[bytes] = []  # client bytes waiting for a server connection
+        self.acquiring = False
+        self.last_active = time.monotonic()
+        self.connected_at = time.time()
+        self.key = (0, 0)
+        self._buf = bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._paused_server = False
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.proxy.clients.add(self)
+        self.proxy.clients_received += 1
+        self.proxy.spawn(self._login())
+
+    def data_received(self, data: bytes) -> None:
+        if self.active:
+            self.last_active = time.monotonic()
+            if self.server is not None:
+                self._to_server(data)
+            elif not self.pending and data[:1] == b"X":
+                self.shutdown(None)
+            else:
+                self.pending.append(data)
+                if not self.acquiring:
+                    self._acquire()
+            return
+        self._buf += data
+        if len(self._buf) > 1 << 20:
+            self.shutdown(m.fatal("08P01", "too much data before login"))
+            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.active = False
+        self.proxy.clients.discard(self)
+        self.proxy.by_key.pop(self.key, None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("client went away"))
+        conn = self.server
+        if conn is not None:
+            self.server = None
+            self._give_back(conn)
+
+    def pause_writing(self) -> None:
+        if self.server is not None and not self._paused_server:
+            self._paused_server = True
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._paused_server:
+            self._paused_server = False
+            if self.server is not None:
+                self.server.transport.resume_reading()
+
+    # ------------------------------------------------------------------ login
+
+    async def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            if self.closing:
+                raise ConnectionError("client went away")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def _read_startup(self) -> bytes:
+        ln = m.unpack_i32(await self._read(4), 0)[0]
+        if ln < 8 or ln > 10000:
+            raise m.ProtocolError("invalid length of startup packet")
+        return await self._read(ln - 4)
+
+    async def _read_message(self, expect: bytes) -> bytes:
+        head = await self._read(5)
+        ln = m.unpack_i32(head, 1)[0]
+        if head[:1] != expect:
+            raise m.ProtocolError(f"expected message {expect!r}, got {head[:1]!r}")
+        if ln < 4 or ln > 65536:
+            raise m.ProtocolError("invalid message length")
+        return await self._read(ln - 4)
+
+    def _fatal(self, code: str, text: str) -> None:
+        self.shutdown(m.fatal(code, text))
+
+    async def _login(self) -> None:
+        try:
+            async with asyncio.timeout(max(self.config.connect_timeout, 5) * 6):
+                await self._login_steps()
+        except m.ProtocolError as e:
+            self._fatal(e.sqlstate, str(e))
+        except AuthFailed as e:
+            self.proxy.clients_failed_auth += 1
+            log.info("client %d (%s) failed authentication as %r: %s", self.id, self.addr, self.user, e)
+            self._fatal(e.sqlstate, str(e))
+        except ServerError as e:
+            self._fatal(e.sqlstate, e.fields.get("M", "server error"))
+        except BorrowTimeout as e:
+            self._fatal("53300", str(e))
+        except TimeoutError:
+            self._fatal("08P01", "timeout during login")
+        except (ConnectionError, asyncio.CancelledError):
+            self.shutdown(None)
+
+    async def _login_steps(self) -> None:
+        cfg = self.config
+        rds = cfg.mode == "rds"
+        while True:
+            body = await self._read_startup()
+            code, params = m.parse_startup(body)
+            if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+                self.transport.write(m.SSL_REFUSED)
+                continue
+            if code == m.CANCEL_REQUEST:
+                if len(body) >= 12:
+                    pid, secret = struct.unpack_from("!II", body, 4)
+                    await self.proxy.cancel(pid, secret)
+                self.shutdown(None)
+                return
+            break
+        if code >> 16 != 3:
+            raise m.ProtocolError(RDS_VERSION_TEXT if rds else
+                                  f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                                  "server supports 3.0 to 3.0", "0A000")
+        extensions = [k for k in params if k.startswith("_pq_.")]
+        if code & 0xFFFF or extensions:
+            self.transport.write(m.negotiate_protocol_version(0, extensions))
+        self.user = params.get("user", "")
+        if not self.user:
+            raise AuthFailed("no PostgreSQL user name specified in startup packet", "28000")
+        self.database = params.get("database") or self.user
+        self.application_name = params.get("application_name", "")
+        if len(self.proxy.clients) > cfg.max_client_connections:
+            raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
+                                  f"{cfg.max_client_connections}.", "53300")
+        replication = params.get("replication", "").lower()
+        if replication and replication not in ("false", "0", "off", "no"):
+            raise m.ProtocolError(RDS_REPLICATION_TEXT if rds else
+                                  "replication connections are not supported by this proxy", "0A000")
+        wanted: dict[str, str] = {}
+        if params.get("options", "").strip():
+            if rds:
+                raise m.ProtocolError(RDS_OPTIONS_TEXT, "0A000")
+            try:
+                wanted.update(m.parse_options(params["options"]))
+            except ValueError as e:
+                raise m.ProtocolError(str(e), "22023") from None
+        for k, v in params.items():
+            if k not in _NOT_GUCS and not k.startswith("_pq_."):
+                wanted[k.lower()] = v
+
+        # Authenticate before any server connection is opened for this user.
+        secret = cfg.secret_for(self.user)
+        if secret is None and cfg.auth != "trust":
+            raise AuthFailed(f'password authentication failed for user "{self.user}"')
+        auth = ClientAuth(cfg.auth, self.user, secret)
+        first = auth.start()
+        if first:
+            self.transport.write(first)
+        while not auth.done:
+            reply = auth.step(await self._read_message(b"p"))
+            if reply:
+                self.transport.write(reply)
+
+        self.pool = self.proxy.pool_for(self.database, self.user)
+        reported = await self._server_parameters(wanted)
+        self.relay = Relay(self.proxy.registry, wanted)
+        pid, secret_key = self._new_key()
+        out = [m.AUTH_OK]
+        out += [m.parameter_status(k, v) for k, v in reported.items()]
+        out += [m.backend_key_data(pid, secret_key), m.ready_for_query(b"I")]
+        self.transport.write(b"".join(out))
+        self.active = True
+        log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self.data_received(data)
+
+    def _new_key(self) -> tuple[int, int]:
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(32))
+            if key not in self.proxy.by_key:
+                break
+        self.key = key
+        self.proxy.by_key[key] = self
+        return key
+
+    async def _server_parameters(self, wanted: dict[str, str]) -> dict[str, str]:
+        """What ParameterStatus the client should see, validating its startup parameters.
+
+        A fresh server connection's report, with the client's own values applied. The first
+        client with a given set of parameters has them tried on a server connection, so a
+        bad value fails at login as it would on PostgreSQL; later ones reuse that answer.
+        """
+        pool = self.pool
+        key = frozenset(wanted.items())
+        if pool.reported is not None and (not wanted or key in pool.checked_params):
+            return {**pool.reported, **pool.checked_params.get(key, {})}
+        conn = await pool.acquire()
+        try:
+            overrides: dict[str, str] = {}
+            if wanted:
+                sql = param_sync_sql(conn.state.params, wanted)
+                msgs, error = await conn.simple_query(sql)
+                if error:
+                    conn.state.params = {}
+                    pool.discard(conn)
+                    conn = None
+                    raise ServerError({**error, "S": "FATAL"})
+                conn.state.params = dict(wanted)
+                for t, body in msgs:
+                    if t == b"S":
+                        name, value = m.split_parameter_status(body)
+                        overrides[name] = value
+                pool.checked_params[key] = overrides
+            return {**pool.reported, **overrides}
+        finally:
+            if conn is not None:
+                pool.release(conn)
+
+    # ------------------------------------------------------------------ transaction pooling
+
+    def _acquire(self) -> None:
+        conn = self.pool.try_acquire()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.acquiring = True
+            self.proxy.spawn(self._acquire_slow())
+
+    async def _acquire_slow(self) -> None:
+        try:
+            conn = await self.pool.acquire()
+        except BorrowTimeout as e:
+            self.acquiring = False
+            self._fatal("53300", str(e))
+            return
+        except ServerError as e:
+            self.acquiring = False
+            self._fatal(e.sqlstate, e.fields.get("M", "could not connect to the server"))
+            return
+        except asyncio.CancelledError:
+            self.acquiring = False
+            raise
+        self.acquiring = False
+        if self.closing:
+            self.pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: ServerConnection) -> None:
+        conn.client = self
+        self.server = conn
+        prelude = self.relay.attach(conn.state)
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        if prelude:
+            conn.transport.write(prelude)
+        self._to_server(data)
+
+    def _to_server(self, data: bytes) -> None:
+        relay = self.relay
+        try:
+            out = relay.from_client(data)
+        except m.ProtocolError as e:
+            self._fatal(e.sqlstate, str(e))
+            return
+        if out:
+            self.server.transport.write(out)
+        if relay.to_client:
+            self.transport.write(b"".join(relay.to_client))
+            relay.to_client.clear()
+        if relay.terminated:
+            self.shutdown(None)
+        elif not relay.queue and relay.status == b"I" and relay.pin_reason is None and not out:
+            # Nothing reached the server (e.g. only a Close the proxy answered): give it back.
+            self._release()
+
+    def server_data(self, data: bytes) -> None:
+        relay = self.relay
+        out = relay.from_server(data)
+        if out:
+            self.transport.write(out)
+        if relay.fatal is not None:
+            self.shutdown(relay.fatal)
+        elif relay.releasable:
+            self._release()
+
+    def _release(self) -> None:
+        conn = self.server
+        self.server = None
+        self.relay.detach()
+        if self._paused_server:
+            self._paused_server = False
+            conn.transport.resume_reading()
+        self.pool.release(conn)
+
+    def server_lost(self, conn: ServerConnection) -> None:
+        if self.server is conn:
+            self.server = None
+            self.relay.detach()
+            self.relay.queue.clear()
+            self.shutdown(m.fatal("08006", "the server connection was lost; the transaction, if any, is gone",
+                                  detail=f"server connection {conn.id} closed unexpectedly"))
+
+    def _give_back(self, conn: ServerConnection) -> None:
+        """The client is gone: return its server connection clean, or close it."""
+        relay = self.relay
+        conn.client = None
+        if relay is None or relay.pin_reason is not None or relay.queue:
+            # Session state we cannot vouch for, or a response still on the wire.
+            self.pool.discard(conn)
+            return
+        relay.detach()
+        if relay.status == b"I":
+            self.pool.release(conn)
+        else:
+            self.proxy.spawn(_rollback_and_release(self.pool, conn))
+
+    def shutdown(self, final: bytes | None) -> None:
+        """Close the client, after `final` (an ErrorResponse) if given."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if final:
+            self.transport.write(final)
+        self.transport.close()
+
+
+async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:
+    try:
+        async with asyncio.timeout(5):
+            _, error = await conn.simple_query("ROLLBACK")
+        if error is None and conn.state.status == b"I":
+            pool.release(conn)
+            return
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    pool.discard(conn)
+
+
+async def run(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    proxy = Proxy(config)
+    await proxy.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+    log.info("unpinned stopped (pid %d)", os.getpid())

@@ -1,0 +1,407 @@
+"""The transaction-pooling relay between one client and whichever server connection
+it holds at the moment. Pure: bytes in, bytes out, no sockets.
+
+The shell (proxy.py) owns the sockets and the pool; it calls
+  - `attach(server)` when the client gets a server connection (returns bytes to send first),
+  - `from_client(data)` with client bytes (returns bytes for the server),
+  - `from_server(data)` with server bytes (returns bytes for the client),
+and reads `releasable` (hand the server connection back to the pool), `fatal` (send it
+and close the client).
+
+Transaction boundaries come only from ReadyForQuery. To know when every request has
+been answered, and to slot in responses the proxy makes up (ParseComplete for a
+statement the server connection already has, CloseComplete for a Close it keeps
+from the server), each request that gets a response is queued with the message
+types that end its response.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Callable
+
+from .protocol import messages as m
+from .statements import ServerPrepared, ServerStatement, StatementRegistry
+
+unpack_i32 = m.unpack_i32
+
+# Request kinds in the response queue, and the backend message types that end each.
+R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE, R_SYNC, R_QUERY, R_FUNC, R_SYNTH = range(10)
+TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
+EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
+
+# How a queued request's response is treated.
+FORWARD, SWALLOW, PRELUDE = 0, 1, 2   # PRELUDE: the proxy's own parameter sync; an error there is fatal
+
+_E, _Z, _C, _S, _N, _A = b"EZCSNA"
+_server_ids = count(1)
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the proxy knows about one server connection's session."""
+    id: int = field(default_factory=lambda: next(_server_ids))
+    pid: int = 0
+    secret: int = 0
+    # Session parameters this connection has been given beyond its own defaults: name -> value text.
+    params: dict = field(default_factory=dict)
+    prepared: ServerPrepared = field(default_factory=ServerPrepared)
+    status: bytes = b"I"
+    # ParameterStatus values reported at login (server_version, TimeZone, ...).
+    reported: dict = field(default_factory=dict)
+
+
+class Relay:
+    """One client's view of the protocol across server connections."""
+
+    __slots__ = ("registry", "params", "statements", "server", "queue", "releasable", "fatal",
+                 "pin_reason", "pin_text", "skip_to_sync", "cbuf", "sbuf", "_need",
+                 "unnamed_text", "portal_text", "on_tag", "status", "to_client", "terminated")
+
+    def __init__(self, registry: StatementRegistry, params: dict[str, str] | None = None,
+                 on_tag: Callable[["Relay", bytes, bytes], None] | None = None):
+        self.registry = registry
+        self.params: dict[str, str] = dict(params or {})        # desired session parameters
+        self.statements: dict[bytes, ServerStatement] = {}      # client name -> server statement
+        self.server: ServerState | None = None
+        self.queue: deque = deque()
+        self.releasable = False
+        self.fatal: bytes | None = None
+        self.pin_reason: str | None = None
+        self.pin_text: str = ""
+        self.skip_to_sync = False
+        self.cbuf = b""            # incomplete client message
+        self.sbuf = b""            # incomplete server message
+        self._need = 0             # bytes sbuf must reach before a message completes
+        self.unnamed_text = b""    # text of the unnamed statement (for the pin rule)
+        self.portal_text: dict[bytes, bytes] = {}
+        self.on_tag = on_tag or conservative_pin_rule
+        self.status = b"I"
+        self.to_client: list[bytes] = []   # responses the proxy makes up with nothing ahead of them
+        self.terminated = False
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach(self, server: ServerState) -> bytes:
+        """Bind to a server connection; return the parameter sync to send ahead of the client's bytes."""
+        self.server = server
+        self.releasable = False
+        if server.params == self.params:
+            return b""
+        sql = param_sync_sql(server.params, self.params)
+        server.params = dict(self.params)
+        self.queue.append([R_QUERY, PRELUDE, b""])
+        return m.query(sql)
+
+    def detach(self) -> ServerState | None:
+        server, self.server = self.server, None
+        self.releasable = False
+        self.portal_text.clear()
+        return server
+
+    @property
+    def idle(self) -> bool:
+        """No request is waiting for an answer and no transaction is open."""
+        return not self.queue and self.status == b"I"
+
+    # ------------------------------------------------------------------ client -> server
+
+    def from_client(self, data: bytes) -> bytes:
+        if self.cbuf:
+            data = self.cbuf + data
+            self.cbuf = b""
+        n = len(data)
+        pos = 0
+        out: list[bytes] = []
+        fwd_start = 0          # start of a run of bytes forwarded unchanged
+        queue = self.queue
+        while n - pos >= 5:
+            t = data[pos]
+            ln = unpack_i32(data, pos + 1)[0]
+            if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
+                raise m.ProtocolError(f"invalid message length {ln}")
+            end = pos + 1 + ln
+            if end > n:
+                break
+            if t == 81:  # 'Q'
+                if self.skip_to_sync:
+                    raise m.ProtocolError("simple query in the middle of an extended-protocol batch")
+                queue.append([R_QUERY, FORWARD, data[pos + 5:end - 1]])
+            elif t == 83:  # 'S' Sync
+                if self.skip_to_sync:
+                    self.skip_to_sync = False
+                queue.append([R_SYNC, FORWARD, None])
+            elif self.skip_to_sync and t != 100 and t != 99 and t != 102:
+                # After an error the proxy made up, the server must not see the rest of the batch.
+                out.append(data[fwd_start:pos])
+                fwd_start = end
+            elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
+                repl = self._extended(t, data, pos + 5, end)
+                if repl is not None:
+                    out.append(data[fwd_start:pos])
+                    out.append(repl)
+                    fwd_start = end
+            elif t == 69:  # 'E' Execute
+                portal = data[pos + 5:data.index(b"\x00", pos + 5)]
+                queue.append([R_EXEC, FORWARD, self.portal_text.get(portal, b"")])
+            elif t == 70:  # 'F' FunctionCall
+                queue.append([R_FUNC, FORWARD, None])
+            elif t == 88:  # 'X' Terminate: nothing after it counts; the shell closes
+                self.terminated = True
+                out.append(data[fwd_start:pos])
+                fwd_start = pos = n
+                break
+            elif t not in m.FRONTEND_TYPES:
+                raise m.ProtocolError(f"invalid frontend message type {t}")
+            pos = end
+        if pos < n:
+            self.cbuf = data[pos:]
+            if n - pos >= 5:
+                ln = unpack_i32(data, pos + 1)[0]
+                if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
+                    raise m.ProtocolError(f"invalid message length {ln}")
+        if not out:
+            return data[:pos] if pos < n else data
+        out.append(data[fwd_start:pos])
+        return b"".join(out)
+
+    def _extended(self, t: int, data: bytes, start: int, end: int) -> bytes | None:
+        """Handle Parse/Bind/Describe/Close. Returns replacement bytes, or None to forward as is."""
+        queue = self.queue
+        server = self.server
+        if t == 80:  # Parse: name \0 query \0 types
+            nul = data.index(b"\x00", start)
+            name = data[start:nul]
+            if not name:
+                self.unnamed_text = data[nul + 1:data.index(b"\x00", nul + 1)]
+                queue.append([R_PARSE, FORWARD, None])
+                return None
+            if name in self.statements:
+                return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
+            st = self.registry.get(data[nul + 1:end])
+            self.statements[name] = st
+            if server.prepared.has(st.name):
+                self._synth(m.PARSE_COMPLETE)
+                return b""
+            queue.append([R_PARSE, FORWARD, (st.name, name)])
+            return self._prepare_bytes(st)
+        if t == 66:  # Bind: portal \0 statement \0 rest
+            nul = data.index(b"\x00", start)
+            portal = data[start:nul]
+            nul2 = data.index(b"\x00", nul + 1)
+            name = data[nul + 1:nul2]
+            if not name:
+                self.portal_text[portal] = self.unnamed_text
+                queue.append([R_BIND, FORWARD, None])
+                return None
+            st = self.statements.get(name)
+            if st is None:
+                return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
+            self.portal_text[portal] = _statement_text(st)
+            pre = self._ensure_prepared(st)
+            body = data[start:nul + 1] + st.name + data[nul2:end]
+            queue.append([R_BIND, FORWARD, None])
+            return pre + b"B" + m.pack_i32(len(body) + 4) + body
+        if t == 68:  # Describe: 'S'|'P' name \0
+            kind = data[start]
+            name = data[start + 1:end - 1]
+            if kind == 80 or not name:  # portal, or unnamed statement
+                queue.append([R_DESC_PORTAL if kind == 80 else R_DESC_STMT, FORWARD, None])
+                return None
+            st = self.statements.get(name)
+            if st is None:
+                return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
+            pre = self._ensure_prepared(st)
+            queue.append([R_DESC_STMT, FORWARD, None])
+            return pre + m.message(b"D", b"S" + st.name + b"\x00")
+        # Close: 'S'|'P' name \0
+        kind = data[start]
+        name = data[start + 1:end - 1]
+        if kind == 83 and name:
+            # The server keeps the statement for other clients; this client forgets its name.
+            self.statements.pop(name, None)
+            self._synth(m.CLOSE_COMPLETE)
+            return b""
+        queue.append([R_CLOSE, FORWARD, None])
+        return None
+
+    def _ensure_prepared(self, st: ServerStatement) -> bytes:
+        if self.server.prepared.has(st.name):
+            return b""
+        self.queue.append([R_PARSE, SWALLOW, (st.name, None)])
+        return self._prepare_bytes(st)
+
+    def _prepare_bytes(self, st: ServerStatement) -> bytes:
+        evicted = self.server.prepared.add(st.name)
+        if evicted is None:
+            return st.parse_msg
+        # Make room on the server too; the Close's answer is the proxy's business.
+        q = self.queue
+        entry = q.pop()
+        q.append([R_CLOSE, SWALLOW, None])
+        q.append(entry)
+        return m.close_statement(evicted) + st.parse_msg
+
+    def _synth(self, msg: bytes) -> None:
+        if self.queue:
+            self.queue.append([R_SYNTH, FORWARD, msg])
+        else:
+            self.to_client.append(msg)
+
+    def _fail(self, code: bytes, text: str) -> bytes:
+        """An error PostgreSQL would raise for this message: answer it and drop the batch up to Sync."""
+        self._synth(m.error_response(code.decode(), text))
+        self.skip_to_sync = True
+        return b""
+
+    # ------------------------------------------------------------------ server -> client
+
+    def from_server(self, data: bytes) -> bytes:
+        if self.sbuf:
+            self.sbuf += data
+            if len(self.sbuf) < self._need:
+                return b""
+            data = bytes(self.sbuf)
+            self.sbuf = b""
+        n = len(data)
+        pos = 0
+        out: list[bytes] | None = None
+        fwd_start = 0
+        queue = self.queue
+        while n - pos >= 5:
+            t = data[pos]
+            end = pos + 1 + unpack_i32(data, pos + 1)[0]
+            if end > n:
+                break
+            if t == 68 or t == 100:  # DataRow, CopyData: the bulk of traffic, never acted on
+                pos = end
+                continue
+            if not queue:
+                # Nothing asked for it: notices, notifications, parameter changes. Forward.
+                pos = end
+                continue
+            head = queue[0]
+            kind = head[0]
+            action = head[1]
+            drop = action != FORWARD
+            if t == _E:
+                if action == PRELUDE:
+                    self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
+                drop = action == PRELUDE
+                if kind in EXTENDED:
+                    # The server skips everything up to the next Sync; so do the queued requests.
+                    while queue and queue[0][0] != R_SYNC:
+                        self._abandon(queue.popleft())
+            elif t == _S:
+                name, value = m.split_parameter_status(data[pos + 5:end])
+                self.server.reported[name] = value
+                drop = action == PRELUDE
+            elif t == _N or t == _A:
+                drop = False
+            elif t in TERMINALS[kind]:
+                queue.popleft()
+                if t == _Z:
+                    self.status = self.server.status = data[pos + 5:pos + 6]
+                elif t == _C:
+                    self.on_tag(self, data[pos + 5:end - 1], head[2] or b"")
+            elif t == _Z:
+                # Out of step (should not happen): resynchronise on ReadyForQuery.
+                while queue and queue[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
+                    self._abandon(queue.popleft())
+                if queue:
+                    queue.popleft()
+                self.status = self.server.status = data[pos + 5:pos + 6]
+            elif t == _C and not drop:
+                self.on_tag(self, data[pos + 5:end - 1], head[2] or b"")
+            if drop:
+                if out is None:
+                    out = []
+                out.append(data[fwd_start:pos])
+                fwd_start = end
+            pos = end
+            # Responses the proxy made up go out once everything ahead of them has.
+            while queue and queue[0][0] == R_SYNTH:
+                if out is None:
+                    out = []
+                out.append(data[fwd_start:pos])
+                out.append(queue.popleft()[2])
+                fwd_start = pos
+        if pos < n:
+            rest = data[pos:]
+            self.sbuf = bytearray(rest)
+            self._need = 1 + unpack_i32(rest, 1)[0] if len(rest) >= 5 else 5
+            data = data[:pos]
+            n = pos
+        self.releasable = not queue and self.status == b"I" and self.pin_reason is None
+        if out is None:
+            return data
+        out.append(data[fwd_start:n])
+        return b"".join(out)
+
+    def _abandon(self, entry: list) -> None:
+        """A request that failed or that the server skipped after an error.
+
+        A Parse that did not happen leaves nothing prepared on the server, and a client
+        name it would have created does not exist (PostgreSQL would say so too).
+        """
+        if entry[0] == R_PARSE and entry[2]:
+            server_name, client_name = entry[2]
+            self.server.prepared.discard(server_name)
+            if client_name is not None:
+                self.statements.pop(client_name, None)
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, reason: str, text: bytes | str) -> None:
+        if self.pin_reason is None:
+            self.pin_reason = reason
+            self.pin_text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+
+
+def _statement_text(st: ServerStatement) -> bytes:
+    body = st.parse_msg
+    start = body.index(b"\x00", 5) + 1
+    return body[start:body.index(b"\x00", start)]
+
+
+def _as_fatal(fields: bytes) -> bytes:
+    out = []
+    for part in fields.split(b"\x00"):
+        if part[:1] in (b"S", b"V"):
+            part = part[:1] + b"FATAL"
+        out.append(part)
+    return b"\x00".join(out)
+
+
+def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
+    """The statements that take a server connection from `have` to `want` parameters."""
+    parts = []
+    for name in have:
+        if name not in want:
+            parts.append(f"RESET {m.quote_ident(name)}")
+    for name, value in want.items():
+        if have.get(name) != value:
+            parts.append(f"SET {m.quote_ident(name)} TO {m.quote_literal(value)}")
+    return ";".join(parts)
+
+
+# Command tags after which a server connection carries state another client must not inherit.
+_STATE_TAGS = (b"SET", b"RESET", b"PREPARE", b"DECLARE CURSOR", b"LISTEN", b"DISCARD", b"LOAD")
+
+
+def conservative_pin_rule(relay: Relay, tag: bytes, text: bytes) -> None:
+    """Until the classifier decides, any command that may leave session state pins the client."""
+    if tag.startswith(b"DEALLOCATE ALL") or tag == b"DISCARD ALL":
+        # The server dropped every prepared statement on this connection, other clients' too.
+        relay.server.prepared.clear()
+        relay.statements.clear()
+    if relay.pin_reason is not None:
+        return
+    if tag in _STATE_TAGS or tag.startswith(b"DISCARD"):
+        relay.pin("session_state", text)
+        return
+    lowered = text.lower()
+    if (b"temp" in lowered and (tag.startswith(b"CREATE") or tag.startswith(b"SELECT"))) \
+            or b"advisory" in lowered or b"set_config" in lowered:
+        relay.pin("session_state", text)

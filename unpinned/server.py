@@ -1,0 +1,198 @@
+"""One connection from the proxy to PostgreSQL: connect, log in, move bytes.
+
+While a client holds it, every byte the server sends goes straight to that client's
+relay. While it sits in the pool, the proxy may talk to it itself (`simple_query`):
+health checks, the init query, rolling back after a client vanished.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .auth import AuthFailed, ServerAuth
+from .protocol import messages as m
+from .relay import ServerState
+from .statements import ServerPrepared
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger("unpinned.server")
+
+
+class ServerError(Exception):
+    """PostgreSQL refused something the proxy asked (login, init query, check)."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        super().__init__(fields.get("M", "server error"))
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", "08006")
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+        self.state = ServerState(prepared=ServerPrepared(limit=pool.config.max_prepared_statements))
+        self.transport: asyncio.Transport | None = None
+        self.client = None                # the ClientConnection holding it, if any
+        self.closed = False
+        self.last_used = time.monotonic()
+        self.created = self.last_used
+        self._buf = bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._lost = asyncio.get_running_loop().create_future()
+
+    @property
+    def id(self) -> int:
+        return self.state.id
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is not None:
+            client.server_data(data)
+            return
+        self._buf += data
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        elif self._waiter is None:
+            self._idle_data()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("server closed the connection"))
+        client, self.client = self.client, None
+        self.pool.forget(self)
+        if client is not None:
+            client.server_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    def _idle_data(self) -> None:
+        # A server talking while nobody holds it: a shutdown notice or a FATAL before it hangs up.
+        for t, body in self._drain():
+            if t == b"E":
+                fields = m.parse_error_fields(body)
+                log.info("server connection %d said while idle: %s", self.id, fields.get("M"))
+
+    # ------------------------------------------------------------------ the proxy's own conversation
+
+    def _drain(self):
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 5:
+            ln = m.unpack_i32(buf, pos + 1)[0]
+            if len(buf) - pos < 1 + ln:
+                break
+            yield bytes(buf[pos:pos + 1]), bytes(buf[pos + 5:pos + 1 + ln])
+            pos += 1 + ln
+        del buf[:pos]
+
+    async def _messages(self):
+        while True:
+            got = False
+            for msg in self._drain():
+                got = True
+                yield msg
+            if got:
+                continue
+            if self.closed:
+                raise ConnectionError("server closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def login(self, user: str, password: str | None, database: str) -> None:
+        self.transport.write(m.startup_message({"user": user, "database": database}))
+        auth = ServerAuth(user, password)
+        async for t, body in self._messages():
+            if t == b"R":
+                reply = auth.step(body)
+                if reply:
+                    self.transport.write(reply)
+            elif t == b"E":
+                raise ServerError(m.parse_error_fields(body))
+            elif t == b"S":
+                name, value = m.split_parameter_status(body)
+                self.state.reported[name] = value
+            elif t == b"K":
+                self.state.pid, self.state.secret = m.unpack_i32(body, 0)[0], m.unpack_i32(body, 4)[0]
+            elif t == b"Z":
+                return
+
+    async def simple_query(self, sql: str) -> tuple[list[tuple[bytes, bytes]], dict[str, str] | None]:
+        """Run SQL as the proxy; returns (messages before ReadyForQuery, error fields or None)."""
+        self.transport.write(m.query(sql))
+        out: list[tuple[bytes, bytes]] = []
+        error = None
+        async for t, body in self._messages():
+            if t == b"Z":
+                self.state.status = body[:1]
+                return out, error
+            if t == b"E":
+                error = m.parse_error_fields(body)
+            elif t == b"S":
+                name, value = m.split_parameter_status(body)
+                self.state.reported[name] = value
+            out.append((t, body))
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            try:
+                self.transport.write(m.TERMINATE_MSG)
+            finally:
+                self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._lost
+
+
+async def connect(pool: "Pool") -> ServerConnection:
+    """Open, authenticate and prepare a new server connection for `pool`."""
+    cfg = pool.config
+    up = cfg.upstream
+    loop = asyncio.get_running_loop()
+    conn = ServerConnection(pool)
+    try:
+        async with asyncio.timeout(cfg.connect_timeout or None):
+            if up.is_unix:
+                await loop.create_unix_connection(lambda: conn, f"{up.host}/.s.PGSQL.{up.port}")
+            else:
+                await loop.create_connection(lambda: conn, up.host, up.port)
+            await conn.login(pool.server_user, pool.server_password, pool.database)
+            if cfg.init_query:
+                _, error = await conn.simple_query(cfg.init_query)
+                if error:
+                    raise ServerError(error)
+    except (OSError, TimeoutError) as e:
+        conn.close()
+        raise ServerError({"S": "FATAL", "C": "08006",
+                           "M": f"could not connect to the database server at {up.host}:{up.port}: {e or 'timeout'}"}) from None
+    except AuthFailed as e:
+        conn.close()
+        raise ServerError({"S": "FATAL", "C": e.sqlstate, "M": str(e)}) from None
+    except (ServerError, ConnectionError):
+        conn.close()
+        raise
+    return conn
