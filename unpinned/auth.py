@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import struct
 from dataclasses import dataclass, field
 
 import scramp
@@ -112,19 +113,66 @@ class ClientAuth:
                 if mech.decode() != SCRAM:
                     raise AuthFailed(f"unsupported SASL mechanism {mech.decode(errors='replace')!r}", "28000")
                 ln = m.unpack_i32(body, pos)[0]
-                first = body[pos + 4:pos + 4 + ln].decode()
-                info = self.secret.scram_auth_info()
-                self._scram = scramp.ScramMechanism(SCRAM).make_server(lambda _username: info)
-                self._scram.set_client_first(first)
-                return m.auth_sasl_continue(self._scram.get_server_first().encode())
-            self._scram.set_client_final(body.decode())
-            final = self._scram.get_server_final()
+                self._scram = ScramServer(self.secret.scram_auth_info())
+                return m.auth_sasl_continue(self._scram.first(body[pos + 4:pos + 4 + ln].decode()).encode())
+            final = self._scram.final(body.decode())
             self.done = True
             return m.auth_sasl_final(final.encode())
-        except scramp.ScramException:
+        except ScramMismatch:
             raise self._fail() from None
-        except (ValueError, IndexError, UnicodeDecodeError):
+        except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
             raise AuthFailed("malformed SASL message", "08P01") from None
+
+
+class ScramMismatch(Exception):
+    pass
+
+
+class ScramServer:
+    """The server half of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it.
+
+    Written here rather than taken from scramp because PostgreSQL clients send an empty
+    user name (`n=`) in client-first (the startup packet names the user), which scramp's
+    server rejects.
+    """
+
+    def __init__(self, auth_info: tuple):
+        self.salt, self.stored_key, self.server_key, self.iterations = auth_info
+        self.nonce = ""
+        self.gs2 = ""
+        self.client_first_bare = ""
+        self.server_first = ""
+
+    def first(self, client_first: str) -> str:
+        flag, _authzid, bare = client_first.split(",", 2)
+        if flag not in ("n", "y"):
+            # "p=...": channel binding, which needs SCRAM-SHA-256-PLUS; we never offered it.
+            raise ValueError("channel binding not supported")
+        self.gs2 = client_first[: len(client_first) - len(bare)]
+        attrs = dict(a.split("=", 1) for a in bare.split(",") if "=" in a)
+        cnonce = attrs["r"]
+        if not cnonce:
+            raise ValueError("empty nonce")
+        self.client_first_bare = bare
+        self.nonce = cnonce + base64.b64encode(os.urandom(18)).decode()
+        self.server_first = f"r={self.nonce},s={base64.b64encode(self.salt).decode()},i={self.iterations}"
+        return self.server_first
+
+    def final(self, client_final: str) -> str:
+        without_proof, _, proof_b64 = client_final.rpartition(",p=")
+        attrs = dict(a.split("=", 1) for a in without_proof.split(","))
+        if attrs["c"] != base64.b64encode(self.gs2.encode()).decode() or attrs["r"] != self.nonce:
+            raise ScramMismatch()
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
+        proof = base64.b64decode(proof_b64)
+        signature = hmac.new(self.stored_key, auth_message, hashlib.sha256).digest()
+        if len(proof) != len(signature):
+            raise ScramMismatch()
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key):
+            raise ScramMismatch()
+        server_signature = hmac.new(self.server_key, auth_message, hashlib.sha256).digest()
+        return "v=" + base64.b64encode(server_signature).decode()
 
 
 # ---------------------------------------------------------------- proxy as the client

@@ -84,6 +84,10 @@ def _classify_new(query: bytes | str) -> Classification:
 
 # --------------------------------------------------------------------------- pre-check
 
+# libpg_query's JSON parse tree: ~5x faster to build than pglast's node objects.
+# (A module attribute so tests can count parses.)
+_parse_json = _pg.parse_sql_json
+
 # Every effect needs one of these words in the text (SQL keywords and the
 # function names are whole words to PostgreSQL's lexer). Why the list is enough,
 # so the pre-check never misses an effect:
@@ -144,7 +148,7 @@ def _classify_text(text: str, raw: bytes) -> Classification:
         return Classification(text=text, effects=EMPTY, statements=_count_statements(text, raw),
                               byte_length=len(raw), parsed=True)
     try:
-        tree = json.loads(_pg.parse_sql_json(text))
+        tree = json.loads(_parse_json(text))
         stmts = tree.get("stmts", ())
         ctx = _Ctx(text, _FUNC_HINT.search(low) is not None)
         effects: list[Effect] = []
