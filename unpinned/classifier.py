@@ -66,11 +66,12 @@ def _classify_new(query: bytes | str) -> Classification:
         text = query
         raw = query.encode("utf-8", "surrogatepass")
     else:
-        raw = bytes(query)
+        # A memoryview key would keep the caller's receive buffer alive: store bytes.
+        query = raw = bytes(query)
         # PostgreSQL would reject invalid UTF-8; we still classify what we can.
         text = raw.decode("utf-8", "replace")
     c = _classify_text(text, raw)
-    size = len(raw)
+    size = len(query)   # same measure as the eviction below (chars for str keys)
     # Bounded: FIFO eviction is enough; hot statements come back in one parse.
     while _cache and (len(_cache) >= CACHE_SIZE or _cache_bytes + size > CACHE_BYTES):
         old = next(iter(_cache))
@@ -570,22 +571,27 @@ def _parse_bool(s: str) -> bool | None:
     return None
 
 
-def _call_args(call: dict, names: tuple[str, ...]) -> list[Any]:
-    """Positional view of a call's args, mapping named notation (name => value)."""
+def _call_args(call: dict, names: tuple[str, ...]) -> tuple[list[Any], list[int]]:
+    """Positional view of a call's args, mapping named notation (name => value).
+
+    Returns the args by parameter position and, for each, its position in the
+    text (they differ with named notation), for Unknown.expr.
+    """
     out: list[Any] = [_MISSING] * len(names)
+    where = [-1] * len(names)
     pos = 0
-    for a in call.get("args", ()):
+    for i, a in enumerate(call.get("args", ())):
         t, n = _node(a)
         if t == "NamedArgExpr":
-            try:
-                out[names.index(n.get("name", "").lower())] = n.get("arg")
-            except ValueError:
-                pass
+            name = n.get("name", "").lower()
+            if name in names:
+                j = names.index(name)
+                out[j], where[j] = n.get("arg"), i
         else:
             if pos < len(out):
-                out[pos] = a
+                out[pos], where[pos] = a, i
             pos += 1
-    return out
+    return out, where
 
 
 _MISSING = object()
@@ -594,8 +600,11 @@ _MISSING = object()
 def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
     fname = call["funcname"][-1]["String"]["sval"].lower()
     if fname == "set_config":
-        args = _call_args(call, ("setting_name", "new_value", "is_local"))
+        args, where = _call_args(call, ("setting_name", "new_value", "is_local"))
         loc = call.get("location", 0)
+
+        def expr(i: int) -> Unknown:
+            return Unknown(ctx.arg_text(loc, where[i]) if where[i] >= 0 else "")
 
         def val(i: int, as_name: bool = False) -> Value:
             a = args[i]
@@ -610,7 +619,7 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
             p = _param(a)
             if p is not None:
                 return p
-            return Unknown(ctx.arg_text(loc, i))
+            return expr(i)
 
         name = val(0, as_name=True)
         value = val(1)
@@ -624,10 +633,10 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
                 flag = v != 0
             else:
                 b = _parse_bool(str(v))
-                flag = b if b is not None else Unknown(ctx.arg_text(loc, 2))
+                flag = b if b is not None else expr(2)
         else:
             p = _param(a) if a is not _MISSING else None
-            flag = p if p is not None else Unknown(ctx.arg_text(loc, 2) if a is not _MISSING else "")
+            flag = p if p is not None else expr(2)
         return Effect(Kind.SET_CONFIG, name=name, value=value, flag=flag,
                       scope=Scope.LOCAL if flag is True else Scope.SESSION)
     adv = _ADVISORY.get(fname)
