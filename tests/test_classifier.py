@@ -195,6 +195,8 @@ CASES = [
     ("SELECT * FROM set_config('a', 'b', false)", [SC("a", "b", False)]),
     ("SELECT set_config(setting_name => 'a', new_value => 'b', is_local => true)", [SC("a", "b", True)]),
     ("SELECT set_config(is_local => false, new_value => 'b', setting_name => 'A')", [SC("a", "b", False)]),
+    ("SELECT set_config(is_local => x > 1, new_value => upper('b'), setting_name => 'A') FROM t",
+     [SC("a", Unknown("new_value => upper('b')"), Unknown("is_local => x > 1"))]),
     ('SELECT U&"\\0073et_config"(\'a\', \'b\', false)', [SC("a", "b", False)]),
     ("WITH x AS (SELECT nextval('s')) SELECT * FROM x WHERE set_config('a', 'b', true) IS NOT NULL",
      [SEQ("nextval", "s"), SC("a", "b", True)]),
@@ -232,6 +234,10 @@ CASES = [
     ("SELECT nextval($1)", [SEQ("nextval")]),
     ("INSERT INTO t (id, v) VALUES (nextval('t_id_seq'), $1)", [SEQ("nextval", "t_id_seq")]),
     ("CREATE TABLE t (id int DEFAULT nextval('s'))", []),    # default not evaluated: no rows yet
+    ("CREATE SCHEMA s CREATE VIEW v AS SELECT nextval('x')", []),
+    ("ALTER TABLE t ADD COLUMN id bigint DEFAULT nextval('s')", [SEQ("nextval", "s")]),  # runs per row
+    ("COPY (SELECT nextval('s')) TO STDOUT", [SEQ("nextval", "s")]),
+    ("EXECUTE q(nextval('s'))", [K(Kind.EXECUTE, "q"), SEQ("nextval", "s")]),
     # ---- SQL PREPARE / EXECUTE / DEALLOCATE
     ("PREPARE q (int) AS SELECT $1", [K(Kind.PREPARE, "q")]),
     ('PREPARE "Q" AS SELECT 1', [K(Kind.PREPARE, "Q")]),

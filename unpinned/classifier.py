@@ -153,16 +153,20 @@ def _classify_text(text: str, raw: bytes) -> Classification:
         stmts = tree.get("stmts", ())
         ctx = _Ctx(text, _FUNC_HINT.search(low) is not None)
         effects: list[Effect] = []
+        groups: list[tuple[Effect, ...]] = []
         for raw_stmt in stmts:
             stmt = raw_stmt.get("stmt")
+            before = len(effects)
             if stmt:
                 _statement(stmt, ctx, effects)
+            groups.append(tuple(effects[before:]))
     except Exception:   # ParseError; also RecursionError on absurdly deep expressions
         return Classification(text=text, effects=(Effect(Kind.UNPARSED),),
                               statements=max(1, _count_statements(text, raw)),
                               byte_length=len(raw), parsed=False)
     return Classification(text=text, effects=tuple(effects) if effects else EMPTY,
-                          statements=len(stmts), byte_length=len(raw), parsed=True)
+                          statements=len(stmts), byte_length=len(raw), parsed=True,
+                          groups=tuple(groups) if effects else ())
 
 
 class _Ctx:
@@ -403,10 +407,14 @@ _CURSOR_OPT_HOLD = 0x0020
 
 # Statements whose expressions are stored, not run now (a view's query, a
 # function's defaults or BEGIN ATOMIC body, a new table's column defaults, rule,
-# trigger and policy expressions), and PREPARE, whose query runs at EXECUTE.
+# trigger, policy and statistics expressions, CREATE SCHEMA's elements; index
+# expressions may only call immutable functions), and PREPARE, whose query runs
+# at EXECUTE. Everything else is walked, ALTER TABLE included (a volatile
+# column default is evaluated for existing rows).
 _NO_WALK = frozenset({"PrepareStmt", "CreateFunctionStmt", "ViewStmt", "CreateStmt", "RuleStmt",
                       "CreateTrigStmt", "CreatePolicyStmt", "AlterPolicyStmt", "CreateDomainStmt",
-                      "AlterFunctionStmt", "CreateSeqStmt", "DoStmt"})
+                      "AlterFunctionStmt", "CreateSeqStmt", "DoStmt", "CreateSchemaStmt",
+                      "IndexStmt", "CreateStatsStmt"})
 
 
 def _statement(stmt: dict, ctx: _Ctx, effects: list[Effect]) -> None:

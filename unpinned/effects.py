@@ -20,7 +20,7 @@ class Kind(StrEnum):
     PREPARE = "prepare"                  # SQL PREPARE name
     EXECUTE = "execute"                  # SQL EXECUTE name
     DEALLOCATE = "deallocate"            # SQL DEALLOCATE name; name None means ALL
-    DISCARD = "discard"                  # DISCARD ALL|PLANS|SEQUENCES|TEMP (value holds which, upper case)
+    DISCARD = "discard"                  # DISCARD ALL|PLANS|SEQUENCES|TEMP (name holds which, upper case)
     CREATE_TEMP = "create_temp"          # CREATE TEMP TABLE/SEQUENCE/VIEW, SELECT INTO TEMP, pg_temp.x
     DROP = "drop"                        # DROP TABLE/SEQUENCE/VIEW ... (names), to notice temp objects going away
     DECLARE_CURSOR = "declare_cursor"    # DECLARE name CURSOR [WITH HOLD]
@@ -70,7 +70,8 @@ class Effect:
     name: str | Param | Unknown | None = None
     # SET: value as PostgreSQL would show it from the text (None = DEFAULT); SET_CONFIG: the value argument.
     # ROLE: role name (None = NONE/DEFAULT/RESET). TRANSACTION savepoint ops: savepoint name.
-    # CREATE_TEMP: "table"/"sequence"/"view". SEQUENCE: sequence name when literal.
+    # CREATE_TEMP and DROP: "table"/"sequence"/"view". SEQUENCE: sequence name when literal.
+    # SET_TRANSACTION: name transaction_isolation/_read_only/_deferrable/_snapshot, scope LOCAL.
     value: Value = None
     scope: Scope = Scope.SESSION
     # SET_CONFIG: is_local argument (True/False, or Param/Unknown). DECLARE_CURSOR: WITH HOLD.
@@ -86,6 +87,9 @@ class Classification:
     text: str
     effects: tuple[Effect, ...]
     statements: int = 1
+    # The same effects split by statement, in order (empty when there are no effects):
+    # the session engine matches the i-th CommandComplete with groups[i].
+    groups: tuple[tuple[Effect, ...], ...] = ()
     byte_length: int = 0
     parsed: bool = True
     # Filled lazily by the classifier module (see classifier.fingerprint/digest).
