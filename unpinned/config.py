@@ -57,6 +57,13 @@ class Config:
     max_client_connections: int = 10000
     client_idle_timeout: float = 1800.0  # seconds; 0 = never
     admin_database: str = "unpinned"
+    # [pins]
+    pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
+    pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
+    pin_log_redact: bool = False         # log statements with literals replaced by $n
+    set_local_pins: bool = False         # rds mode: whether SET LOCAL pins (AWS does not document it)
+    sequences: str = "carry"             # smart mode: "carry" (guard currval/lastval) or "pin" (as RDS)
+    verify: bool = False                 # check each server connection's state after every transaction
     # [pool]
     pool_size: int = 20                  # max server connections per (database, user)
     max_idle: int = 20                   # idle server connections kept per pool
@@ -74,6 +81,8 @@ class Config:
     def validate(self) -> "Config":
         if self.mode not in ("smart", "rds"):
             raise ConfigError(f"mode must be 'smart' or 'rds', not {self.mode!r}")
+        if self.sequences not in ("carry", "pin"):
+            raise ConfigError(f"sequences must be 'carry' or 'pin', not {self.sequences!r}")
         if self.auth not in ("scram", "md5", "trust"):
             raise ConfigError(f"auth must be 'scram', 'md5' or 'trust', not {self.auth!r}")
         for name in ("pool_size", "max_client_connections"):
@@ -118,6 +127,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 _SECTIONS = {
     "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout",
               "admin_database"),
+    "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),
 }
@@ -183,6 +193,13 @@ def _set(cfg: Config, typ, key: str, value) -> None:
             value = float(value)
         elif typ == "str":
             value = str(value)
+        elif typ == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "on", "yes")
+            elif not isinstance(value, bool):
+                raise TypeError(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a {typ}, got {value!r}") from None
     setattr(cfg, key, value)

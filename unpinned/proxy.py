@@ -18,8 +18,10 @@ from .auth import AuthFailed, ClientAuth
 from .config import Config
 from .pool import BorrowTimeout, Pool
 from .protocol import messages as m
+from .pinlog import ClientInfo, PinLog, open_stream
 from .relay import Relay, param_sync_sql
 from .server import ServerConnection, ServerError
+from .session import Session, SessionOptions
 from .statements import StatementRegistry
 
 log = logging.getLogger("unpinned")
@@ -36,6 +38,10 @@ class Proxy:
         self.config = config
         self.pools: dict[tuple[str, str], Pool] = {}
         self.registry = StatementRegistry()
+        self.pinlog = PinLog(open_stream(config.pin_log), mode=config.mode, max_sql=config.pin_log_max_sql,
+                             redact=config.pin_log_redact)
+        self.session_options = SessionOptions(mode=config.mode, set_local_pins=config.set_local_pins,
+                                              sequences=config.sequences, verify=config.verify)
         self.clients: set[ClientConnection] = set()
         self.by_key: dict[tuple[int, int], ClientConnection] = {}
         self.servers: list[asyncio.base_events.Server] = []
@@ -318,7 +324,8 @@ class ClientConnection(asyncio.Protocol):
 
         self.pool = self.proxy.pool_for(self.database, self.user)
         reported = await self._server_parameters(wanted)
-        self.relay = Relay(self.proxy.registry, wanted)
+        info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
+        self.relay = Relay(self.proxy.registry, Session(wanted, info, self.proxy.pinlog, self.proxy.session_options))
         pid, secret_key = self._new_key()
         out = [m.AUTH_OK]
         out += [m.parameter_status(k, v) for k, v in reported.items()]
@@ -427,7 +434,7 @@ class ClientConnection(asyncio.Protocol):
             relay.to_client.clear()
         if relay.terminated:
             self.shutdown(None)
-        elif not relay.queue and relay.status == b"I" and relay.pin_reason is None and not out:
+        elif not relay.queue and relay.status == b"I" and not relay.pinned and not out:
             # Nothing reached the server (e.g. only a Close the proxy answered): give it back.
             self._release()
 
@@ -436,6 +443,9 @@ class ClientConnection(asyncio.Protocol):
         out = relay.from_server(data)
         if out:
             self.transport.write(out)
+        if relay.to_server:
+            self.server.transport.write(b"".join(relay.to_server))
+            relay.to_server.clear()
         if relay.fatal is not None:
             self.shutdown(relay.fatal)
         elif relay.releasable:
@@ -462,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
         """The client is gone: return its server connection clean, or close it."""
         relay = self.relay
         conn.client = None
-        if relay is None or relay.pin_reason is not None or relay.queue:
+        if relay is None or relay.pinned or relay.queue:
             # Session state we cannot vouch for, or a response still on the wire.
             self.pool.discard(conn)
             return

@@ -19,10 +19,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Callable
 
+from .classifier import classify
+from .effects import Kind
 from .protocol import messages as m
 from .statements import ServerPrepared, ServerStatement, StatementRegistry
+
+if False:  # typing only
+    from .session import Session
 
 unpack_i32 = m.unpack_i32
 
@@ -32,7 +36,11 @@ TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
 EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
 
 # How a queued request's response is treated.
-FORWARD, SWALLOW, PRELUDE = 0, 1, 2   # PRELUDE: the proxy's own parameter sync; an error there is fatal
+FORWARD, SWALLOW, PRELUDE, CHECK = 0, 1, 2, 3
+# SWALLOW: the proxy's own Parse/Close, only errors reach the client.
+# PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
+# CHECK:   the proxy asking the server about session state; the row goes to the session engine.
+READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
 _server_ids = count(1)
@@ -50,36 +58,37 @@ class ServerState:
     status: bytes = b"I"
     # ParameterStatus values reported at login (server_version, TimeZone, ...).
     reported: dict = field(default_factory=dict)
+    # Bumped whenever a different client borrows it (currval guard: "no other client since").
+    epoch: int = 0
+    last_client: object = None
 
 
 class Relay:
     """One client's view of the protocol across server connections."""
 
-    __slots__ = ("registry", "params", "statements", "server", "queue", "releasable", "fatal",
-                 "pin_reason", "pin_text", "skip_to_sync", "cbuf", "sbuf", "_need",
-                 "unnamed_text", "portal_text", "on_tag", "status", "to_client", "terminated")
+    __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
+                 "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
+                 "to_client", "to_server", "terminated", "_row")
 
-    def __init__(self, registry: StatementRegistry, params: dict[str, str] | None = None,
-                 on_tag: Callable[["Relay", bytes, bytes], None] | None = None):
+    def __init__(self, registry: StatementRegistry, session: "Session"):
         self.registry = registry
-        self.params: dict[str, str] = dict(params or {})        # desired session parameters
+        self.session = session                                   # the client's session state
         self.statements: dict[bytes, ServerStatement] = {}      # client name -> server statement
         self.server: ServerState | None = None
         self.queue: deque = deque()
         self.releasable = False
         self.fatal: bytes | None = None
-        self.pin_reason: str | None = None
-        self.pin_text: str = ""
         self.skip_to_sync = False
         self.cbuf = b""            # incomplete client message
         self.sbuf = b""            # incomplete server message
         self._need = 0             # bytes sbuf must reach before a message completes
-        self.unnamed_text = b""    # text of the unnamed statement (for the pin rule)
-        self.portal_text: dict[bytes, bytes] = {}
-        self.on_tag = on_tag or conservative_pin_rule
+        self.unnamed_c = None      # classification of the unnamed statement
+        self.portal_c: dict[bytes, object] = {}
         self.status = b"I"
         self.to_client: list[bytes] = []   # responses the proxy makes up with nothing ahead of them
+        self.to_server: list[bytes] = []   # the proxy's own requests decided while reading responses
         self.terminated = False
+        self._row: list | None = None
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -87,18 +96,26 @@ class Relay:
         """Bind to a server connection; return the parameter sync to send ahead of the client's bytes."""
         self.server = server
         self.releasable = False
-        if server.params == self.params:
+        if server.last_client is not self:
+            server.last_client = self
+            server.epoch += 1
+        want = self.session.params
+        if server.params == want:
             return b""
-        sql = param_sync_sql(server.params, self.params)
-        server.params = dict(self.params)
-        self.queue.append([R_QUERY, PRELUDE, b""])
+        sql = param_sync_sql(server.params, want)
+        server.params = dict(want)
+        self.queue.append([R_QUERY, PRELUDE, None])
         return m.query(sql)
 
     def detach(self) -> ServerState | None:
         server, self.server = self.server, None
         self.releasable = False
-        self.portal_text.clear()
+        self.portal_c.clear()
         return server
+
+    @property
+    def pinned(self) -> bool:
+        return self.session.pinned
 
     @property
     def idle(self) -> bool:
@@ -127,7 +144,15 @@ class Relay:
             if t == 81:  # 'Q'
                 if self.skip_to_sync:
                     raise m.ProtocolError("simple query in the middle of an extended-protocol batch")
-                queue.append([R_QUERY, FORWARD, data[pos + 5:end - 1]])
+                c = classify(data[pos + 5:end - 1])
+                answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
+                if answer is None:
+                    queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                else:
+                    out.append(data[fwd_start:pos])
+                    fwd_start = end
+                    self._synth(answer)
+                    self._synth(READY_NOW)
             elif t == 83:  # 'S' Sync
                 if self.skip_to_sync:
                     self.skip_to_sync = False
@@ -144,7 +169,15 @@ class Relay:
                     fwd_start = end
             elif t == 69:  # 'E' Execute
                 portal = data[pos + 5:data.index(b"\x00", pos + 5)]
-                queue.append([R_EXEC, FORWARD, self.portal_text.get(portal, b"")])
+                c = self.portal_c.get(portal)
+                refusal = self.session.statement(c, "extended", self.server) if c is not None else None
+                if refusal is None:
+                    queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
+                else:
+                    out.append(data[fwd_start:pos])
+                    fwd_start = end
+                    self._synth(refusal)
+                    self.skip_to_sync = True
             elif t == 70:  # 'F' FunctionCall
                 queue.append([R_FUNC, FORWARD, None])
             elif t == 88:  # 'X' Terminate: nothing after it counts; the shell closes
@@ -174,7 +207,7 @@ class Relay:
             nul = data.index(b"\x00", start)
             name = data[start:nul]
             if not name:
-                self.unnamed_text = data[nul + 1:data.index(b"\x00", nul + 1)]
+                self.unnamed_c = classify(data[nul + 1:data.index(b"\x00", nul + 1)])
                 queue.append([R_PARSE, FORWARD, None])
                 return None
             if name in self.statements:
@@ -192,13 +225,15 @@ class Relay:
             nul2 = data.index(b"\x00", nul + 1)
             name = data[nul + 1:nul2]
             if not name:
-                self.portal_text[portal] = self.unnamed_text
+                self.portal_c[portal] = self.unnamed_c
                 queue.append([R_BIND, FORWARD, None])
                 return None
             st = self.statements.get(name)
             if st is None:
                 return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
-            self.portal_text[portal] = _statement_text(st)
+            if st.classification is None:
+                st.classification = classify(_statement_text(st))
+            self.portal_c[portal] = st.classification
             pre = self._ensure_prepared(st)
             body = data[start:nul + 1] + st.name + data[nul2:end]
             queue.append([R_BIND, FORWARD, None])
@@ -243,11 +278,26 @@ class Relay:
         q.append(entry)
         return m.close_statement(evicted) + st.parse_msg
 
-    def _synth(self, msg: bytes) -> None:
+    def _synth(self, msg: bytes | None) -> None:
         if self.queue:
             self.queue.append([R_SYNTH, FORWARD, msg])
         else:
-            self.to_client.append(msg)
+            self.to_client.append(msg if msg is not None else m.ready_for_query(self.status))
+
+    def _simple_query(self, c) -> bytes | None:
+        """A simple query the proxy answers itself (refused, or about names only it knows)."""
+        refusal = self.session.statement(c, "simple", self.server)
+        if refusal is not None:
+            return refusal
+        # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
+        # knows them under other names, so the proxy forgets them itself.
+        effects = c.effects
+        if all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
+               for e in effects):
+            for e in effects:
+                self.statements.pop(e.name.encode(), None)
+            return m.command_complete("DEALLOCATE")
+        return None
 
     def _fail(self, code: bytes, text: str) -> bytes:
         """An error PostgreSQL would raise for this message: answer it and drop the batch up to Sync."""
@@ -274,21 +324,24 @@ class Relay:
             end = pos + 1 + unpack_i32(data, pos + 1)[0]
             if end > n:
                 break
-            if t == 68 or t == 100:  # DataRow, CopyData: the bulk of traffic, never acted on
-                pos = end
-                continue
             if not queue:
                 # Nothing asked for it: notices, notifications, parameter changes. Forward.
                 pos = end
                 continue
             head = queue[0]
-            kind = head[0]
             action = head[1]
+            if (t == 68 or t == 100) and action == FORWARD:
+                # DataRow, CopyData: the bulk of traffic, never looked into.
+                pos = end
+                continue
+            kind = head[0]
             drop = action != FORWARD
             if t == _E:
                 if action == PRELUDE:
                     self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
-                drop = action == PRELUDE
+                elif action == FORWARD:
+                    self.session.failed()
+                drop = action == PRELUDE or action == CHECK
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests.
                     while queue and queue[0][0] != R_SYNC:
@@ -296,15 +349,21 @@ class Relay:
             elif t == _S:
                 name, value = m.split_parameter_status(data[pos + 5:end])
                 self.server.reported[name] = value
-                drop = action == PRELUDE
+                drop = action == PRELUDE or action == CHECK
             elif t == _N or t == _A:
                 drop = False
+            elif t == 68:   # a row answering the proxy's own question
+                if action == CHECK:
+                    self._row = _data_row(data[pos + 5:end])
             elif t in TERMINALS[kind]:
                 queue.popleft()
-                if t == _Z:
-                    self.status = self.server.status = data[pos + 5:pos + 6]
-                elif t == _C:
-                    self.on_tag(self, data[pos + 5:end - 1], head[2] or b"")
+                if t == _Z and self._ready(data[pos + 5:pos + 6], action) and len(queue) == 1:
+                    # Hold the client's ReadyForQuery until the check is answered, so the
+                    # pin state is settled by the time the client's statement returns.
+                    queue.append([R_SYNTH, FORWARD, data[pos:end]])
+                    drop = True
+                elif t == _C and action == FORWARD:
+                    self._complete(head[2], data[pos + 5:end - 1])
             elif t == _Z:
                 # Out of step (should not happen): resynchronise on ReadyForQuery.
                 while queue and queue[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
@@ -312,8 +371,8 @@ class Relay:
                 if queue:
                     queue.popleft()
                 self.status = self.server.status = data[pos + 5:pos + 6]
-            elif t == _C and not drop:
-                self.on_tag(self, data[pos + 5:end - 1], head[2] or b"")
+            elif t == _C and action == FORWARD:
+                self._complete(head[2], data[pos + 5:end - 1])
             if drop:
                 if out is None:
                     out = []
@@ -325,7 +384,8 @@ class Relay:
                 if out is None:
                     out = []
                 out.append(data[fwd_start:pos])
-                out.append(queue.popleft()[2])
+                msg = queue.popleft()[2]
+                out.append(msg if msg is not None else m.ready_for_query(self.status))
                 fwd_start = pos
         if pos < n:
             rest = data[pos:]
@@ -333,11 +393,47 @@ class Relay:
             self._need = 1 + unpack_i32(rest, 1)[0] if len(rest) >= 5 else 5
             data = data[:pos]
             n = pos
-        self.releasable = not queue and self.status == b"I" and self.pin_reason is None
+        self.releasable = not queue and self.status == b"I" and not self.session.pinned
         if out is None:
             return data
         out.append(data[fwd_start:n])
         return b"".join(out)
+
+    def _complete(self, stmt: list | None, tag: bytes) -> None:
+        """CommandComplete for the client: the session engine applies that statement's effects."""
+        if tag.startswith(b"DEALLOCATE ALL") or tag == b"DISCARD ALL":
+            # The server dropped every prepared statement on this connection, other clients' too.
+            self.server.prepared.clear()
+            self.statements.clear()
+        if stmt is not None:
+            c = stmt[0]
+            if c.groups or not c.parsed:
+                self.session.completed(c, stmt[1], tag, stmt[2], self.server)
+            stmt[1] += 1
+
+    def _ready(self, status: bytes, action: int) -> bool:
+        """ReadyForQuery: settle the session. True if a check of the server's state was queued."""
+        self.status = self.server.status = status
+        session = self.session
+        if action == CHECK:
+            row, self._row = self._row, None
+            if row is not None:
+                session.checked(row, self.server)
+        elif action != FORWARD:
+            return False
+        else:
+            sql = session.ready(status, self.server)
+            if sql is not None:
+                self.queue.append([R_QUERY, CHECK, None])
+                self.to_server.append(m.query(sql))
+                return True
+        if status == b"I" and session.pinned:
+            # The client keeps this connection: make its parameters match what the client expects.
+            sql = session.resync_sql(self.server)
+            if sql:
+                self.queue.append([R_QUERY, PRELUDE, None])
+                self.to_server.append(m.query(sql))
+        return False
 
     def _abandon(self, entry: list) -> None:
         """A request that failed or that the server skipped after an error.
@@ -350,14 +446,6 @@ class Relay:
             self.server.prepared.discard(server_name)
             if client_name is not None:
                 self.statements.pop(client_name, None)
-
-    # ------------------------------------------------------------------ pins
-
-    def pin(self, reason: str, text: bytes | str) -> None:
-        if self.pin_reason is None:
-            self.pin_reason = reason
-            self.pin_text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-
 
 def _statement_text(st: ServerStatement) -> bytes:
     body = st.parse_msg
@@ -374,34 +462,36 @@ def _as_fatal(fields: bytes) -> bytes:
     return b"\x00".join(out)
 
 
+_FIRST = {"session_authorization": 0, "role": 1}
+
+
 def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
-    """The statements that take a server connection from `have` to `want` parameters."""
+    """The statements that take a server connection from `have` to `want` parameters.
+
+    Resets first; then the session authorization before the role, since setting the
+    former resets the latter.
+    """
     parts = []
-    for name in have:
+    for name in sorted(have, key=lambda n: _FIRST.get(n, 2)):
         if name not in want:
             parts.append(f"RESET {m.quote_ident(name)}")
-    for name, value in want.items():
+    for name in sorted(want, key=lambda n: _FIRST.get(n, 2)):
+        value = want[name]
         if have.get(name) != value:
             parts.append(f"SET {m.quote_ident(name)} TO {m.quote_literal(value)}")
     return ";".join(parts)
 
 
-# Command tags after which a server connection carries state another client must not inherit.
-_STATE_TAGS = (b"SET", b"RESET", b"PREPARE", b"DECLARE CURSOR", b"LISTEN", b"DISCARD", b"LOAD")
-
-
-def conservative_pin_rule(relay: Relay, tag: bytes, text: bytes) -> None:
-    """Until the classifier decides, any command that may leave session state pins the client."""
-    if tag.startswith(b"DEALLOCATE ALL") or tag == b"DISCARD ALL":
-        # The server dropped every prepared statement on this connection, other clients' too.
-        relay.server.prepared.clear()
-        relay.statements.clear()
-    if relay.pin_reason is not None:
-        return
-    if tag in _STATE_TAGS or tag.startswith(b"DISCARD"):
-        relay.pin("session_state", text)
-        return
-    lowered = text.lower()
-    if (b"temp" in lowered and (tag.startswith(b"CREATE") or tag.startswith(b"SELECT"))) \
-            or b"advisory" in lowered or b"set_config" in lowered:
-        relay.pin("session_state", text)
+def _data_row(body: bytes) -> list[str | None]:
+    count = int.from_bytes(body[:2], "big")
+    pos = 2
+    row: list[str | None] = []
+    for _ in range(count):
+        ln = int.from_bytes(body[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if ln < 0:
+            row.append(None)
+        else:
+            row.append(body[pos:pos + ln].decode("utf-8", "replace"))
+            pos += ln
+    return row

@@ -96,15 +96,16 @@ class ServerConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ the proxy's own conversation
 
     def _drain(self):
+        # Each message leaves the buffer before it is yielded: a consumer that stops early
+        # (login returns at ReadyForQuery) must not see it again.
         buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 5:
-            ln = m.unpack_i32(buf, pos + 1)[0]
-            if len(buf) - pos < 1 + ln:
+        while len(buf) >= 5:
+            ln = m.unpack_i32(buf, 1)[0]
+            if len(buf) < 1 + ln:
                 break
-            yield bytes(buf[pos:pos + 1]), bytes(buf[pos + 5:pos + 1 + ln])
-            pos += 1 + ln
-        del buf[:pos]
+            t, body = bytes(buf[:1]), bytes(buf[5:1 + ln])
+            del buf[:1 + ln]
+            yield t, body
 
     async def _messages(self):
         while True:
@@ -142,6 +143,8 @@ class ServerConnection(asyncio.Protocol):
 
     async def simple_query(self, sql: str) -> tuple[list[tuple[bytes, bytes]], dict[str, str] | None]:
         """Run SQL as the proxy; returns (messages before ReadyForQuery, error fields or None)."""
+        if self.closed:
+            raise ConnectionError("server connection is closed")
         self.transport.write(m.query(sql))
         out: list[tuple[bytes, bytes]] = []
         error = None

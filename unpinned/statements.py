@@ -18,6 +18,7 @@ from .protocol.messages import pack_i32
 class ServerStatement:
     name: bytes          # server-side name, e.g. b"U_12"
     parse_msg: bytes     # a complete Parse message using that name
+    classification: object = None   # what its text does to session state, filled on first use
 
 
 class StatementRegistry:

@@ -1,0 +1,372 @@
+"""The session-state engine: what one client's session would look like on a server of
+its own, and what must pin it. Pure: the relay feeds it protocol events; it answers
+with decisions (refuse this statement, run this check, pinned or not).
+
+Parameters follow PostgreSQL's own rules: changes made inside a transaction count
+only if it commits; ROLLBACK, ROLLBACK TO SAVEPOINT and a failed implicit transaction
+undo them; SET LOCAL and set_config(..., true) never outlive the transaction. The
+engine keeps two views, because they differ after RESET/DISCARD: what the client
+should see (`params`) and what the server connection actually has (`ServerState.params`);
+any difference is synced before the client's next statement runs there.
+
+What the text cannot settle is settled by asking the server, once, at the end of the
+transaction that could have changed it: temp objects, WITH HOLD cursors, LISTEN
+channels, session advisory locks, SQL-prepared statements, and parameter values that
+came from an expression or a bound parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .effects import Classification, Effect, Kind, Param, Reason, Unknown
+from .pinlog import CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
+from .policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
+from .protocol import messages as m
+
+# Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
+CHECKS: dict[Reason, str] = {
+    Reason.TEMP_OBJECT: "(SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
+    Reason.CURSOR: "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
+    Reason.LISTEN: "(SELECT count(*) FROM pg_catalog.pg_listening_channels())",
+    Reason.ADVISORY_LOCK: "(SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+                          "AND pid = pg_catalog.pg_backend_pid())",
+    Reason.SQL_PREPARE: "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)",
+}
+# Effects after which a given check is due.
+_CHECK_TRIGGERS: dict[Kind, Reason] = {
+    Kind.CREATE_TEMP: Reason.TEMP_OBJECT, Kind.DROP: Reason.TEMP_OBJECT,
+    Kind.DECLARE_CURSOR: Reason.CURSOR, Kind.CLOSE_CURSOR: Reason.CURSOR,
+    Kind.LISTEN: Reason.LISTEN, Kind.UNLISTEN: Reason.LISTEN,
+    Kind.ADVISORY_LOCK: Reason.ADVISORY_LOCK,
+    Kind.PREPARE: Reason.SQL_PREPARE, Kind.DEALLOCATE: Reason.SQL_PREPARE,
+}
+# GUCs that only ever last for the transaction, whatever the SET says.
+_TRANSACTION_GUCS = frozenset(("transaction_isolation", "transaction_read_only", "transaction_deferrable"))
+CURRVAL_SQLSTATE = "55000"
+
+
+@dataclass
+class SessionOptions:
+    mode: str = "smart"                  # "smart" | "rds"
+    set_local_pins: bool = False         # rds: does SET LOCAL pin?
+    sequences: str = "carry"             # smart: "carry" (guard currval) | "pin"
+    verify: bool = False                 # check the server's state after every transaction
+
+    def policy(self) -> PolicyOptions:
+        return PolicyOptions(set_local_pins=self.set_local_pins, sequences=self.sequences)
+
+
+class Session:
+    """One client's session state across whatever server connections it borrows."""
+
+    def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
+                 options: SessionOptions | None = None):
+        self.options = options or SessionOptions()
+        self.rds = self.options.mode == "rds"
+        self.policy = self.options.policy()
+        self.startup = dict(startup)        # what RESET goes back to
+        self.params = dict(startup)         # what the client's session has now (committed)
+        self.client = client
+        self.pinlog = pinlog
+        self.pins: dict[str, str] = {}      # reason -> SQL that caused it
+        self.pinned_at: float | None = None
+        # The transaction in progress: working copies of both views, or None when untouched.
+        self._w_params: dict | None = None
+        self._w_server: dict | None = None
+        self._savepoints: list[tuple[str, dict | None, dict | None]] = []
+        self._query_failed = False
+        self._in_txn = False
+        # Due at the end of the transaction.
+        self._checks: dict[Reason, tuple[Classification, str]] = {}
+        self._unknown: set[str] = set()
+        self._awaiting_check: list | None = None
+        # Sequences: (server id, server epoch) of this session's last nextval/setval.
+        self._seq_at: tuple[int, int] | None = None
+        self.currval_refusals = 0
+        self._server_hint = None   # the server connection of the statement being applied
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.pins)
+
+    def statement(self, c: Classification, protocol: str, server) -> bytes | None:
+        """A statement is about to run. Returns an ErrorResponse to answer instead, or None."""
+        if not c.effects and c.byte_length <= STATEMENT_LIMIT:
+            return None
+        reasons = rds_reasons(c, self.policy)
+        if self.rds:
+            if reasons and not self.pins:
+                self._pin(reasons[0], c, protocol, server)
+            return None
+        for reason in reasons:
+            self._log(WOULD_PIN, reason, c, protocol, server)
+        if self.options.sequences == "carry":
+            for e in c.effects:
+                if e.kind is Kind.SEQUENCE and e.name in ("currval", "lastval") and \
+                        (server is None or self._seq_at != (server.id, server.epoch)):
+                    self.currval_refusals += 1
+                    self._log(CURRVAL_GUARD, Reason.SEQUENCE, c, protocol, server)
+                    return m.error_response(
+                        CURRVAL_SQLSTATE,
+                        f"{e.name}() is not available here: this session's last nextval() ran on another "
+                        "server connection, or another client has used this one since",
+                        hint="Use INSERT ... RETURNING, or call nextval() and currval() in one transaction. "
+                             "Set sequences = \"pin\" to pin instead.")
+        return None
+
+    def completed(self, c: Classification, index: int, tag: bytes, protocol: str, server) -> None:
+        """Statement `index` of `c` completed (CommandComplete)."""
+        if not c.parsed:
+            if not self.rds:
+                self._pin(Reason.UNPARSED, c, protocol, server)
+            return
+        if index >= len(c.groups):
+            return
+        self._server_hint = server
+        for e in c.groups[index]:
+            self._apply(e, c, tag, protocol, server)
+
+    def failed(self) -> None:
+        self._query_failed = True
+
+    def ready(self, status: bytes, server) -> str | None:
+        """ReadyForQuery. Returns SQL the proxy must run now on this server connection (its
+        answer goes to `checked`), or None."""
+        in_txn = status != b"I"
+        if not in_txn:
+            if self._w_params is not None:
+                if self._query_failed:
+                    self._discard()
+                else:
+                    self._commit(server)
+            self._savepoints.clear()
+        self._in_txn = in_txn
+        self._query_failed = False
+        if in_txn or self.rds:
+            return None
+        return self._check_sql(server)
+
+    def checked(self, row: list[str | None], server, protocol: str = "simple") -> None:
+        """The answer to the SQL `ready` asked for."""
+        plan, self._awaiting_check = self._awaiting_check, None
+        if plan is None:
+            return
+        values = iter(row)
+        for reason in plan[0]:
+            held = int(next(values) or 0) > 0
+            cause = self._checks.pop(reason, None)
+            c, proto = cause if cause else (None, protocol)
+            if held and reason not in self.pins:
+                self._pin(reason, c, proto, server)
+            elif not held and reason in self.pins:
+                self._unpin(reason, c, proto, server)
+        for name in plan[1]:
+            current, default = next(values), next(values)
+            self._readback(name, current, default, server)
+        self._checks.clear()
+        self._unknown.clear()
+
+    def resync_sql(self, server) -> str | None:
+        """Statements that bring a server connection this client keeps to the client's parameters."""
+        if server.params == self.params:
+            return None
+        from .relay import param_sync_sql
+        sql = param_sync_sql(server.params, self.params)
+        server.params = dict(self.params)
+        return sql
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self, e: Effect, c: Classification, tag: bytes, protocol: str, server) -> None:
+        k = e.kind
+        if k is Kind.SET or k is Kind.ROLE:
+            name = e.name   # for ROLE: "role" or "session_authorization", both GUCs
+            if e.scope == "local" or name in _TRANSACTION_GUCS:
+                return
+            if isinstance(e.value, (Param, Unknown)):
+                self._set_unknown(name)
+            elif e.value is None:
+                self._reset(name)
+            else:
+                self._set(name, e.value)
+        elif k is Kind.SET_CONFIG:
+            if not isinstance(e.name, str):
+                # Which parameter it sets is only known at run time: nothing to carry it with.
+                self._pin(Reason.SET_CONFIG, c, protocol, server)
+            elif e.flag is True or e.name in _TRANSACTION_GUCS:
+                return
+            elif e.flag is False and isinstance(e.value, str):
+                self._set(e.name.lower(), e.value)
+            elif e.flag is False and e.value is None:
+                self._reset(e.name.lower())
+            else:
+                self._set_unknown(e.name.lower())
+        elif k is Kind.RESET:
+            if e.name is None:
+                self._reset_all()
+            else:
+                self._reset(e.name)
+        elif k is Kind.DISCARD:
+            if e.name == "ALL":
+                self._reset_all()
+                self._seq_at = None
+                self._due(Reason.TEMP_OBJECT, c, protocol)
+                for reason in (Reason.CURSOR, Reason.LISTEN, Reason.ADVISORY_LOCK, Reason.SQL_PREPARE):
+                    self._due(reason, c, protocol)
+            elif e.name == "TEMP":
+                self._due(Reason.TEMP_OBJECT, c, protocol)
+            elif e.name == "SEQUENCES":
+                self._seq_at = None
+        elif k is Kind.SEQUENCE:
+            if e.name in ("nextval", "setval"):
+                if self.options.sequences == "pin":
+                    self._pin(Reason.SEQUENCE, c, protocol, server)
+                elif server is not None:
+                    self._seq_at = (server.id, server.epoch)
+        elif k is Kind.LOAD:
+            self._pin(Reason.LOAD, c, protocol, server)
+        elif k is Kind.TRANSACTION:
+            self._transaction(e, tag, server)
+        elif k is Kind.ADVISORY_LOCK:
+            if not e.flag:   # _xact_ locks end with the transaction
+                self._due(Reason.ADVISORY_LOCK, c, protocol)
+        elif k is Kind.CREATE_TEMP:
+            if not e.flag:   # ON COMMIT DROP ends with the transaction
+                self._due(Reason.TEMP_OBJECT, c, protocol)
+        elif k is Kind.DECLARE_CURSOR:
+            if e.flag:
+                self._due(Reason.CURSOR, c, protocol)
+        else:
+            reason = _CHECK_TRIGGERS.get(k)
+            if reason is not None and (k in (Kind.LISTEN, Kind.PREPARE) or reason in self.pins):
+                self._due(reason, c, protocol)
+
+    def _due(self, reason: Reason, c: Classification, protocol: str) -> None:
+        self._checks[reason] = (c, protocol)
+
+    # ------------------------------------------------------------------ parameters
+
+    def _working(self, server) -> tuple[dict, dict]:
+        if self._w_params is None:
+            self._w_params = dict(self.params)
+            self._w_server = dict(server.params) if server is not None else {}
+        return self._w_params, self._w_server
+
+    def _set(self, name: str, value: str) -> None:
+        wp, ws = self._working(self._server_hint)
+        wp[name] = value
+        ws[name] = value
+
+    def _reset(self, name: str) -> None:
+        wp, ws = self._working(self._server_hint)
+        ws.pop(name, None)
+        if name in self.startup:
+            wp[name] = self.startup[name]
+        else:
+            wp.pop(name, None)
+
+    def _reset_all(self) -> None:
+        wp, ws = self._working(self._server_hint)
+        wp.clear()
+        wp.update(self.startup)
+        ws.clear()
+        self._unknown.clear()
+
+    def _set_unknown(self, name: str) -> None:
+        self._working(self._server_hint)
+        self._unknown.add(name)
+
+    def _readback(self, name: str, current: str | None, default: str | None, server) -> None:
+        """The server told us a value the text could not: record it, unless it is the default."""
+        at_default = current == default
+        if current is None:
+            at_default = True
+        if at_default:
+            server.params.pop(name, None)
+            if name in self.startup:
+                self.params[name] = current if current is not None else self.startup[name]
+                server.params[name] = self.params[name]
+            else:
+                self.params.pop(name, None)
+        else:
+            self.params[name] = current
+            server.params[name] = current
+
+    def _commit(self, server) -> None:
+        if self._w_params is not None:
+            self.params = self._w_params
+            if server is not None:
+                server.params = self._w_server
+        self._w_params = self._w_server = None
+        self._savepoints.clear()
+
+    def _discard(self) -> None:
+        self._w_params = self._w_server = None
+        self._savepoints.clear()
+        self._unknown.clear()
+
+    def _transaction(self, e: Effect, tag: bytes, server) -> None:
+        op = e.name
+        if op in ("commit", "prepare"):
+            if tag == b"ROLLBACK":        # COMMIT of a failed transaction
+                self._discard()
+            else:
+                self._commit(server)
+        elif op == "rollback":
+            self._discard()
+        elif op == "savepoint":
+            self._savepoints.append((str(e.value or ""),
+                                     dict(self._w_params) if self._w_params is not None else None,
+                                     dict(self._w_server) if self._w_server is not None else None))
+        elif op == "release":
+            for i in range(len(self._savepoints) - 1, -1, -1):
+                if self._savepoints[i][0] == e.value:
+                    del self._savepoints[i:]
+                    break
+        elif op == "rollback_to":
+            for i in range(len(self._savepoints) - 1, -1, -1):
+                name, wp, ws = self._savepoints[i]
+                if name == e.value:
+                    del self._savepoints[i + 1:]
+                    self._w_params = dict(wp) if wp is not None else None
+                    self._w_server = dict(ws) if ws is not None else None
+                    break
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_sql(self, server) -> str | None:
+        reasons = list(self._checks)
+        if self.options.verify:
+            reasons = list(CHECKS)
+        unknown = sorted(self._unknown)
+        if not reasons and not unknown:
+            return None
+        cols = [CHECKS[r] for r in reasons]
+        for name in unknown:
+            lit = m.quote_literal(name)
+            cols.append(f"pg_catalog.current_setting({lit}, true)")
+            cols.append(f"(SELECT reset_val FROM pg_catalog.pg_settings WHERE name = {lit})")
+        self._awaiting_check = [reasons, unknown]
+        return "SELECT " + ", ".join(cols)
+
+    # ------------------------------------------------------------------ pins and telling why
+
+    def _pin(self, reason: Reason, c: Classification | None, protocol: str, server) -> None:
+        if reason in self.pins:
+            return
+        self.pins[reason] = c.text if c is not None else ""
+        self._log(PIN, reason, c, protocol, server)
+
+    def _unpin(self, reason: Reason, c: Classification | None, protocol: str, server) -> None:
+        if self.pins.pop(reason, None) is not None:
+            self._log(UNPIN, reason, c, protocol, server)
+
+    def _log(self, event: str, reason: Reason, c: Classification | None, protocol: str, server) -> None:
+        if self.pinlog is not None:
+            self.pinlog.record(event, reason, self.client, server.id if server is not None else None, c, protocol)
+
+    def pin_startup(self, reason: Reason, sql: str) -> None:
+        """A pin decided at login (none in smart mode today; kept for rds-like options)."""
+        self.pins[reason] = sql
