@@ -43,21 +43,80 @@ def main() -> None:
 @click.option("--pool-size", type=int, help="Max server connections per (database, user) [20].")
 @click.option("--auth", type=click.Choice(["scram", "md5", "trust"]), help="How clients authenticate [scram].")
 @click.option("--users", "users_file", type=click.Path(dir_okay=False), help="TOML users file: [users.NAME] password=...")
+@click.option("--http", "http_listen", help="HOST:PORT for /metrics, /api/* and the live page.")
+@click.option("--pin-log", "pin_log", help="JSON-lines pin log: '-' for stderr or a file path.")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
-def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, verbose) -> None:
-    """Run the proxy until SIGINT/SIGTERM."""
+def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, verbose) -> None:
+    """Run the proxy until SIGINT/SIGTERM. SIGHUP (or RELOAD in the admin console) re-reads the config."""
     _setup_logging(max(verbose, 1))
+    overrides = dict(listen=listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
+                     users_file=users_file, http_listen=http_listen, pin_log=pin_log)
     try:
-        cfg = load(config_path, listen=listen, upstream=upstream, mode=mode, pool_size=pool_size,
-                   auth=auth, users_file=users_file)
+        cfg = load(config_path, **overrides)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     from .proxy import run
     install_uvloop()
     try:
-        asyncio.run(run(cfg))
+        asyncio.run(run(cfg, config_path, overrides))
     except OSError as e:
         raise click.ClickException(f"cannot serve on {cfg.listen}: {e}") from None
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--mode", type=click.Choice(["both", "smart", "rds"]), default="both", show_default=True,
+              help="Which mode's verdict to show.")
+@click.option("--set-local-pins", is_flag=True, help="rds mode: treat SET LOCAL as pinning.")
+@click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(sql, mode, set_local_pins, sequences, as_json) -> None:
+    """Would this statement pin, in which mode, and why.
+
+    Exit status: 0 no pin in the chosen mode(s), 1 it pins, 2 usage error.
+    """
+    import json as _json
+    from rich.console import Console
+    from rich.table import Table
+    from .classifier import classify, digest, fingerprint
+    from .policy import PolicyOptions, describe, rds_reasons, static_smart_reasons
+
+    c = classify(sql)
+    opts = PolicyOptions(set_local_pins=set_local_pins, sequences=sequences)
+    verdict = {"rds": [str(r) for r in rds_reasons(c, opts)], "smart": [str(r) for r in static_smart_reasons(c, opts)]}
+    shown = ["rds", "smart"] if mode == "both" else [mode]
+    if as_json:
+        click.echo(_json.dumps({
+            "sql": sql, "fingerprint": fingerprint(c), "digest": digest(c), "statements": c.statements,
+            "bytes": c.byte_length, "parsed": c.parsed,
+            "effects": [{"kind": str(e.kind), "name": e.name if isinstance(e.name, str) or e.name is None else repr(e.name),
+                         "value": e.value if isinstance(e.value, str) or e.value is None else repr(e.value),
+                         "scope": str(e.scope), "flag": e.flag if isinstance(e.flag, bool) else repr(e.flag), "op": e.op}
+                        for e in c.effects],
+            **{m: {"pins": bool(verdict[m]), "reasons": [{"code": r, "text": describe(r)} for r in verdict[m]]}
+               for m in shown}}, indent=2))
+    else:
+        console = Console()
+        console.print(f"[bold]digest[/bold] {digest(c)}   [bold]fingerprint[/bold] {fingerprint(c)}   "
+                      f"{c.byte_length} bytes, {c.statements} statement(s)")
+        if c.effects:
+            t = Table(title="session effects")
+            for col in ("kind", "name", "value", "scope"):
+                t.add_column(col)
+            for e in c.effects:
+                t.add_row(str(e.kind), str(e.name or ""), "" if e.value is None else str(e.value), str(e.scope))
+            console.print(t)
+        for m in shown:
+            reasons = verdict[m]
+            if reasons:
+                console.print(f"[bold red]{m}: pins[/bold red]")
+                for r in reasons:
+                    console.print(f"  {r}: {describe(r)}")
+            else:
+                console.print(f"[bold green]{m}: no pin[/bold green]")
+        if "smart" in shown and c.effects and not verdict["smart"]:
+            console.print("  smart mode carries this state to whichever server connection the client gets.")
+    sys.exit(1 if any(verdict[m] for m in shown) else 0)
 
 
 @main.command()

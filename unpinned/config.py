@@ -57,6 +57,7 @@ class Config:
     max_client_connections: int = 10000
     client_idle_timeout: float = 1800.0  # seconds; 0 = never
     admin_database: str = "unpinned"
+    http_listen: str = ""                # HOST:PORT for /metrics, /api/* and the live page; "" = off
     # [pins]
     pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
@@ -93,6 +94,8 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         self.listen_address()
+        if self.http_listen:
+            parse_hostport(self.http_listen, "http_listen")
         if self.auth != "trust" and not self.users:
             raise ConfigError("auth is not 'trust' but no users are configured: give --users FILE or [users] entries")
         return self
@@ -126,7 +129,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 _SECTIONS = {
     "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout",
-              "admin_database"),
+              "admin_database", "http_listen"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),

@@ -18,8 +18,10 @@ class BorrowTimeout(Exception):
 
 
 class Pool:
-    def __init__(self, config: Config, database: str, user: str, server_user: str, server_password: str | None):
+    def __init__(self, config: Config, database: str, user: str, server_user: str, server_password: str | None,
+                 stats=None):
         self.config = config
+        self.stats = stats
         self.database = database
         self.user = user
         self.server_user = server_user
@@ -58,6 +60,8 @@ class Pool:
             idle.pop()
             self.busy.add(conn)
             self.borrows += 1
+            if self.stats is not None:
+                self.stats.borrow_latency.observe(0.0)
             return conn
         return None
 
@@ -70,7 +74,10 @@ class Pool:
         except TimeoutError:
             raise BorrowTimeout("Timed-out waiting to acquire database connection.") from None
         self.borrows += 1
-        self.borrow_wait_total += time.monotonic() - start
+        waited = time.monotonic() - start
+        self.borrow_wait_total += waited
+        if self.stats is not None:
+            self.stats.borrow_latency.observe(waited)
         return conn
 
     async def _acquire(self) -> ServerConnection:

@@ -13,9 +13,12 @@ import signal
 import struct
 import time
 
-from . import __version__
+from collections import deque
+
+from . import __version__, admin
 from .auth import AuthFailed, ClientAuth
-from .config import Config
+from .config import Config, load
+from .metrics import Stats
 from .pool import BorrowTimeout, Pool
 from .protocol import messages as m
 from .pinlog import ClientInfo, PinLog, open_stream
@@ -34,8 +37,13 @@ _NOT_GUCS = {"user", "database", "options", "replication"}
 
 
 class Proxy:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: str | None = None, overrides: dict | None = None):
         self.config = config
+        self.config_path = config_path          # for RELOAD / SIGHUP
+        self.overrides = overrides or {}        # command-line flags, kept across reloads
+        self.stats = Stats()
+        self.history: deque = deque(maxlen=600)   # one sample a second for the live page
+        self.http = None
         self.pools: dict[tuple[str, str], Pool] = {}
         self.registry = StatementRegistry()
         self.pinlog = PinLog(open_stream(config.pin_log), mode=config.mode, max_sql=config.pin_log_max_sql,
@@ -49,9 +57,6 @@ class Proxy:
         self._housekeeper: asyncio.Task | None = None
         self.started = time.time()
         self._next_client = 0
-        # Counters.
-        self.clients_received = 0
-        self.clients_failed_auth = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -60,6 +65,13 @@ class Proxy:
         host, port = self.config.listen_address()
         srv = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096)
         self.servers.append(srv)
+        if self.config.http_listen:
+            from .config import parse_hostport
+            from .http import HttpServer
+            self.http = HttpServer(self)
+            await self.http.start(*parse_hostport(self.config.http_listen, "http_listen"))
+            log.info("metrics and live page on http://%s:%d/", parse_hostport(self.config.http_listen, "")[0],
+                     self.http.port)
         self._housekeeper = loop.create_task(self._housekeeping())
         if self.config.auth == "trust":
             log.warning("client authentication is 'trust': anyone who can reach %s logs in. Development only.",
@@ -74,6 +86,8 @@ class Proxy:
     async def stop(self) -> None:
         for srv in self.servers:
             srv.close()
+        if self.http is not None:
+            self.http.close()
         if self._housekeeper:
             self._housekeeper.cancel()
         for client in list(self.clients):
@@ -101,14 +115,36 @@ class Proxy:
                 for client in list(self.clients):
                     if client.server is None and client.active and now - client.last_active > limit:
                         client.shutdown(m.fatal("57P05", "terminating connection due to idle-session timeout"))
+            active = [c for c in self.clients if c.active]
+            self.history.append({
+                "t": round(time.time(), 1), "clients": len(active),
+                "servers": sum(p.size for p in self.pools.values()),
+                "borrowed": sum(len(p.busy) for p in self.pools.values()),
+                "pinned": sum(1 for c in active if c.relay is not None and c.relay.pinned),
+                "waiting": sum(len(p.waiters) for p in self.pools.values()),
+                "queries": self.stats.query_requests})
 
     def pool_for(self, database: str, user: str) -> Pool:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
             server_user, password = self.config.server_credentials(user)
-            pool = self.pools[key] = Pool(self.config, database, user, server_user, password)
+            pool = self.pools[key] = Pool(self.config, database, user, server_user, password, self.stats)
         return pool
+
+    def reload(self) -> None:
+        """Re-read the config file; new settings apply to new borrows and logins, nobody is dropped."""
+        new = load(self.config_path, **self.overrides)
+        if new.listen != self.config.listen:
+            log.warning("listen address changes need a restart; keeping %s", self.config.listen)
+            new.listen = self.config.listen
+        self.config = new
+        for client in self.clients:
+            client.config = new
+        for pool in self.pools.values():
+            pool.config = new
+            pool.server_user, pool.server_password = new.server_credentials(pool.user)
+        log.info("configuration reloaded")
 
     def new_client_id(self) -> int:
         self._next_client += 1
@@ -154,6 +190,10 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.connected_at = time.time()
         self.key = (0, 0)
+        self.tls = False
+        self.admin = False
+        self._t_req = 0.0              # when the oldest unanswered request arrived
+        self._t_sent = 0.0             # when it went to the server
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
         self._paused_server = False
@@ -165,13 +205,17 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.proxy.clients.add(self)
-        self.proxy.clients_received += 1
+        self.proxy.stats.clients_received += 1
         self.proxy.spawn(self._login())
 
     def data_received(self, data: bytes) -> None:
         if self.active:
-            self.last_active = time.monotonic()
-            if self.server is not None:
+            self.last_active = now = time.monotonic()
+            if not self._t_req:
+                self._t_req = now
+            if self.admin:
+                self._admin_data(data)
+            elif self.server is not None:
                 self._to_server(data)
             elif not self.pending and data[:1] == b"X":
                 self.shutdown(None)
@@ -189,6 +233,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closing = True
+        if self.active:
+            self.proxy.stats.clients_closed += 1
         self.active = False
         self.proxy.clients.discard(self)
         self.proxy.by_key.pop(self.key, None)
@@ -250,7 +296,7 @@ class ClientConnection(asyncio.Protocol):
         except m.ProtocolError as e:
             self._fatal(e.sqlstate, str(e))
         except AuthFailed as e:
-            self.proxy.clients_failed_auth += 1
+            self.proxy.stats.clients_failed_auth += 1
             log.info("client %d (%s) failed authentication as %r: %s", self.id, self.addr, self.user, e)
             self._fatal(e.sqlstate, str(e))
         except ServerError as e:
@@ -322,21 +368,76 @@ class ClientConnection(asyncio.Protocol):
             if reply:
                 self.transport.write(reply)
 
+        if self.database == cfg.admin_database:
+            if not ((secret is not None and secret.admin) or
+                    (cfg.auth == "trust" and self.user == cfg.upstream.user)):
+                raise AuthFailed(f'user "{self.user}" may not use the admin console', "42501")
+            self._start_admin()
+            return
         self.pool = self.proxy.pool_for(self.database, self.user)
         reported = await self._server_parameters(wanted)
         info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
-        self.relay = Relay(self.proxy.registry, Session(wanted, info, self.proxy.pinlog, self.proxy.session_options))
+        self.relay = Relay(self.proxy.registry, Session(wanted, info, self.proxy.pinlog, self.proxy.session_options),
+                           self.proxy.stats)
         pid, secret_key = self._new_key()
         out = [m.AUTH_OK]
         out += [m.parameter_status(k, v) for k, v in reported.items()]
         out += [m.backend_key_data(pid, secret_key), m.ready_for_query(b"I")]
         self.transport.write(b"".join(out))
         self.active = True
+        self.proxy.stats.clients_setup_ok += 1
         log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
             self.data_received(data)
+
+    def _start_admin(self) -> None:
+        self.admin = True
+        pid, secret_key = self._new_key()
+        reported = {"server_version": "17.0 (unpinned admin console)", "server_encoding": "UTF8",
+                    "client_encoding": "UTF8", "DateStyle": "ISO, MDY", "integer_datetimes": "on",
+                    "standard_conforming_strings": "on", "TimeZone": "UTC", "application_name": self.application_name}
+        self.transport.write(m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items()) +
+                             m.backend_key_data(pid, secret_key) + m.ready_for_query(b"I"))
+        self.active = True
+        self._admin_buf = b""
+        self._admin_failed = False
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._admin_data(data)
+
+    def _admin_data(self, data: bytes) -> None:
+        """The admin console speaks the simple query protocol only, like PgBouncer's."""
+        buf = self._admin_buf + data
+        pos, out = 0, []
+        while len(buf) - pos >= 5:
+            t = buf[pos:pos + 1]
+            ln = m.unpack_i32(buf, pos + 1)[0]
+            if ln < 4 or ln > 1 << 20:
+                self._fatal("08P01", "invalid message length")
+                return
+            if len(buf) - pos < 1 + ln:
+                break
+            body = buf[pos + 5:pos + 1 + ln]
+            pos += 1 + ln
+            if t == b"Q":
+                out.append(admin.execute(self.proxy, body.rstrip(b"\x00").decode("utf-8", "replace"), self))
+                out.append(m.ready_for_query(b"I"))
+            elif t == b"X":
+                self.transport.write(b"".join(out))
+                self.shutdown(None)
+                return
+            elif t == b"S":
+                self._admin_failed = False
+                out.append(m.ready_for_query(b"I"))
+            elif not self._admin_failed:
+                self._admin_failed = True
+                out.append(m.error_response("0A000", "the admin console supports only the simple query protocol"))
+        self._admin_buf = buf[pos:]
+        if out:
+            self.transport.write(b"".join(out))
 
     def _new_key(self) -> tuple[int, int]:
         while True:
@@ -429,6 +530,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if out:
             self.server.transport.write(out)
+            if not self._t_sent:
+                self._t_sent = time.monotonic()
         if relay.to_client:
             self.transport.write(b"".join(relay.to_client))
             relay.to_client.clear()
@@ -446,6 +549,13 @@ class ClientConnection(asyncio.Protocol):
         if relay.to_server:
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
+        if not relay.queue and self._t_req:
+            now = time.monotonic()
+            st = self.proxy.stats
+            st.query_latency.observe(now - self._t_req)
+            if self._t_sent:
+                st.db_latency.observe(now - self._t_sent)
+            self._t_req = self._t_sent = 0.0
         if relay.fatal is not None:
             self.shutdown(relay.fatal)
         elif relay.releasable:
@@ -503,17 +613,29 @@ async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:
     pool.discard(conn)
 
 
-async def run(config: Config, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    proxy = Proxy(config)
+async def run(config: Config, config_path: str | None = None, overrides: dict | None = None,
+              ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+    proxy = Proxy(config, config_path, overrides)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        try:
+            proxy.reload()
+        except Exception as e:   # keep serving with the old configuration
+            log.error("reload failed, old configuration kept: %s", e)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError):
+        pass
     if ready is not None:
         ready.set()
     try:

@@ -68,10 +68,11 @@ class Relay:
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
                  "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
-                 "to_client", "to_server", "terminated", "_row")
+                 "to_client", "to_server", "terminated", "_row", "stats")
 
-    def __init__(self, registry: StatementRegistry, session: "Session"):
+    def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
         self.registry = registry
+        self.stats = stats if stats is not None else _NoStats()
         self.session = session                                   # the client's session state
         self.statements: dict[bytes, ServerStatement] = {}      # client name -> server statement
         self.server: ServerState | None = None
@@ -105,6 +106,7 @@ class Relay:
         sql = param_sync_sql(server.params, want)
         server.params = dict(want)
         self.queue.append([R_QUERY, PRELUDE, None])
+        self.stats.param_syncs += 1
         return m.query(sql)
 
     def detach(self) -> ServerState | None:
@@ -142,6 +144,7 @@ class Relay:
             if end > n:
                 break
             if t == 81:  # 'Q'
+                self.stats.query_requests += 1
                 if self.skip_to_sync:
                     raise m.ProtocolError("simple query in the middle of an extended-protocol batch")
                 c = classify(data[pos + 5:end - 1])
@@ -154,6 +157,7 @@ class Relay:
                     self._synth(answer)
                     self._synth(READY_NOW)
             elif t == 83:  # 'S' Sync
+                self.stats.query_requests += 1
                 if self.skip_to_sync:
                     self.skip_to_sync = False
                 queue.append([R_SYNC, FORWARD, None])
@@ -264,6 +268,7 @@ class Relay:
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
         if self.server.prepared.has(st.name):
             return b""
+        self.stats.reprepares += 1
         self.queue.append([R_PARSE, SWALLOW, (st.name, None)])
         return self._prepare_bytes(st)
 
@@ -292,7 +297,7 @@ class Relay:
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
         # knows them under other names, so the proxy forgets them itself.
         effects = c.effects
-        if all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
+        if effects and all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
                for e in effects):
             for e in effects:
                 self.statements.pop(e.name.encode(), None)
@@ -460,6 +465,11 @@ def _as_fatal(fields: bytes) -> bytes:
             part = part[:1] + b"FATAL"
         out.append(part)
     return b"\x00".join(out)
+
+
+class _NoStats:
+    """Counters nobody reads (unit tests of the relay alone)."""
+    query_requests = param_syncs = reprepares = 0
 
 
 _FIRST = {"session_authorization": 0, "role": 1}

@@ -1,0 +1,201 @@
+"""The admin console: a virtual database (`unpinned` by default) that answers SHOW and
+control commands in PgBouncer's style, over the simple query protocol (psql, psycopg2).
+
+Also the data behind the HTTP JSON API, so both always say the same thing.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .protocol import messages as m
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+
+def _ts(t: float | None) -> str | None:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else None
+
+
+# ------------------------------------------------------------------ views (shared with the HTTP API)
+
+def pools(proxy: "Proxy") -> list[dict]:
+    rows = []
+    for (db, user), pool in proxy.pools.items():
+        clients = [c for c in proxy.clients if c.pool is pool and c.active]
+        rows.append({
+            "database": db, "user": user,
+            "cl_active": sum(1 for c in clients if c.server is not None),
+            "cl_waiting": len(pool.waiters),
+            "cl_idle": sum(1 for c in clients if c.server is None),
+            "cl_pinned": sum(1 for c in clients if c.relay is not None and c.relay.pinned),
+            "sv_active": len(pool.busy), "sv_idle": len(pool.idle), "sv_opening": pool.opening,
+            "pool_size": proxy.config.pool_size, "paused": pool.paused,
+            "borrows": pool.borrows, "connects": pool.connects, "connect_failures": pool.connect_failures,
+        })
+    return rows
+
+
+def clients(proxy: "Proxy") -> list[dict]:
+    rows = []
+    for c in sorted(proxy.clients, key=lambda c: c.id):
+        if not c.active:
+            continue
+        session = c.relay.session if c.relay else None
+        rows.append({
+            "id": c.id, "user": c.user, "database": c.database, "address": c.addr,
+            "application_name": c.application_name,
+            "state": "active" if c.server is not None else ("waiting" if c.acquiring else "idle"),
+            "server_id": c.server.id if c.server is not None else None,
+            "pinned": bool(session and session.pinned),
+            "pin_reasons": ",".join(session.pins) if session else "",
+            "params": len(session.params) if session else 0,
+            "prepared": len(c.relay.statements) if c.relay else 0,
+            "connected_at": _ts(c.connected_at),
+        })
+    return rows
+
+
+def servers(proxy: "Proxy") -> list[dict]:
+    rows = []
+    for (db, user), pool in proxy.pools.items():
+        for s in list(pool.busy) + list(pool.idle):
+            rows.append({
+                "id": s.id, "database": db, "user": user, "backend_pid": s.state.pid,
+                "state": "active" if s in pool.busy else "idle",
+                "client_id": s.client.id if s.client is not None else None,
+                "status": s.state.status.decode(), "params": len(s.state.params),
+                "prepared": len(s.state.prepared.names), "connected_at": _ts(time.time() - (time.monotonic() - s.created)),
+            })
+    return rows
+
+
+def pins(proxy: "Proxy") -> list[dict]:
+    rows = []
+    for c in sorted(proxy.clients, key=lambda c: c.id):
+        if c.relay is None or not c.relay.pinned:
+            continue
+        for reason, sql in c.relay.session.pins.items():
+            rows.append({"client_id": c.id, "user": c.user, "database": c.database, "address": c.addr,
+                         "application_name": c.application_name,
+                         "server_id": c.server.id if c.server is not None else None,
+                         "reason": str(reason), "sql": sql})
+    return rows
+
+
+def pin_reasons(proxy: "Proxy") -> list[dict]:
+    from .policy import describe
+    from .effects import Reason
+    rows = []
+    for s in proxy.pinlog.reason_rows():
+        try:
+            text = describe(Reason(s.reason))
+        except ValueError:
+            text = s.reason
+        rows.append({"reason": s.reason, "reason_text": text, "fingerprint": s.fingerprint, "count": s.count,
+                     "pins": s.events.get("pin", 0), "unpins": s.events.get("unpin", 0),
+                     "would_pin_rds": s.events.get("would_pin_rds", 0),
+                     "currval_guard": s.events.get("currval_guard", 0),
+                     "last_seen": _ts(s.last_seen), "digest": s.digest, "sample": s.sample})
+    return rows
+
+
+def stats(proxy: "Proxy") -> list[dict]:
+    st = proxy.stats
+    q = st.query_latency
+    return [{
+        "uptime_s": round(time.time() - proxy.started, 1),
+        "clients_received": st.clients_received, "clients_closed": st.clients_closed,
+        "clients_setup_succeeded": st.clients_setup_ok, "clients_failed_auth": st.clients_failed_auth,
+        "query_requests": st.query_requests,
+        "query_latency_p50_s": q.quantile(0.5), "query_latency_p99_s": q.quantile(0.99),
+        "reprepares": st.reprepares, "parameter_syncs": st.param_syncs,
+        "pins": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "pin"),
+        "unpins": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "unpin"),
+        "would_pin_rds": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "would_pin_rds"),
+        "currval_guard": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "currval_guard"),
+    }]
+
+
+def config_rows(proxy: "Proxy") -> list[dict]:
+    from dataclasses import fields
+    out = []
+    for f in fields(proxy.config):
+        if f.name in ("users",):
+            continue
+        value = getattr(proxy.config, f.name)
+        out.append({"key": f.name, "value": repr(value) if f.name == "upstream" else str(value)})
+    return out
+
+
+VIEWS = {"POOLS": pools, "CLIENTS": clients, "SERVERS": servers, "PINS": pins, "PIN_REASONS": pin_reasons,
+         "STATS": stats, "CONFIG": config_rows}
+
+
+# ------------------------------------------------------------------ the console
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> bytes:
+    cols = columns or (list(rows[0]) if rows else ["(none)"])
+    out = [m.row_description(cols)]
+    for r in rows:
+        out.append(m.data_row([r.get(c) for c in cols]))
+    out.append(m.command_complete(f"SHOW {len(rows)}" if rows else "SHOW"))
+    return b"".join(out)
+
+
+_EMPTY_COLUMNS = {
+    "PINS": ["client_id", "user", "database", "address", "application_name", "server_id", "reason", "sql"],
+    "PIN_REASONS": ["reason", "reason_text", "fingerprint", "count", "pins", "unpins", "would_pin_rds",
+                    "currval_guard", "last_seen", "digest", "sample"],
+    "CLIENTS": ["id", "user", "database", "address", "application_name", "state", "server_id", "pinned",
+                "pin_reasons", "params", "prepared", "connected_at"],
+    "SERVERS": ["id", "database", "user", "backend_pid", "state", "client_id", "status", "params", "prepared",
+                "connected_at"],
+    "POOLS": ["database", "user", "cl_active", "cl_waiting", "cl_idle", "cl_pinned", "sv_active", "sv_idle",
+              "sv_opening", "pool_size", "paused", "borrows", "connects", "connect_failures"],
+}
+
+
+def execute(proxy: "Proxy", sql: str, client) -> bytes:
+    """One admin statement → response messages (without ReadyForQuery)."""
+    words = sql.strip().rstrip(";").split()
+    if not words:
+        return m.message(b"I")   # EmptyQueryResponse
+    verb = words[0].upper()
+    arg = words[1] if len(words) > 1 else ""
+    if verb == "SHOW" and arg.upper() in VIEWS:
+        rows = VIEWS[arg.upper()](proxy)
+        return _table(rows, None if rows else _EMPTY_COLUMNS.get(arg.upper()))
+    if verb == "SHOW" and arg.upper() == "VERSION":
+        return _table([{"version": f"unpinned {__version__}"}])
+    if verb == "SHOW" and arg.upper() == "HELP" or verb == "HELP":
+        return _table([{"command": c} for c in (
+            "SHOW POOLS | CLIENTS | SERVERS | PINS | PIN_REASONS | STATS | CONFIG | VERSION",
+            "PAUSE [db]", "RESUME [db]", "RELOAD", "KILL client_id | db")])
+    if verb in ("PAUSE", "RESUME"):
+        targets = [p for (db, _), p in proxy.pools.items() if not arg or db == arg]
+        if arg and not targets:
+            return m.error_response("3D000", f'no pool for database "{arg}"')
+        for p in targets:
+            p.pause() if verb == "PAUSE" else p.resume()
+        return m.command_complete(verb)
+    if verb == "RELOAD":
+        try:
+            proxy.reload()
+        except Exception as e:   # a bad file keeps the old config; say why
+            return m.error_response("F0000", f"reload failed, old configuration kept: {e}")
+        return m.command_complete("RELOAD")
+    if verb == "KILL" and arg:
+        if arg.isdigit():
+            victims = [c for c in proxy.clients if c.id == int(arg)]
+        else:
+            victims = [c for c in proxy.clients if c.database == arg]
+        if not victims:
+            return m.error_response("42704", f"no client or database {arg!r}")
+        for c in victims:
+            if c is not client:
+                c.shutdown(m.fatal("57P01", "terminating connection due to administrator command"))
+        return m.command_complete("KILL")
+    return m.error_response("42601", f"unknown admin command {sql.strip()[:80]!r}; try SHOW HELP")
