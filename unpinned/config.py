@@ -158,6 +158,9 @@ def load(path: str | None = None, **overrides) -> Config:
         if section not in (*_SECTIONS, "upstream", "users"):
             raise ConfigError(f"unknown section [{section}]")
     up = raw.get("upstream", {})
+    unknown = set(up) - {"url", "host", "port", "user", "password", "database"}
+    if unknown:
+        raise ConfigError(f"unknown key [upstream] {', '.join(sorted(unknown))}")
     if "url" in up:
         cfg.upstream = Upstream.from_url(up["url"])
     for key in ("host", "port", "user", "password", "database"):
