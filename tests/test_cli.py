@@ -83,13 +83,35 @@ def test_help_lists_commands():
 
 @pytest.mark.timeout(180)
 def test_demo_runs_and_leaves_nothing_running():
+    env = dict(os.environ, COLUMNS="220")
     r = subprocess.run(UNPINNED + ["demo", "--clients", "60", "--pool-size", "5", "--seconds", "2"],
-                       capture_output=True, text=True, timeout=150)
+                       capture_output=True, text=True, timeout=150, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "client connections" in r.stdout and "60" in r.stdout
-    m = re.search(r"server connections used \(max\)\s*│\s*(\d+)", r.stdout)
-    assert m and 1 <= int(m.group(1)) <= 5, r.stdout
-    assert "money conserved" in r.stdout and "yes" in r.stdout
+    out = r.stdout
+
+    def row(case: str) -> str:
+        line = next((l for l in out.splitlines() if l.startswith("│ " + case)), None)
+        assert line is not None, f"no row for {case!r} in:\n{out}"
+        return line
+
+    # rds mode reproduces the seeds' pins; smart mode has none of them.
+    cells = lambda case: [c.strip() for c in row(case).split("│")[2:4]]
+    rds, smart = cells("psycopg2, options=")
+    assert rds.startswith("rejected: Feature not supported: RDS Proxy currently doesn't support command-line")
+    assert smart.startswith("no pin (statement_timeout = 5s)")
+    for case, reason in [("SET lock_timeout", "set"), ("SELECT nextval", "sequence"),
+                         ("SELECT ... WHERE id IN", "statement_too_long"),
+                         ("asyncpg via SQLAlchemy reads an enum column", "set_config")]:
+        rds, smart = cells(case)
+        assert rds == f"pinned ({reason})", (case, rds)
+        assert smart.startswith("no pin"), (case, smart)
+    assert cells("SET LOCAL lock_timeout") == ["no pin", "no pin"]
+    rds, smart = cells("CREATE TEMP TABLE")
+    assert rds == "pinned (temp_object)" and "unpinned when the state was" in smart
+    assert "Live page: http://127.0.0.1:" in out
+    m = re.search(r"server connections used \(max\)\s*│\s*(\d+)", out)
+    assert m and 1 <= int(m.group(1)) <= 5, out
+    assert re.search(r"money conserved.*│\s*yes", out)
     # No embedded server of the demo survives it.
     leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find("unpinned-db-demo") >= 0]
     assert leftovers == []

@@ -123,11 +123,13 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
 @click.option("--clients", default=200, show_default=True, help="Concurrent client connections.")
 @click.option("--pool-size", default=10, show_default=True, help="Server connections they share.")
 @click.option("--seconds", default=5.0, show_default=True, help="How long the workload runs.")
-def demo(clients, pool_size, seconds) -> None:
-    """Start an embedded PostgreSQL and the proxy, run a many-client workload, report, exit clean."""
+@click.option("--keep", is_flag=True, help="Keep the proxies and the live page running until Ctrl-C.")
+def demo(clients, pool_size, seconds, keep) -> None:
+    """Embedded PostgreSQL, an rds-mode and a smart-mode proxy, the seeds' cases side by side,
+    then many clients over few server connections. Exits clean."""
     from .demo import run_demo
     install_uvloop()
-    sys.exit(run_demo(clients=clients, pool_size=pool_size, seconds=seconds))
+    sys.exit(run_demo(clients=clients, pool_size=pool_size, seconds=seconds, keep=keep))
 
 
 if __name__ == "__main__":  # pragma: no cover
