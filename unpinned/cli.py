@@ -120,6 +120,54 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
 
 
 @main.command()
+@click.argument("logfiles", nargs=-1, required=True, metavar="LOGFILE...")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True,
+              help="table (terminal), json (complete, full samples) or markdown.")
+@click.option("--mode", type=click.Choice(["both", "rds", "smart"]), default="both", show_default=True,
+              help="Which mode's pin causes to report (and to set the exit status).")
+@click.option("--input", "input_format", type=click.Choice(["auto", "stderr", "csvlog", "jsonlog", "pgss"]),
+              default="auto", show_default=True, help="Input format; auto detects it per file.")
+@click.option("--log-line-prefix", "prefix", help="The server's log_line_prefix, for stderr logs (e.g. '%m [%p] ').")
+@click.option("--top", type=click.IntRange(min=1), help="Groups shown per mode [table/markdown: 20; json: all].")
+@click.option("--set-local-pins", is_flag=True, help="rds rules: treat SET LOCAL as pinning.")
+@click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
+              help="smart rules: pin on sequence functions too.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
+def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequences, progress) -> None:
+    """Find pin causes in PostgreSQL logs or a pg_stat_statements export.
+
+    LOGFILE: stderr log (log_statement = 'all', any log_line_prefix), csvlog, jsonlog,
+    or a pg_stat_statements CSV export with query and calls columns; .gz is fine, '-' is stdin.
+
+    Exit status: 0 nothing pins in the chosen mode(s), 1 something pins, 2 usage error.
+    """
+    from .audit import AuditError, exit_status, render_json, render_markdown, render_table, run_audit
+    from .policy import PolicyOptions
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    try:
+        result = run_audit(list(logfiles), input_format=None if input_format == "auto" else input_format,
+                           prefix=prefix, progress=progress,
+                           opts=PolicyOptions(set_local_pins=set_local_pins, sequences=sequences))
+    except AuditError as e:
+        click.echo(f"unpinned audit: {e}", err=True)
+        sys.exit(2)
+    modes = ["rds", "smart"] if mode == "both" else [mode]
+    report = result.report(modes, top=top if fmt == "json" else None)
+    if fmt == "json":
+        click.echo(render_json(report))
+    elif fmt == "markdown":
+        click.echo(render_markdown(report, top=top or 20), nl=False)
+    else:
+        render_table(report, top=top or 20)
+    for w in report["warnings"]:
+        if fmt != "table":
+            click.echo(f"unpinned audit: warning: {w}", err=True)
+    sys.exit(exit_status(report))
+
+
+@main.command()
 @click.option("--clients", default=200, show_default=True, help="Concurrent client connections.")
 @click.option("--pool-size", default=10, show_default=True, help="Server connections they share.")
 @click.option("--seconds", default=5.0, show_default=True, help="How long the workload runs.")

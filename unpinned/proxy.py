@@ -155,6 +155,10 @@ class Proxy:
         conn = client.server if client is not None else None
         if conn is None:
             return
+        await self.cancel_server(conn)
+
+    async def cancel_server(self, conn: ServerConnection) -> None:
+        """Ask PostgreSQL to cancel whatever `conn` is running."""
         up = self.config.upstream
         try:
             if up.is_unix:
@@ -502,6 +506,11 @@ class ClientConnection(asyncio.Protocol):
             self.acquiring = False
             self._fatal(e.sqlstate, e.fields.get("M", "could not connect to the server"))
             return
+        except (ConnectionError, OSError) as e:
+            # The server hung up during login without a word.
+            self.acquiring = False
+            self._fatal("08006", f"could not connect to the server: {e}")
+            return
         except asyncio.CancelledError:
             self.acquiring = False
             raise
@@ -582,8 +591,13 @@ class ClientConnection(asyncio.Protocol):
         """The client is gone: return its server connection clean, or close it."""
         relay = self.relay
         conn.client = None
-        if relay is None or relay.pinned or relay.queue:
-            # Session state we cannot vouch for, or a response still on the wire.
+        if relay is not None and relay.queue:
+            # A request is still running on the server: stop it, and keep counting the
+            # connection against the pool until its backend has really gone.
+            self.proxy.spawn(_cancel_and_close(self.proxy, conn))
+            return
+        if relay is None or relay.pinned:
+            # Session state we cannot vouch for.
             self.pool.discard(conn)
             return
         relay.detach()
@@ -599,6 +613,22 @@ class ClientConnection(asyncio.Protocol):
         if final:
             self.transport.write(final)
         self.transport.close()
+
+
+async def _cancel_and_close(proxy: Proxy, conn: ServerConnection) -> None:
+    """Cancel what `conn` runs and ask its backend to exit; it stays in the pool's books (busy)
+    until the server hangs up, when `connection_lost` forgets it and wakes a waiter."""
+    try:
+        await proxy.cancel_server(conn)
+        if not conn.closed:
+            conn.transport.write(m.TERMINATE_MSG)
+            async with asyncio.timeout(10):
+                await conn.wait_closed()
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    finally:
+        if not conn.closed:
+            conn.transport.abort()
 
 
 async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:

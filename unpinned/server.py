@@ -195,7 +195,9 @@ async def connect(pool: "Pool") -> ServerConnection:
     except AuthFailed as e:
         conn.close()
         raise ServerError({"S": "FATAL", "C": e.sqlstate, "M": str(e)}) from None
-    except (ServerError, ConnectionError):
+    except BaseException:
+        # ServerError, ConnectionError, or the borrow waiting for it gave up (borrow timeout
+        # cancels this coroutine): never leave a half-open connection outside the pool's books.
         conn.close()
         raise
     return conn
