@@ -22,3 +22,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Benchmarks are not tests: SPEC 8 figures side by side with PgBouncer and a direct
+# connection, appended to docs/benchmarks.md (see there). Extra flags: BENCH_ARGS="--note ...".
+.PHONY: bench bench-quick
+bench: $(STAMP)
+	UNPINNED_BENCH_VIA="make bench" $(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	UNPINNED_BENCH_VIA="make bench-quick" $(PY) bench/run.py --quick $(BENCH_ARGS)
