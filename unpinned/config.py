@@ -3,6 +3,7 @@ secrets from the environment. Every key has a default."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,15 +26,21 @@ class Upstream:
 
     @classmethod
     def from_url(cls, url: str) -> "Upstream":
-        u = urlsplit(url)
-        if u.scheme not in ("postgresql", "postgres"):
-            raise ConfigError(f"upstream must be a postgresql:// URL, got {url!r}")
-        q = parse_qs(u.query)
-        host = unquote(u.hostname or "") or q.get("host", ["127.0.0.1"])[0]
+        shown = redact_url(url)   # error messages must never carry the password
         try:
+            u = urlsplit(url)
+            if u.scheme not in ("postgresql", "postgres"):
+                raise ConfigError(f"upstream must be a postgresql:// URL, got {shown!r}")
+            q = parse_qs(u.query)
+            if "password" in q:
+                raise ConfigError(f"put the upstream password in the URL's user part or in "
+                                  f"UNPINNED_UPSTREAM_PASSWORD, not in the query: {shown!r}")
+            host = unquote(u.hostname or "") or q.get("host", ["127.0.0.1"])[0]
             port = u.port or int(q.get("port", ["5432"])[0])
         except ValueError:
-            raise ConfigError(f"bad port in upstream URL {url!r}") from None
+            raise ConfigError(f"bad host or port in upstream URL {shown!r}") from None
+        if not 0 < port < 65536:
+            raise ConfigError(f"bad port in upstream URL {shown!r}")
         return cls(host=host, port=port,
                    user=unquote(u.username or "") or "postgres",
                    password=unquote(u.password) if u.password is not None else None,
@@ -120,6 +127,23 @@ class Config:
         return server_user, password
 
 
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        u = urlsplit(url)
+        netloc = u.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+        query = "&".join("password=***" if part.startswith("password=") else part for part in u.query.split("&"))
+        url = u._replace(netloc=netloc, query=query).geturl()
+    except ValueError:
+        pass
+    # Whatever the parser made of it (no scheme, say): no "user:secret@" survives.
+    return re.sub(r"(^|[/@])([^:/@]*):[^@]*@", r"\1\2:***@", url)
+
+
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -163,9 +187,17 @@ def load(path: str | None = None, **overrides) -> Config:
         raise ConfigError(f"unknown key [upstream] {', '.join(sorted(unknown))}")
     if "url" in up:
         cfg.upstream = Upstream.from_url(up["url"])
-    for key in ("host", "port", "user", "password", "database"):
+    for key in ("host", "user", "password", "database"):
         if key in up:
+            if not isinstance(up[key], str):
+                shown = "" if key == "password" else f", got {up[key]!r}"
+                raise ConfigError(f"[upstream] {key} must be a string{shown}")
             setattr(cfg.upstream, key, up[key])
+    if "port" in up:
+        port = up["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"[upstream] port must be a number from 1 to 65535, got {port!r}")
+        cfg.upstream.port = port
     for key, value in overrides.items():
         if value is None:
             continue
@@ -193,7 +225,11 @@ def load(path: str | None = None, **overrides) -> Config:
 def _set(cfg: Config, typ, key: str, value) -> None:
     typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
+        if typ in ("int", "float") and isinstance(value, bool):
+            raise TypeError(value)   # TOML true is not a count
         if typ == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             value = int(value)
         elif typ == "float":
             value = float(value)

@@ -546,7 +546,7 @@ class ClientConnection(asyncio.Protocol):
             relay.to_client.clear()
         if relay.terminated:
             self.shutdown(None)
-        elif not relay.queue and relay.status == b"I" and not relay.pinned and not out:
+        elif relay.can_release and not out:
             # Nothing reached the server (e.g. only a Close the proxy answered): give it back.
             self._release()
 
@@ -596,8 +596,8 @@ class ClientConnection(asyncio.Protocol):
             # connection against the pool until its backend has really gone.
             self.proxy.spawn(_cancel_and_close(self.proxy, conn))
             return
-        if relay is None or relay.pinned:
-            # Session state we cannot vouch for.
+        if relay is None or relay.pinned or relay.batch_open:
+            # Session state we cannot vouch for, or an extended batch left without its Sync.
             self.pool.discard(conn)
             return
         relay.detach()

@@ -68,7 +68,7 @@ class Relay:
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
                  "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
-                 "to_client", "to_server", "terminated", "_row", "stats")
+                 "to_client", "to_server", "terminated", "_row", "stats", "batch_open")
 
     def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
         self.registry = registry
@@ -90,6 +90,9 @@ class Relay:
         self.to_server: list[bytes] = []   # the proxy's own requests decided while reading responses
         self.terminated = False
         self._row: list | None = None
+        # Extended-protocol messages sent since the last Sync: the server holds unnamed
+        # statements/portals (and maybe an implicit transaction) for us until that Sync.
+        self.batch_open = False
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -120,6 +123,10 @@ class Relay:
         return self.session.pinned
 
     @property
+    def can_release(self) -> bool:
+        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pinned
+
+    @property
     def idle(self) -> bool:
         """No request is waiting for an answer and no transaction is open."""
         return not self.queue and self.status == b"I"
@@ -146,7 +153,10 @@ class Relay:
             if t == 81:  # 'Q'
                 self.stats.query_requests += 1
                 if self.skip_to_sync:
-                    raise m.ProtocolError("simple query in the middle of an extended-protocol batch")
+                    # PostgreSQL ignores it too while it discards messages up to Sync.
+                    out.append(data[fwd_start:pos])
+                    fwd_start = pos = end
+                    continue
                 c = classify(data[pos + 5:end - 1])
                 answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
                 if answer is None:
@@ -158,20 +168,24 @@ class Relay:
                     self._synth(READY_NOW)
             elif t == 83:  # 'S' Sync
                 self.stats.query_requests += 1
-                if self.skip_to_sync:
-                    self.skip_to_sync = False
+                self.skip_to_sync = False
+                self.batch_open = False
                 queue.append([R_SYNC, FORWARD, None])
             elif self.skip_to_sync and t != 100 and t != 99 and t != 102:
                 # After an error the proxy made up, the server must not see the rest of the batch.
                 out.append(data[fwd_start:pos])
                 fwd_start = end
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
+                self.batch_open = True
                 repl = self._extended(t, data, pos + 5, end)
                 if repl is not None:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
                     fwd_start = end
+            elif t == 72:  # 'H' Flush
+                self.batch_open = True
             elif t == 69:  # 'E' Execute
+                self.batch_open = True
                 portal = data[pos + 5:data.index(b"\x00", pos + 5)]
                 c = self.portal_c.get(portal)
                 refusal = self.session.statement(c, "extended", self.server) if c is not None else None
@@ -194,6 +208,8 @@ class Relay:
             pos = end
         if pos < n:
             self.cbuf = data[pos:]
+            if data[pos] not in m.FRONTEND_TYPES:
+                raise m.ProtocolError(f"invalid frontend message type {data[pos]}")
             if n - pos >= 5:
                 ln = unpack_i32(data, pos + 1)[0]
                 if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
@@ -219,7 +235,7 @@ class Relay:
             st = self.registry.get(data[nul + 1:end])
             self.statements[name] = st
             if server.prepared.has(st.name):
-                self._synth(m.PARSE_COMPLETE)
+                self._synth(m.PARSE_COMPLETE, undo=(name, None))
                 return b""
             queue.append([R_PARSE, FORWARD, (st.name, name)])
             return self._prepare_bytes(st)
@@ -259,8 +275,8 @@ class Relay:
         name = data[start + 1:end - 1]
         if kind == 83 and name:
             # The server keeps the statement for other clients; this client forgets its name.
-            self.statements.pop(name, None)
-            self._synth(m.CLOSE_COMPLETE)
+            st = self.statements.pop(name, None)
+            self._synth(m.CLOSE_COMPLETE, undo=(name, st) if st is not None else None)
             return b""
         queue.append([R_CLOSE, FORWARD, None])
         return None
@@ -283,9 +299,11 @@ class Relay:
         q.append(entry)
         return m.close_statement(evicted) + st.parse_msg
 
-    def _synth(self, msg: bytes | None) -> None:
+    def _synth(self, msg: bytes | None, undo: tuple | None = None) -> None:
+        """A response the proxy makes up, in its place among the server's. `undo` is
+        (client name, statement or None) to restore if the server ends up skipping it."""
         if self.queue:
-            self.queue.append([R_SYNTH, FORWARD, msg])
+            self.queue.append([R_SYNTH, FORWARD, msg, undo])
         else:
             self.to_client.append(msg if msg is not None else m.ready_for_query(self.status))
 
@@ -348,9 +366,12 @@ class Relay:
                     self.session.failed()
                 drop = action == PRELUDE or action == CHECK
                 if kind in EXTENDED:
-                    # The server skips everything up to the next Sync; so do the queued requests.
+                    # The server skips everything up to the next Sync; so do the queued requests,
+                    # and so must whatever the client sends before its Sync.
                     while queue and queue[0][0] != R_SYNC:
                         self._abandon(queue.popleft())
+                    if not queue:
+                        self.skip_to_sync = True
             elif t == _S:
                 name, value = m.split_parameter_status(data[pos + 5:end])
                 self.server.reported[name] = value
@@ -398,7 +419,7 @@ class Relay:
             self._need = 1 + unpack_i32(rest, 1)[0] if len(rest) >= 5 else 5
             data = data[:pos]
             n = pos
-        self.releasable = not queue and self.status == b"I" and not self.session.pinned
+        self.releasable = self.can_release
         if out is None:
             return data
         out.append(data[fwd_start:n])
@@ -451,6 +472,12 @@ class Relay:
             self.server.prepared.discard(server_name)
             if client_name is not None:
                 self.statements.pop(client_name, None)
+        elif entry[0] == R_SYNTH and len(entry) > 3 and entry[3] is not None:
+            name, st = entry[3]
+            if st is None:
+                self.statements.pop(name, None)     # a Parse that never happened
+            else:
+                self.statements[name] = st          # a Close that never happened
 
 def _statement_text(st: ServerStatement) -> bytes:
     body = st.parse_msg

@@ -22,7 +22,7 @@ MAX_MESSAGE_LENGTH = 0x3FFFFFFF
 # Frontend message types the proxy looks at.
 QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH = b"QPBDECSH"
 TERMINATE, FUNCTION_CALL, COPY_DATA, COPY_DONE, COPY_FAIL, PASSWORD = b"XFdcfp"
-FRONTEND_TYPES = frozenset(b"QPBDECSHXFdcfp")
+FRONTEND_TYPES = frozenset(b"QPBDECSHXFdcf")     # after login; 'p' belongs to authentication only
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 BIND_COMPLETE = b"2\x00\x00\x00\x04"

@@ -1,0 +1,637 @@
+"""Pure unit tests of unpinned.relay.Relay: protocol bytes in, protocol bytes out, no sockets.
+
+The client side is what a driver would send; the server side is what PostgreSQL would
+answer to the bytes the relay passed on. What the client sees is the relay's synthesized
+`to_client` bytes followed by what `from_server` returns.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from unpinned.pinlog import ClientInfo
+from unpinned.protocol import messages as m
+from unpinned.relay import Relay, ServerState, param_sync_sql
+from unpinned.session import Session, SessionOptions
+from unpinned.statements import ServerPrepared, StatementRegistry
+
+# ---------------------------------------------------------------- frontend message builders
+
+
+def parse(name: bytes, sql: bytes, types: tuple[int, ...] = ()) -> bytes:
+    return m.message(b"P", name + b"\x00" + sql + b"\x00" + struct.pack("!H", len(types))
+                     + b"".join(struct.pack("!I", t) for t in types))
+
+
+def bind(portal: bytes, stmt: bytes, params: tuple[bytes, ...] = ()) -> bytes:
+    body = portal + b"\x00" + stmt + b"\x00" + struct.pack("!H", 0) + struct.pack("!H", len(params))
+    for p in params:
+        body += struct.pack("!I", len(p)) + p
+    return m.message(b"B", body + struct.pack("!H", 0))
+
+
+def execute(portal: bytes = b"") -> bytes:
+    return m.message(b"E", portal + b"\x00" + struct.pack("!I", 0))
+
+
+def describe_stmt(name: bytes) -> bytes:
+    return m.message(b"D", b"S" + name + b"\x00")
+
+
+def close_portal(name: bytes) -> bytes:
+    return m.message(b"C", b"P" + name + b"\x00")
+
+
+SYNC = m.SYNC_MSG
+FLUSH = m.message(b"H")
+
+# ---------------------------------------------------------------- backend message builders
+
+P1, B2, C3 = m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE
+ZI, ZT, ZE = m.ready_for_query(b"I"), m.ready_for_query(b"T"), m.ready_for_query(b"E")
+
+
+def row(*values) -> bytes:
+    return m.data_row(list(values))
+
+
+def cc(tag: str) -> bytes:
+    return m.command_complete(tag)
+
+
+def err(code: str = "42703", text: str = "boom") -> bytes:
+    return m.error_response(code, text)
+
+
+def split(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Whole messages (type, body); fails on a trailing fragment."""
+    out, pos = [], 0
+    while pos < len(data):
+        ln = struct.unpack_from("!I", data, pos + 1)[0]
+        assert pos + 1 + ln <= len(data), "truncated message"
+        out.append((data[pos:pos + 1], data[pos + 5:pos + 1 + ln]))
+        pos += 1 + ln
+    return out
+
+
+def types(data: bytes) -> bytes:
+    return b"".join(t for t, _ in split(data))
+
+
+def error_code(data: bytes) -> list[str]:
+    return [m.parse_error_fields(body)["C"] for t, body in split(data) if t == b"E"]
+
+
+def parse_names(data: bytes) -> list[bytes]:
+    return [body[:body.index(b"\x00")] for t, body in split(data) if t == b"P"]
+
+
+def bind_statements(data: bytes) -> list[bytes]:
+    out = []
+    for t, body in split(data):
+        if t == b"B":
+            nul = body.index(b"\x00")
+            out.append(body[nul + 1:body.index(b"\x00", nul + 1)])
+    return out
+
+
+def drained(relay: Relay) -> bytes:
+    out = b"".join(relay.to_client)
+    relay.to_client.clear()
+    return out
+
+
+@pytest.fixture
+def registry():
+    return StatementRegistry()
+
+
+def make_relay(registry, params: dict | None = None, mode: str = "smart") -> Relay:
+    session = Session(dict(params or {}), ClientInfo(1, "127.0.0.1:1", "u", "db"), None, SessionOptions(mode=mode))
+    return Relay(registry, session)
+
+
+def new_relay(registry, server: ServerState | None = None, params=None, mode: str = "smart") -> Relay:
+    relay = make_relay(registry, params, mode)
+    assert relay.attach(server if server is not None else ServerState()) == b""
+    return relay
+
+
+def server_name(registry: StatementRegistry, sql: bytes, types: tuple[int, ...] = ()) -> bytes:
+    """The server-side name the registry gives this statement (creating it if new)."""
+    return registry.get(parse(b"", sql, types)[6:]).name
+
+
+# ---------------------------------------------------------------- renaming and sharing
+
+def test_named_parse_is_renamed_to_the_server_name(registry):
+    server = ServerState()
+    relay = new_relay(registry, server)
+    out = relay.from_client(parse(b"my_stmt", b"SELECT $1::int", (23,)) + SYNC)
+    name = server_name(registry, b"SELECT $1::int", (23,))
+    assert name.startswith(b"U_")
+    assert out == parse(name, b"SELECT $1::int", (23,)) + SYNC
+    assert b"my_stmt" not in out
+    assert server.prepared.has(name)
+    assert relay.from_server(P1 + ZI) == P1 + ZI
+    assert relay.releasable
+
+
+def test_unnamed_statements_pass_through_unchanged(registry):
+    relay = new_relay(registry)
+    batch = parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
+    assert relay.from_client(batch) == batch
+    reply = P1 + B2 + row(1) + cc("SELECT 1") + ZI
+    assert relay.from_server(reply) == reply
+    assert len(registry) == 0
+
+
+def test_same_text_and_types_share_one_server_name_different_types_do_not(registry):
+    a = server_name(registry, b"SELECT $1", (23,))
+    assert server_name(registry, b"SELECT $1", (23,)) == a
+    assert server_name(registry, b"SELECT $1", (25,)) != a
+    assert server_name(registry, b"SELECT $1 ", (23,)) != a
+
+
+def test_second_client_with_same_statement_gets_synthesized_parse_complete(registry):
+    server = ServerState()
+    first = new_relay(registry, server)
+    first.from_client(parse(b"a", b"SELECT 42") + SYNC)
+    first.from_server(P1 + ZI)
+    first.detach()
+
+    second = new_relay(registry, server)
+    out = second.from_client(parse(b"b", b"SELECT 42") + SYNC)
+    assert out == SYNC                        # the Parse never reaches the server
+    seen = drained(second) + second.from_server(ZI)
+    assert seen == P1 + ZI
+
+    # And the statement is usable under the second client's own name.
+    out = second.from_client(bind(b"", b"b") + execute() + SYNC)
+    assert bind_statements(out) == [server_name(registry, b"SELECT 42")]
+    assert types(out) == b"BES"
+
+
+def test_synthesized_parse_complete_waits_for_earlier_responses(registry):
+    server = ServerState()
+    warm = new_relay(registry, server)
+    warm.from_client(parse(b"x", b"SELECT 'known'") + SYNC)
+    warm.from_server(P1 + ZI)
+    warm.detach()
+
+    relay = new_relay(registry, server)
+    out = relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute()
+                            + parse(b"k", b"SELECT 'known'") + SYNC)
+    assert types(out) == b"PBES"
+    assert drained(relay) == b""              # nothing may overtake the pending answers
+    seen = relay.from_server(P1 + B2 + row(1) + cc("SELECT 1") + ZI)
+    assert types(seen) == b"12DC1Z"
+
+
+def test_bind_on_server_lacking_the_statement_injects_parse_and_swallows_its_reply(registry):
+    s1, s2 = ServerState(), ServerState()
+    relay = new_relay(registry, s1)
+    relay.from_client(parse(b"q", b"SELECT $1::text", (25,)) + SYNC)
+    relay.from_server(P1 + ZI)
+    relay.detach()
+
+    relay.attach(s2)
+    name = server_name(registry, b"SELECT $1::text", (25,))
+    out = relay.from_client(bind(b"", b"q", (b"hi",)) + execute() + SYNC)
+    assert out == parse(name, b"SELECT $1::text", (25,)) + bind(b"", name, (b"hi",)) + execute() + SYNC
+    assert s2.prepared.has(name)
+    seen = relay.from_server(P1 + B2 + row("hi") + cc("SELECT 1") + ZI)
+    assert seen == B2 + row("hi") + cc("SELECT 1") + ZI   # the injected ParseComplete is not shown
+    assert relay.releasable
+
+    # The next Bind on the same server connection needs no injection.
+    out = relay.from_client(bind(b"", b"q", (b"again",)) + execute() + SYNC)
+    assert types(out) == b"BES"
+
+
+def test_describe_on_server_lacking_the_statement_injects_parse(registry):
+    s1, s2 = ServerState(), ServerState()
+    relay = new_relay(registry, s1)
+    relay.from_client(parse(b"q", b"SELECT 1 AS one") + SYNC)
+    relay.from_server(P1 + ZI)
+    relay.detach()
+    relay.attach(s2)
+    name = server_name(registry, b"SELECT 1 AS one")
+    out = relay.from_client(describe_stmt(b"q") + SYNC)
+    assert out == parse(name, b"SELECT 1 AS one") + describe_stmt(name) + SYNC
+    t_param = m.message(b"t", struct.pack("!H", 0))
+    rd = m.row_description(["one"])
+    assert relay.from_server(P1 + t_param + rd + ZI) == t_param + rd + ZI
+
+
+def test_lru_eviction_closes_on_the_server_and_hides_the_close_complete(registry):
+    server = ServerState(prepared=ServerPrepared(limit=1))
+    relay = new_relay(registry, server)
+    relay.from_client(parse(b"a", b"SELECT 'a'") + SYNC)
+    relay.from_server(P1 + ZI)
+    out = relay.from_client(parse(b"b", b"SELECT 'b'") + SYNC)
+    a, b = server_name(registry, b"SELECT 'a'"), server_name(registry, b"SELECT 'b'")
+    assert out == m.close_statement(a) + parse(b, b"SELECT 'b'") + SYNC
+    assert relay.from_server(C3 + P1 + ZI) == P1 + ZI
+    assert not server.prepared.has(a) and server.prepared.has(b)
+
+
+# ---------------------------------------------------------------- Close
+
+def test_close_of_named_statement_is_answered_locally_in_order(registry):
+    server = ServerState()
+    relay = new_relay(registry, server)
+    out = relay.from_client(parse(b"s", b"SELECT 7") + bind(b"", b"s") + execute()
+                            + m.close_statement(b"s") + SYNC)
+    assert types(out) == b"PBES"              # no Close reaches the server
+    assert drained(relay) == b""
+    seen = relay.from_server(P1 + B2 + row(7) + cc("SELECT 1") + ZI)
+    assert types(seen) == b"12DC3Z"
+    assert relay.releasable
+    # The server keeps the statement for others; this client's name is gone.
+    assert server.prepared.has(server_name(registry, b"SELECT 7"))
+    relay.from_client(bind(b"", b"s") + execute() + SYNC)
+    assert error_code(drained(relay)) == ["26000"]
+
+
+def test_close_with_nothing_pending_is_answered_at_once(registry):
+    relay = new_relay(registry)
+    relay.from_client(parse(b"s", b"SELECT 8") + SYNC)
+    relay.from_server(P1 + ZI)
+    out = relay.from_client(m.close_statement(b"s") + SYNC)
+    assert out == SYNC
+    assert drained(relay) == C3
+    assert relay.from_server(ZI) == ZI
+
+
+def test_close_of_portal_and_unnamed_statement_go_to_the_server(registry):
+    relay = new_relay(registry)
+    batch = close_portal(b"p") + m.message(b"C", b"S\x00") + SYNC
+    assert relay.from_client(batch) == batch
+    assert relay.from_server(C3 + C3 + ZI) == C3 + C3 + ZI
+
+
+# ---------------------------------------------------------------- errors
+
+def test_error_drops_queued_synthesized_responses_and_the_failed_parse_name(registry):
+    server = ServerState()
+    warm = new_relay(registry, server)
+    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
+    warm.from_server(P1 + ZI)
+    warm.detach()
+
+    relay = new_relay(registry, server)
+    bad_name = server_name(registry, b"SELECT nope")
+    out = relay.from_client(parse(b"bad", b"SELECT nope") + describe_stmt(b"bad")
+                            + bind(b"", b"w_unknown_to_this_client") + SYNC)
+    # Parse + Describe go out; the Bind of a name this client never prepared is the proxy's error,
+    # queued behind the Parse.
+    assert types(out) == b"PDS"
+    seen = drained(relay) + relay.from_server(err("42703", 'column "nope" does not exist') + ZI)
+    assert types(seen) == b"EZ"               # the proxy's own queued error is dropped: the server skipped it
+    assert error_code(seen) == ["42703"]
+    assert b"bad" not in relay.statements
+    assert not server.prepared.has(bad_name)
+    assert relay.releasable
+
+    # The name is free again, and the statement text is really parsed this time.
+    out = relay.from_client(parse(b"bad", b"SELECT nope") + SYNC)
+    assert parse_names(out) == [bad_name]
+    assert types(drained(relay) + relay.from_server(P1 + ZI)) == b"1Z"
+
+
+def test_error_drops_synthesized_parse_complete(registry):
+    server = ServerState()
+    warm = new_relay(registry, server)
+    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
+    warm.from_server(P1 + ZI)
+    warm.detach()
+
+    relay = new_relay(registry, server)
+    out = relay.from_client(parse(b"bad", b"SELECT nope") + parse(b"ok", b"SELECT 'warm'") + SYNC)
+    assert types(out) == b"PS"
+    seen = drained(relay) + relay.from_server(err() + ZI)
+    assert types(seen) == b"EZ"               # no ParseComplete for a Parse the server would have skipped
+
+
+def test_parse_skipped_after_an_error_leaves_no_name_even_if_the_server_had_it(registry):
+    # PostgreSQL skips every message after an error up to Sync, so "ok" was never created.
+    # Re-sending the same batch (what a driver does after fixing the first statement)
+    # must not fail with 42P05 "already exists".
+    server = ServerState()
+    warm = new_relay(registry, server)
+    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
+    warm.from_server(P1 + ZI)
+    warm.detach()
+
+    relay = new_relay(registry, server)
+    relay.from_client(parse(b"bad", b"SELECT nope") + parse(b"ok", b"SELECT 'warm'") + SYNC)
+    relay.from_server(err() + ZI)
+    assert b"ok" not in relay.statements
+
+    relay.from_client(parse(b"bad", b"SELECT 'fixed'") + parse(b"ok", b"SELECT 'warm'") + SYNC)
+    seen = drained(relay) + relay.from_server(P1 + ZI)
+    assert error_code(seen) == []
+    assert types(seen) == b"11Z"
+
+
+def test_close_skipped_after_an_error_keeps_the_statement(registry):
+    # PostgreSQL skips a Close that follows an error in the same batch: the statement still exists.
+    relay = new_relay(registry)
+    relay.from_client(parse(b"keep", b"SELECT 'keep'") + SYNC)
+    relay.from_server(P1 + ZI)
+
+    relay.from_client(parse(b"", b"SELECT nope") + m.close_statement(b"keep") + SYNC)
+    seen = drained(relay) + relay.from_server(err() + ZI)
+    assert types(seen) == b"EZ"               # no CloseComplete for the skipped Close
+    out = relay.from_client(bind(b"", b"keep") + execute() + SYNC)
+    assert error_code(drained(relay)) == []
+    assert types(out) == b"BES"
+
+
+def test_messages_after_an_error_before_sync_get_no_made_up_answers(registry):
+    # Parse + Flush fails; the server now ignores everything up to Sync, so a Parse of a
+    # statement it already has must not be answered by the proxy either.
+    server = ServerState()
+    warm = new_relay(registry, server)
+    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
+    warm.from_server(P1 + ZI)
+    warm.detach()
+
+    relay = new_relay(registry, server)
+    relay.from_client(parse(b"", b"SELECT nope") + FLUSH)
+    assert types(relay.from_server(err())) == b"E"
+    relay.from_client(parse(b"w", b"SELECT 'warm'") + bind(b"", b"w") + execute() + SYNC)
+    seen = drained(relay) + relay.from_server(ZI)
+    assert types(seen) == b"Z"
+    assert b"w" not in relay.statements
+
+
+def test_bind_of_unknown_statement_fails_locally_and_skips_to_sync(registry):
+    relay = new_relay(registry)
+    out = relay.from_client(bind(b"", b"nope") + describe_stmt(b"") + execute()
+                            + parse(b"later", b"SELECT 1") + SYNC)
+    assert out == SYNC                        # nothing of the batch but the Sync reaches the server
+    early = drained(relay)
+    assert error_code(early) == ["26000"]
+    fields = m.parse_error_fields(split(early)[0][1])
+    assert fields["S"] == "ERROR" and '"nope"' in fields["M"]
+    assert b"later" not in relay.statements
+    assert relay.from_server(ZI) == ZI
+    assert relay.releasable
+    # After the Sync, messages flow again.
+    batch = parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
+    assert relay.from_client(batch) == batch
+
+
+def test_bind_of_unknown_statement_behind_pending_work(registry):
+    relay = new_relay(registry)
+    out = relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"nope") + execute() + SYNC)
+    assert types(out) == b"PS"
+    assert drained(relay) == b""
+    seen = relay.from_server(P1 + ZI)
+    assert types(seen) == b"1EZ"
+    assert error_code(seen) == ["26000"]
+
+
+def test_describe_of_unknown_statement_is_26000(registry):
+    relay = new_relay(registry)
+    assert relay.from_client(describe_stmt(b"ghost") + SYNC) == SYNC
+    assert error_code(drained(relay)) == ["26000"]
+
+
+def test_duplicate_parse_name_is_42P05(registry):
+    relay = new_relay(registry)
+    relay.from_client(parse(b"dup", b"SELECT 1") + SYNC)
+    relay.from_server(P1 + ZI)
+    out = relay.from_client(parse(b"dup", b"SELECT 2") + bind(b"", b"dup") + execute() + SYNC)
+    assert out == SYNC
+    assert error_code(drained(relay)) == ["42P05"]
+
+
+def test_injected_parse_failure_reaches_the_client(registry):
+    # The statement was fine on the first server, but the table is gone on the second.
+    s1, s2 = ServerState(), ServerState()
+    relay = new_relay(registry, s1)
+    relay.from_client(parse(b"q", b"SELECT * FROM t") + SYNC)
+    relay.from_server(P1 + ZI)
+    relay.detach()
+    relay.attach(s2)
+    name = server_name(registry, b"SELECT * FROM t")
+    relay.from_client(bind(b"", b"q") + execute() + SYNC)
+    seen = relay.from_server(err("42P01", 'relation "t" does not exist') + ZI)
+    assert types(seen) == b"EZ" and error_code(seen) == ["42P01"]
+    assert not s2.prepared.has(name)          # next time it is injected again
+    out = relay.from_client(bind(b"", b"q") + execute() + SYNC)
+    assert parse_names(out) == [name]
+
+
+# ---------------------------------------------------------------- transaction boundaries
+
+def test_releasable_only_after_ready_for_query_idle_with_nothing_outstanding(registry):
+    relay = new_relay(registry)
+    relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
+                      + bind(b"", b"") + execute() + SYNC)
+    relay.from_server(P1 + B2 + row(1))
+    assert not relay.releasable
+    relay.from_server(cc("SELECT 1") + ZI)
+    assert not relay.releasable               # the second Sync is still unanswered
+    relay.from_server(B2 + row(1) + cc("SELECT 1") + ZI)
+    assert relay.releasable
+
+    relay.from_client(m.query("BEGIN"))
+    relay.from_server(cc("BEGIN") + ZT)
+    assert not relay.releasable and relay.status == b"T"
+    relay.from_client(m.query("SELECT 1/0"))
+    relay.from_server(err("22012", "division by zero") + ZE)
+    assert not relay.releasable and relay.status == b"E"
+    relay.from_client(m.query("ROLLBACK"))
+    assert not relay.releasable
+    relay.from_server(cc("ROLLBACK"))
+    assert not relay.releasable
+    relay.from_server(ZI)
+    assert relay.releasable
+
+
+def test_flush_alone_does_not_make_releasable(registry):
+    # After Parse + Flush the server holds the unnamed statement (and after Execute + Flush, an
+    # implicit transaction) until Sync: the connection must stay with this client.
+    relay = new_relay(registry)
+    relay.from_client(parse(b"", b"SELECT 1") + FLUSH)
+    relay.from_server(P1)
+    assert not relay.releasable               # no ReadyForQuery yet
+    relay.from_client(bind(b"", b"") + execute() + FLUSH)
+    relay.from_server(B2 + row(1) + cc("SELECT 1"))
+    assert not relay.releasable
+    relay.from_client(SYNC)
+    relay.from_server(ZI)
+    assert relay.releasable
+
+
+def test_multi_statement_simple_query(registry):
+    relay = new_relay(registry)
+    relay.from_client(m.query("SELECT 1; SELECT 2"))
+    relay.from_server(m.row_description(["a"]) + row(1) + cc("SELECT 1"))
+    assert not relay.releasable
+    relay.from_server(m.row_description(["a"]) + row(2) + cc("SELECT 1") + ZI)
+    assert relay.releasable
+
+
+def test_pinned_client_is_never_releasable(registry):
+    relay = new_relay(registry, mode="rds")
+    relay.from_client(m.query("SET work_mem = '8MB'"))
+    relay.from_server(cc("SET") + ZI)
+    assert relay.pinned
+    assert not relay.releasable
+
+
+def test_notices_and_parameter_status_outside_requests_are_forwarded(registry):
+    server = ServerState()
+    relay = new_relay(registry, server)
+    unsolicited = m.notice_response("hello") + m.message(b"A", struct.pack("!I", 1) + b"ch\x00pl\x00") \
+        + m.parameter_status("TimeZone", "UTC")
+    assert relay.from_server(unsolicited) == unsolicited
+
+
+def test_copy_in_and_out_pass_through(registry):
+    relay = new_relay(registry)
+    relay.from_client(m.query("COPY t FROM STDIN"))
+    g = m.message(b"G", b"\x00" + struct.pack("!H", 0))
+    assert relay.from_server(g) == g
+    data = m.message(b"d", b"1\n") * 3 + m.message(b"c")
+    assert relay.from_client(data) == data
+    relay.from_server(cc("COPY 3") + ZI)
+    assert relay.releasable
+
+
+# ---------------------------------------------------------------- parameter sync
+
+def test_attach_prelude_syncs_parameters_and_hides_its_replies(registry):
+    server = ServerState()
+    relay = make_relay(registry, {"search_path": "app, public", "application_name": "x"})
+    prelude = relay.attach(server)
+    assert split(prelude)[0][0] == b"Q"
+    assert server.params == {"search_path": "app, public", "application_name": "x"}
+    out = relay.from_client(m.query("SELECT 1"))
+    reply_prelude = cc("SET") + m.parameter_status("application_name", "x") + cc("SET") + ZI
+    reply = m.row_description(["?column?"]) + row(1) + cc("SELECT 1") + ZI
+    assert out == m.query("SELECT 1")
+    seen = relay.from_server(reply_prelude + reply)
+    assert seen == reply
+    relay.detach()
+    # Same parameters on the same server: nothing to send.
+    assert make_relay(registry, {"search_path": "app, public", "application_name": "x"}).attach(server) == b""
+
+
+def test_attach_prelude_error_is_fatal(registry):
+    relay = make_relay(registry, {"work_mem": "lots"})
+    relay.attach(ServerState())
+    relay.from_client(m.query("SELECT 1"))
+    seen = relay.from_server(err("22023", 'invalid value for parameter "work_mem": "lots"') + ZI)
+    assert relay.fatal is not None
+    fields = m.parse_error_fields(relay.fatal[5:])
+    assert fields["S"] == "FATAL" and fields["C"] == "22023"
+    assert b"lots" not in seen                # the client gets it as the FATAL, not as an answer
+
+
+@pytest.mark.parametrize("have, want, sql", [
+    ({}, {}, ""),
+    ({"a": "1"}, {"a": "1"}, ""),
+    ({}, {"search_path": "app, public"}, "SET search_path TO 'app, public'"),
+    ({"work_mem": "4MB"}, {}, "RESET work_mem"),
+    ({"work_mem": "4MB"}, {"work_mem": "8MB"}, "SET work_mem TO '8MB'"),
+    ({"a": "1", "b": "2"}, {"b": "2", "c": "3"}, "RESET a;SET c TO '3'"),
+    ({"x": "1"}, {"y": "it's"}, "RESET x;SET y TO 'it''s'"),
+    ({}, {"DateStyle": "ISO, MDY"}, "SET \"DateStyle\" TO 'ISO, MDY'"),
+    ({}, {"myapp.tenant": "a\\b"}, "SET myapp.tenant TO E'a\\\\b'"),
+])
+def test_param_sync_sql(have, want, sql):
+    assert param_sync_sql(have, want) == sql
+
+
+# ---------------------------------------------------------------- framing
+
+@pytest.mark.parametrize("header", [
+    b"Q" + struct.pack("!I", 2 ** 31),
+    b"Q" + struct.pack("!I", 0xFFFFFFFF),
+    b"P" + struct.pack("!I", 3),
+    b"d" + struct.pack("!I", 0),
+])
+def test_bad_message_length_raises_protocol_error(registry, header):
+    relay = new_relay(registry)
+    with pytest.raises(m.ProtocolError) as ei:
+        relay.from_client(header)
+    assert ei.value.sqlstate == "08P01"
+
+
+def test_bad_length_after_a_good_message_and_across_calls(registry):
+    relay = new_relay(registry)
+    with pytest.raises(m.ProtocolError):
+        relay.from_client(m.query("SELECT 1") + b"Q" + struct.pack("!I", 2 ** 31))
+    relay = new_relay(registry)
+    relay.from_client(b"Q\x80")
+    with pytest.raises(m.ProtocolError):
+        relay.from_client(b"\x00\x00\x00")
+
+
+def test_unknown_message_type_raises_protocol_error(registry):
+    relay = new_relay(registry)
+    with pytest.raises(m.ProtocolError):
+        relay.from_client(m.message(b"!", b"abc"))
+
+
+def test_unknown_message_type_is_rejected_before_its_body_arrives(registry):
+    # PostgreSQL rejects an unknown type byte at once; waiting for the body lets garbage with a
+    # plausible length hold the connection open.
+    relay = new_relay(registry)
+    with pytest.raises(m.ProtocolError):
+        relay.from_client(b"\x00\x01\x02\x03\x04\x05\x06\x07")
+
+
+def test_password_message_after_login_raises_protocol_error(registry):
+    # 'p' belongs to authentication; PostgreSQL answers it after login with FATAL 08P01.
+    relay = new_relay(registry)
+    with pytest.raises(m.ProtocolError):
+        relay.from_client(m.password_message(b"letmein\x00"))
+
+
+def _scenario(registry):
+    """A relay on a server lacking its statement, plus the client and server byte streams."""
+    s1, s2 = ServerState(), ServerState()
+    relay = new_relay(registry, s1)
+    relay.from_client(parse(b"q", b"SELECT generate_series(1, $1::int)") + SYNC)
+    relay.from_server(P1 + ZI)
+    relay.detach()
+    relay.attach(s2)
+    client = (bind(b"", b"q", (b"3",)) + execute() + m.close_statement(b"q") + SYNC
+              + m.query("SELECT 'x'") + parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC)
+    server = (P1 + B2 + row(1) + m.notice_response("careful") + row(2) + row("three" * 1000) + cc("SELECT 3")
+              + ZI + m.row_description(["?column?"]) + row("x") + cc("SELECT 1") + ZI
+              + P1 + B2 + row(1) + cc("SELECT 1") + ZI)
+    return relay, client, server
+
+
+def test_split_messages_give_the_same_output_as_whole():
+    relay, client, server = _scenario(StatementRegistry())
+    to_server = relay.from_client(client)
+    to_client = drained(relay) + relay.from_server(server)
+    assert types(to_client) == b"2DNDDC3ZTDCZ12DCZ"
+
+    # Byte by byte, both ways.
+    relay2, client2, server2 = _scenario(StatementRegistry())
+    got_server = b"".join(relay2.from_client(client2[i:i + 1]) for i in range(len(client2)))
+    got_client = drained(relay2)
+    for i in range(len(server2)):
+        got_client += relay2.from_server(server2[i:i + 1])
+        got_client += drained(relay2)
+    assert got_server == to_server
+    assert got_client == to_client
+    assert relay2.releasable
+
+    # Split into two calls at many positions.
+    for cut in range(0, len(server), 7):
+        r, c, s = _scenario(StatementRegistry())
+        assert r.from_client(c[:cut % len(c)]) + r.from_client(c[cut % len(c):]) == to_server
+        out = drained(r) + r.from_server(s[:cut]) + r.from_server(s[cut:])
+        assert out == to_client, cut
