@@ -86,7 +86,8 @@ class Classification:
     """What one statement string (maybe several statements) does to the session."""
     text: str
     effects: tuple[Effect, ...]
-    statements: int = 1
+    # Number of statements; None until asked for (counting costs a scan the proxy rarely needs).
+    _statements: int | None = 1
     # The same effects split by statement, in order (empty when there are no effects):
     # the session engine matches the i-th CommandComplete with groups[i].
     groups: tuple[tuple[Effect, ...], ...] = ()
@@ -99,6 +100,13 @@ class Classification:
     @property
     def has_effects(self) -> bool:
         return bool(self.effects)
+
+    @property
+    def statements(self) -> int:
+        if self._statements is None:
+            from .classifier import count_statements
+            self._statements = count_statements(self.text)
+        return self._statements
 
 
 EMPTY: tuple[Effect, ...] = ()

@@ -488,37 +488,25 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ transaction pooling
 
     def _acquire(self) -> None:
-        conn = self.pool.try_acquire()
+        conn = self.pool.borrow(self)
         if conn is not None:
             self._attach(conn)
         else:
             self.acquiring = True
-            self.proxy.spawn(self._acquire_slow())
 
-    async def _acquire_slow(self) -> None:
-        try:
-            conn = await self.pool.acquire()
-        except BorrowTimeout as e:
-            self.acquiring = False
-            self._fatal("53300", str(e))
-            return
-        except ServerError as e:
-            self.acquiring = False
-            self._fatal(e.sqlstate, e.fields.get("M", "could not connect to the server"))
-            return
-        except (ConnectionError, OSError) as e:
-            # The server hung up during login without a word.
-            self.acquiring = False
-            self._fatal("08006", f"could not connect to the server: {e}")
-            return
-        except asyncio.CancelledError:
-            self.acquiring = False
-            raise
+    # The pool calls these when a waiting client's turn comes (see pool.Borrower).
+    def borrowed(self, conn: ServerConnection) -> None:
         self.acquiring = False
-        if self.closing:
-            self.pool.release(conn)
-            return
         self._attach(conn)
+
+    def borrow_failed(self, exc: Exception) -> None:
+        self.acquiring = False
+        if isinstance(exc, ServerError):
+            self._fatal(exc.sqlstate, exc.fields.get("M", "could not connect to the server"))
+        elif isinstance(exc, BorrowTimeout):
+            self._fatal("53300", str(exc))
+        else:
+            self._fatal("08006", f"could not connect to the server: {exc}")
 
     def _attach(self, conn: ServerConnection) -> None:
         conn.client = self
