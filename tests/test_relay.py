@@ -514,11 +514,14 @@ def test_attach_prelude_syncs_parameters_and_hides_its_replies(registry):
     assert split(prelude)[0][0] == b"Q"
     assert server.params == {"search_path": "app, public", "application_name": "x"}
     out = relay.from_client(m.query("SELECT 1"))
-    reply_prelude = cc("SET") + m.parameter_status("application_name", "x") + cc("SET") + ZI
+    status = m.parameter_status("application_name", "x")
+    reply_prelude = (m.row_description(["set_config", "set_config"]) + status + row("app, public", "x")
+                     + cc("SELECT 1") + ZI)
     reply = m.row_description(["?column?"]) + row(1) + cc("SELECT 1") + ZI
     assert out == m.query("SELECT 1")
     seen = relay.from_server(reply_prelude + reply)
-    assert seen == reply
+    # The sync's rows are the proxy's business; the ParameterStatus is the client's own value.
+    assert seen == status + reply
     relay.detach()
     # Same parameters on the same server: nothing to send.
     assert make_relay(registry, {"search_path": "app, public", "application_name": "x"}).attach(server) == b""
@@ -538,13 +541,20 @@ def test_attach_prelude_error_is_fatal(registry):
 @pytest.mark.parametrize("have, want, sql", [
     ({}, {}, ""),
     ({"a": "1"}, {"a": "1"}, ""),
-    ({}, {"search_path": "app, public"}, "SET search_path TO 'app, public'"),
+    # set_config reads a list value as a list (SET search_path TO 'a, b' would make one schema).
+    ({}, {"search_path": "app, public"}, "SELECT pg_catalog.set_config('search_path', 'app, public', false)"),
     ({"work_mem": "4MB"}, {}, "RESET work_mem"),
-    ({"work_mem": "4MB"}, {"work_mem": "8MB"}, "SET work_mem TO '8MB'"),
-    ({"a": "1", "b": "2"}, {"b": "2", "c": "3"}, "RESET a;SET c TO '3'"),
-    ({"x": "1"}, {"y": "it's"}, "RESET x;SET y TO 'it''s'"),
-    ({}, {"DateStyle": "ISO, MDY"}, "SET \"DateStyle\" TO 'ISO, MDY'"),
-    ({}, {"myapp.tenant": "a\\b"}, "SET myapp.tenant TO E'a\\\\b'"),
+    ({"work_mem": "4MB"}, {"work_mem": "8MB"}, "SELECT pg_catalog.set_config('work_mem', '8MB', false)"),
+    ({"a": "1", "b": "2"}, {"b": "2", "c": "3"}, "RESET a;SELECT pg_catalog.set_config('c', '3', false)"),
+    ({"x": "1"}, {"y": "it's"}, "RESET x;SELECT pg_catalog.set_config('y', 'it''s', false)"),
+    ({}, {"DateStyle": "ISO, MDY"}, "SELECT pg_catalog.set_config('DateStyle', 'ISO, MDY', false)"),
+    ({}, {"myapp.tenant": "a\\b"}, "SELECT pg_catalog.set_config('myapp.tenant', E'a\\\\b', false)"),
+    # Changing the session authorization resets the role: set it again, after.
+    ({"session_authorization": "x", "role": "r"}, {"role": "r"},
+     "RESET session_authorization;SELECT pg_catalog.set_config('role', 'r', false)"),
+    ({}, {"role": "r", "session_authorization": "x", "a": "1"},
+     "SELECT pg_catalog.set_config('session_authorization', 'x', false), pg_catalog.set_config('a', '1', false), "
+     "pg_catalog.set_config('role', 'r', false)"),
 ])
 def test_param_sync_sql(have, want, sql):
     assert param_sync_sql(have, want) == sql

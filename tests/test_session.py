@@ -133,12 +133,38 @@ def test_reset_all_and_discard_all():
     assert d.params == {"application_name": "app"}
 
 
-def test_set_default_and_set_config_forms():
+def test_set_config_is_read_back_and_set_default_resets():
     d = Driver()
+    # Even literal set_config() calls may not run (WHERE false, CASE): the server is asked.
     d.run("SELECT set_config('search_path', 'a, b', false), set_config('myapp.tenant', '42', false)")
+    assert "current_setting('myapp.tenant', true)" in d.check_sql
+    assert "current_setting('search_path', true)" in d.check_sql
+    d.session.checked(["42", None, "a, b", '"$user", public'], d.server)   # sorted: myapp.tenant, search_path
     assert d.params == {"search_path": "a, b", "myapp.tenant": "42"}
     d.run("SET search_path TO DEFAULT")
     assert d.params == {"myapp.tenant": "42"}
+    d.run("SELECT set_config('myapp.tenant', NULL, false)")                  # NULL: a reset
+    assert d.params == {}
+
+
+def test_session_authorization_resets_role_and_reset_all_keeps_both():
+    d = Driver()
+    d.run("SET ROLE r1")
+    d.run("RESET ALL")
+    assert d.params == {"role": "r1"}
+    d.run("SET SESSION AUTHORIZATION u2")
+    assert d.params == {"session_authorization": "u2"}
+    d.run("DISCARD ALL")
+    assert d.params == {}
+
+
+def test_committed_readback_survives_a_later_rollback():
+    d = Driver()
+    d.run("BEGIN")
+    d.run("SELECT set_config('work_mem', (SELECT '64MB'), false)")
+    d.run("COMMIT AND CHAIN", tags=[b"COMMIT"], status=b"T")
+    d.run("ROLLBACK", tags=[b"ROLLBACK"])
+    assert d.check_sql is not None and "current_setting('work_mem', true)" in d.check_sql
 
 
 def test_value_from_an_expression_is_read_back():

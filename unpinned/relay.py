@@ -373,9 +373,10 @@ class Relay:
                     if not queue:
                         self.skip_to_sync = True
             elif t == _S:
+                # Kept even from the proxy's own parameter sync: it reports the client's values.
                 name, value = m.split_parameter_status(data[pos + 5:end])
                 self.server.reported[name] = value
-                drop = action == PRELUDE or action == CHECK
+                drop = action == CHECK
             elif t == _N or t == _A:
                 drop = False
             elif t == 68:   # a row answering the proxy's own question
@@ -453,12 +454,14 @@ class Relay:
                 self.queue.append([R_QUERY, CHECK, None])
                 self.to_server.append(m.query(sql))
                 return True
-        if status == b"I" and session.pinned:
-            # The client keeps this connection: make its parameters match what the client expects.
-            sql = session.resync_sql(self.server)
-            if sql:
-                self.queue.append([R_QUERY, PRELUDE, None])
-                self.to_server.append(m.query(sql))
+        # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
+        # server back to its own defaults where the client has startup values: set them again.
+        if status == b"I" and not session.pinned:
+            return False
+        sql = session.resync_sql(self.server, status)
+        if sql:
+            self.queue.append([R_QUERY, PRELUDE, None])
+            self.to_server.append(m.query(sql))
         return False
 
     def _abandon(self, entry: list) -> None:
@@ -499,23 +502,24 @@ class _NoStats:
     query_requests = param_syncs = reprepares = 0
 
 
-_FIRST = {"session_authorization": 0, "role": 1}
-
-
 def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
     """The statements that take a server connection from `have` to `want` parameters.
 
-    Resets first; then the session authorization before the role, since setting the
-    former resets the latter.
+    Values go through set_config(), which reads a value string exactly as a startup
+    option or postgresql.conf would: `SET search_path TO 'a, b'` would make one schema
+    named "a, b". Resets come first. Changing the session authorization resets the
+    role, so the role is set again after it.
     """
-    parts = []
-    for name in sorted(have, key=lambda n: _FIRST.get(n, 2)):
-        if name not in want:
-            parts.append(f"RESET {m.quote_ident(name)}")
-    for name in sorted(want, key=lambda n: _FIRST.get(n, 2)):
-        value = want[name]
-        if have.get(name) != value:
-            parts.append(f"SET {m.quote_ident(name)} TO {m.quote_literal(value)}")
+    resets = [n for n in have if n not in want]
+    sets = [n for n in want if have.get(n) != want[n]]
+    auth_changed = "session_authorization" in resets or "session_authorization" in sets
+    if auth_changed and "role" in want and "role" not in sets:
+        sets.append("role")
+    sets.sort(key=lambda n: 0 if n == "session_authorization" else 2 if n == "role" else 1)
+    parts = [f"RESET {m.quote_ident(n)}" for n in sorted(resets, key=lambda n: n != "session_authorization")]
+    if sets:
+        parts.append("SELECT " + ", ".join(
+            f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(want[n])}, false)" for n in sets))
     return ";".join(parts)
 
 

@@ -42,6 +42,11 @@ _CHECK_TRIGGERS: dict[Kind, Reason] = {
 }
 # GUCs that only ever last for the transaction, whatever the SET says.
 _TRANSACTION_GUCS = frozenset(("transaction_isolation", "transaction_read_only", "transaction_deferrable"))
+# GUCs whose new value depends on the old one (SET DateStyle = ISO keeps the field order):
+# the text alone does not tell, so the server is asked.
+_READ_BACK_GUCS = frozenset(("datestyle",))
+# Left alone by RESET ALL (PostgreSQL's GUC_NO_RESET_ALL).
+_NO_RESET_ALL = ("role", "session_authorization")
 CURRVAL_SQLSTATE = "55000"
 
 
@@ -73,12 +78,13 @@ class Session:
         # The transaction in progress: working copies of both views, or None when untouched.
         self._w_params: dict | None = None
         self._w_server: dict | None = None
-        self._savepoints: list[tuple[str, dict | None, dict | None]] = []
+        self._savepoints: list[tuple[str, dict | None, dict | None, set]] = []
         self._query_failed = False
         self._in_txn = False
         # Due at the end of the transaction.
         self._checks: dict[Reason, tuple[Classification, str]] = {}
-        self._unknown: set[str] = set()
+        self._unknown: set[str] = set()          # set in the open transaction, value only the server knows
+        self._unknown_done: set[str] = set()     # the same, committed, still to be read back
         self._awaiting_check: list | None = None
         # Sequences: (server id, server epoch) of this session's last nextval/setval.
         self._seq_at: tuple[int, int] | None = None
@@ -166,13 +172,22 @@ class Session:
             current, default = next(values), next(values)
             self._readback(name, current, default, server)
         self._checks.clear()
-        self._unknown.clear()
+        self._unknown_done.clear()
 
-    def resync_sql(self, server) -> str | None:
-        """Statements that bring a server connection this client keeps to the client's parameters."""
+    def resync_sql(self, server, status: bytes = b"I") -> str | None:
+        """Statements that bring a server connection this client keeps (pinned, or inside a
+        transaction) to the client's parameters, e.g. after a RESET of a startup value."""
+        from .relay import param_sync_sql
+        if status == b"E":
+            return None                      # nothing runs in a failed transaction
+        if status == b"T":
+            if self._w_params is None or self._w_server == self._w_params:
+                return None
+            sql = param_sync_sql(self._w_server, self._w_params)
+            self._w_server = dict(self._w_params)   # undone with the transaction if it rolls back
+            return sql
         if server.params == self.params:
             return None
-        from .relay import param_sync_sql
         sql = param_sync_sql(server.params, self.params)
         server.params = dict(self.params)
         return sql
@@ -185,7 +200,9 @@ class Session:
             name = e.name   # for ROLE: "role" or "session_authorization", both GUCs
             if e.scope == "local" or name in _TRANSACTION_GUCS:
                 return
-            if isinstance(e.value, (Param, Unknown)):
+            if name == "session_authorization":
+                self._reset("role")     # SET SESSION AUTHORIZATION also resets the role
+            if isinstance(e.value, (Param, Unknown)) or name in _READ_BACK_GUCS:
                 self._set_unknown(name)
             elif e.value is None:
                 self._reset(name)
@@ -197,11 +214,11 @@ class Session:
                 self._pin(Reason.SET_CONFIG, c, protocol, server)
             elif e.flag is True or e.name in _TRANSACTION_GUCS:
                 return
-            elif e.flag is False and isinstance(e.value, str):
-                self._set(e.name.lower(), e.value)
             elif e.flag is False and e.value is None:
-                self._reset(e.name.lower())
+                self._reset(e.name.lower())     # set_config(name, NULL, false) is a RESET
             else:
+                # Even with literal arguments the call may not run (WHERE false, CASE, an
+                # error in another column...): the server says what the value is.
                 self._set_unknown(e.name.lower())
         elif k is Kind.RESET:
             if e.name is None:
@@ -210,6 +227,8 @@ class Session:
                 self._reset(e.name)
         elif k is Kind.DISCARD:
             if e.name == "ALL":
+                self._reset("session_authorization")
+                self._reset("role")
                 self._reset_all()
                 self._seq_at = None
                 self._due(Reason.TEMP_OBJECT, c, protocol)
@@ -269,10 +288,13 @@ class Session:
 
     def _reset_all(self) -> None:
         wp, ws = self._working(self._server_hint)
+        keep_p = {n: wp[n] for n in _NO_RESET_ALL if n in wp}
+        keep_s = {n: ws[n] for n in _NO_RESET_ALL if n in ws}
         wp.clear()
         wp.update(self.startup)
+        wp.update(keep_p)
         ws.clear()
-        self._unknown.clear()
+        ws.update(keep_s)
 
     def _set_unknown(self, name: str) -> None:
         self._working(self._server_hint)
@@ -301,6 +323,8 @@ class Session:
                 server.params = self._w_server
         self._w_params = self._w_server = None
         self._savepoints.clear()
+        self._unknown_done |= self._unknown
+        self._unknown.clear()
 
     def _discard(self) -> None:
         self._w_params = self._w_server = None
@@ -319,7 +343,8 @@ class Session:
         elif op == "savepoint":
             self._savepoints.append((str(e.value or ""),
                                      dict(self._w_params) if self._w_params is not None else None,
-                                     dict(self._w_server) if self._w_server is not None else None))
+                                     dict(self._w_server) if self._w_server is not None else None,
+                                     set(self._unknown)))
         elif op == "release":
             for i in range(len(self._savepoints) - 1, -1, -1):
                 if self._savepoints[i][0] == e.value:
@@ -327,11 +352,12 @@ class Session:
                     break
         elif op == "rollback_to":
             for i in range(len(self._savepoints) - 1, -1, -1):
-                name, wp, ws = self._savepoints[i]
+                name, wp, ws, unknown = self._savepoints[i]
                 if name == e.value:
                     del self._savepoints[i + 1:]
                     self._w_params = dict(wp) if wp is not None else None
                     self._w_server = dict(ws) if ws is not None else None
+                    self._unknown = set(unknown)
                     break
 
     # ------------------------------------------------------------------ checks
@@ -340,7 +366,7 @@ class Session:
         reasons = list(self._checks)
         if self.options.verify:
             reasons = list(CHECKS)
-        unknown = sorted(self._unknown)
+        unknown = sorted(self._unknown_done)
         if not reasons and not unknown:
             return None
         cols = [CHECKS[r] for r in reasons]
