@@ -251,8 +251,11 @@ def test_close_of_named_statement_is_answered_locally_in_order(registry):
     assert relay.releasable
     # The server keeps the statement for others; this client's name is gone.
     assert server.prepared.has(server_name(registry, b"SELECT 7"))
-    relay.from_client(bind(b"", b"s") + execute() + SYNC)
-    assert error_code(drained(relay)) == ["26000"]
+    # Binding the closed name goes to the server under the client's own name, which the
+    # server has never had: PostgreSQL itself answers 26000 and fails the transaction.
+    out = relay.from_client(bind(b"", b"s") + execute() + SYNC)
+    assert types(out) == b"BES" and b"\x00s\x00" in out
+    assert drained(relay) == b""
 
 
 def test_close_with_nothing_pending_is_answered_at_once(registry):
@@ -285,11 +288,11 @@ def test_error_drops_queued_synthesized_responses_and_the_failed_parse_name(regi
     bad_name = server_name(registry, b"SELECT nope")
     out = relay.from_client(parse(b"bad", b"SELECT nope") + describe_stmt(b"bad")
                             + bind(b"", b"w_unknown_to_this_client") + SYNC)
-    # Parse + Describe go out; the Bind of a name this client never prepared is the proxy's error,
-    # queued behind the Parse.
-    assert types(out) == b"PDS"
+    # Parse + Describe go out; the Bind of a name this client never prepared goes out under that
+    # name, for the server to refuse (it is skipped here, after the Parse's error).
+    assert types(out) == b"PDBS"
     seen = drained(relay) + relay.from_server(err("42703", 'column "nope" does not exist') + ZI)
-    assert types(seen) == b"EZ"               # the proxy's own queued error is dropped: the server skipped it
+    assert types(seen) == b"EZ"
     assert error_code(seen) == ["42703"]
     assert b"bad" not in relay.statements
     assert not server.prepared.has(bad_name)
@@ -368,17 +371,16 @@ def test_messages_after_an_error_before_sync_get_no_made_up_answers(registry):
     assert b"w" not in relay.statements
 
 
-def test_bind_of_unknown_statement_fails_locally_and_skips_to_sync(registry):
+def test_bind_of_unknown_statement_is_refused_by_the_server_itself(registry):
+    # Server-side names are U_<n>, so the client's unknown name is unknown there too: the server
+    # answers 26000 and skips the rest of the batch (and fails an open transaction), as PostgreSQL.
     relay = new_relay(registry)
-    out = relay.from_client(bind(b"", b"nope") + describe_stmt(b"") + execute()
-                            + parse(b"later", b"SELECT 1") + SYNC)
-    assert out == SYNC                        # nothing of the batch but the Sync reaches the server
-    early = drained(relay)
-    assert error_code(early) == ["26000"]
-    fields = m.parse_error_fields(split(early)[0][1])
-    assert fields["S"] == "ERROR" and '"nope"' in fields["M"]
-    assert b"later" not in relay.statements
-    assert relay.from_server(ZI) == ZI
+    batch = bind(b"", b"nope") + describe_stmt(b"") + execute() + parse(b"later", b"SELECT 1") + SYNC
+    out = relay.from_client(batch)
+    assert types(out) == b"BDEPS" and b"nope" in out
+    seen = relay.from_server(err("26000", 'prepared statement "nope" does not exist') + ZI)
+    assert types(seen) == b"EZ" and error_code(seen) == ["26000"]
+    assert b"later" not in relay.statements   # skipped by the server, so not created
     assert relay.releasable
     # After the Sync, messages flow again.
     batch = parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
@@ -388,26 +390,32 @@ def test_bind_of_unknown_statement_fails_locally_and_skips_to_sync(registry):
 def test_bind_of_unknown_statement_behind_pending_work(registry):
     relay = new_relay(registry)
     out = relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"nope") + execute() + SYNC)
-    assert types(out) == b"PS"
-    assert drained(relay) == b""
-    seen = relay.from_server(P1 + ZI)
+    assert types(out) == b"PBES"
+    seen = relay.from_server(P1 + err("26000", 'prepared statement "nope" does not exist') + ZI)
     assert types(seen) == b"1EZ"
     assert error_code(seen) == ["26000"]
 
 
-def test_describe_of_unknown_statement_is_26000(registry):
+def test_describe_of_unknown_statement_goes_to_the_server(registry):
     relay = new_relay(registry)
-    assert relay.from_client(describe_stmt(b"ghost") + SYNC) == SYNC
-    assert error_code(drained(relay)) == ["26000"]
+    out = relay.from_client(describe_stmt(b"ghost") + SYNC)
+    assert types(out) == b"DS" and b"ghost" in out
+    seen = relay.from_server(err("26000", 'prepared statement "ghost" does not exist') + ZI)
+    assert error_code(seen) == ["26000"]
 
 
-def test_duplicate_parse_name_is_42P05(registry):
+def test_duplicate_parse_name_is_raised_by_the_server_as_42P05(registry):
     relay = new_relay(registry)
     relay.from_client(parse(b"dup", b"SELECT 1") + SYNC)
     relay.from_server(P1 + ZI)
     out = relay.from_client(parse(b"dup", b"SELECT 2") + bind(b"", b"dup") + execute() + SYNC)
-    assert out == SYNC
-    assert error_code(drained(relay)) == ["42P05"]
+    # The proxy's error is raised on the server (a DO block), so a transaction fails as it would.
+    msgs = split(out)
+    assert [t for t, _ in msgs[:3]] == [b"P", b"B", b"E"]
+    assert b"RAISE EXCEPTION" in msgs[0][1] and b"42P05" in msgs[0][1] and b'"dup" already exists' in msgs[0][1]
+    seen = relay.from_server(P1 + B2 + err("42P05", 'prepared statement "dup" already exists') + ZI)
+    assert types(seen) == b"EZ" and error_code(seen) == ["42P05"]   # the proxy's Parse/Bind answers are its own
+    assert b"dup" in relay.statements                                 # the first one still exists
 
 
 def test_injected_parse_failure_reaches_the_client(registry):

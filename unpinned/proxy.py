@@ -592,6 +592,8 @@ class ClientConnection(asyncio.Protocol):
         if relay.status == b"I":
             self.pool.release(conn)
         else:
+            # Mid-transaction: a rollback leaves session advisory locks and SQL PREPAREs made
+            # in it, so the connection is also reset before anyone else gets it.
             self.proxy.spawn(_rollback_and_release(self.pool, conn))
 
     def shutdown(self, final: bytes | None) -> None:
@@ -623,7 +625,11 @@ async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:
     try:
         async with asyncio.timeout(5):
             _, error = await conn.simple_query("ROLLBACK")
+            if error is None:
+                _, error = await conn.simple_query("DISCARD ALL")
         if error is None and conn.state.status == b"I":
+            conn.state.params = {}
+            conn.state.prepared.clear()
             pool.release(conn)
             return
     except (ConnectionError, TimeoutError, OSError):

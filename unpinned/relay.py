@@ -161,6 +161,13 @@ class Relay:
                 answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
                 if answer is None:
                     queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                elif answer[:1] == b"E":
+                    # Refused: the server raises it, so the transaction fails as it would have.
+                    fields = m.parse_error_fields(answer[5:])
+                    out.append(data[fwd_start:pos])
+                    out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H"))))
+                    fwd_start = end
+                    queue.append([R_QUERY, FORWARD, None])
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
@@ -192,10 +199,10 @@ class Relay:
                 if refusal is None:
                     queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
                 else:
+                    fields = m.parse_error_fields(refusal[5:])
                     out.append(data[fwd_start:pos])
+                    out.append(self._fail(fields.get("C", "XX000").encode(), fields.get("M", ""), fields.get("H")))
                     fwd_start = end
-                    self._synth(refusal)
-                    self.skip_to_sync = True
             elif t == 70:  # 'F' FunctionCall
                 queue.append([R_FUNC, FORWARD, None])
             elif t == 88:  # 'X' Terminate: nothing after it counts; the shell closes
@@ -250,7 +257,10 @@ class Relay:
                 return None
             st = self.statements.get(name)
             if st is None:
-                return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
+                # Unknown here, so unknown there too (server names are U_<n>): let PostgreSQL
+                # say so itself, with the transaction failing as it would.
+                queue.append([R_BIND, FORWARD, None])
+                return None
             if st.classification is None:
                 st.classification = classify(_statement_text(st))
             self.portal_c[portal] = st.classification
@@ -266,7 +276,8 @@ class Relay:
                 return None
             st = self.statements.get(name)
             if st is None:
-                return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
+                queue.append([R_DESC_STMT, FORWARD, None])   # the server's own 26000
+                return None
             pre = self._ensure_prepared(st)
             queue.append([R_DESC_STMT, FORWARD, None])
             return pre + m.message(b"D", b"S" + st.name + b"\x00")
@@ -322,11 +333,16 @@ class Relay:
             return m.command_complete("DEALLOCATE")
         return None
 
-    def _fail(self, code: bytes, text: str) -> bytes:
-        """An error PostgreSQL would raise for this message: answer it and drop the batch up to Sync."""
-        self._synth(m.error_response(code.decode(), text))
-        self.skip_to_sync = True
-        return b""
+    def _fail(self, code: bytes, text: str, hint: str | None = None) -> bytes:
+        """An error PostgreSQL would raise for this message, raised on the server itself so that
+        the transaction fails and the rest of the batch is skipped exactly as PostgreSQL does."""
+        q = self.queue
+        q.append([R_PARSE, SWALLOW, None])
+        q.append([R_BIND, SWALLOW, None])
+        q.append([R_EXEC, FORWARD, None])
+        return (m.message(b"P", b"\x00" + m.cstr(raise_sql(code.decode(), text, hint)) + b"\x00\x00")
+                + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+                + m.message(b"E", b"\x00" + m.pack_i32(0)))
 
     # ------------------------------------------------------------------ server -> client
 
@@ -502,6 +518,14 @@ class _NoStats:
     query_requests = param_syncs = reprepares = 0
 
 
+def raise_sql(code: str, text: str, hint: str | None = None) -> str:
+    """SQL that makes the server raise this error (so its transaction fails too)."""
+    using = f"ERRCODE = {m.quote_literal(code)}, MESSAGE = {m.quote_literal(text)}"
+    if hint:
+        using += f", HINT = {m.quote_literal(hint)}"
+    return f"DO $unpinned$BEGIN RAISE EXCEPTION USING {using}; END$unpinned$"
+
+
 def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
     """The statements that take a server connection from `have` to `want` parameters.
 
@@ -516,7 +540,9 @@ def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
     if auth_changed and "role" in want and "role" not in sets:
         sets.append("role")
     sets.sort(key=lambda n: 0 if n == "session_authorization" else 2 if n == "role" else 1)
-    parts = [f"RESET {m.quote_ident(n)}" for n in sorted(resets, key=lambda n: n != "session_authorization")]
+    # Identity first: the rest may need the login user's rights (superuser-only settings).
+    order = {"session_authorization": 0, "role": 1}
+    parts = [f"RESET {m.quote_ident(n)}" for n in sorted(resets, key=lambda n: order.get(n, 2))]
     if sets:
         parts.append("SELECT " + ", ".join(
             f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(want[n])}, false)" for n in sets))

@@ -202,7 +202,9 @@ class Session:
                 return
             if name == "session_authorization":
                 self._reset("role")     # SET SESSION AUTHORIZATION also resets the role
-            if isinstance(e.value, (Param, Unknown)) or name in _READ_BACK_GUCS:
+            if isinstance(e.value, (Param, Unknown)) or name in _READ_BACK_GUCS or \
+                    (isinstance(e.value, str) and "\\" in e.value and not self._conforming_strings()):
+                # Backslashes are escapes when standard_conforming_strings is off: ask the server.
                 self._set_unknown(name)
             elif e.value is None:
                 self._reset(name)
@@ -295,6 +297,10 @@ class Session:
         wp.update(keep_p)
         ws.clear()
         ws.update(keep_s)
+
+    def _conforming_strings(self) -> bool:
+        value = (self._w_params if self._w_params is not None else self.params).get("standard_conforming_strings")
+        return value is None or value.lower() in ("on", "true", "1", "yes")
 
     def _set_unknown(self, name: str) -> None:
         self._working(self._server_hint)
