@@ -371,37 +371,39 @@ def test_messages_after_an_error_before_sync_get_no_made_up_answers(registry):
     assert b"w" not in relay.statements
 
 
-def test_bind_of_unknown_statement_is_refused_by_the_server_itself(registry):
-    # Server-side names are U_<n>, so the client's unknown name is unknown there too: the server
-    # answers 26000 and skips the rest of the batch (and fails an open transaction), as PostgreSQL.
+def test_bind_of_unknown_statement_is_raised_on_the_server(registry):
+    # Never forwarded under its own name: "U_1" could be another client's server-side statement.
+    # The proxy has the server raise 26000, so the batch is skipped and a transaction fails.
     relay = new_relay(registry)
-    batch = bind(b"", b"nope") + describe_stmt(b"") + execute() + parse(b"later", b"SELECT 1") + SYNC
+    other = new_relay(registry)
+    other.from_client(parse(b"secret", b"SELECT 'not yours'") + SYNC)
+    batch = bind(b"", b"U_1") + describe_stmt(b"") + execute() + parse(b"later", b"SELECT 1") + SYNC
     out = relay.from_client(batch)
-    assert types(out) == b"BDEPS" and b"nope" in out
-    seen = relay.from_server(err("26000", 'prepared statement "nope" does not exist') + ZI)
+    msgs = split(out)
+    assert [t for t, _ in msgs[:3]] == [b"P", b"B", b"E"]
+    assert b"RAISE EXCEPTION" in msgs[0][1] and b"26000" in msgs[0][1]
+    assert b"\x00U_1\x00" not in out
+    seen = relay.from_server(P1 + B2 + err("26000", 'prepared statement "U_1" does not exist') + ZI)
     assert types(seen) == b"EZ" and error_code(seen) == ["26000"]
     assert b"later" not in relay.statements   # skipped by the server, so not created
     assert relay.releasable
-    # After the Sync, messages flow again.
     batch = parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
     assert relay.from_client(batch) == batch
 
 
-def test_bind_of_unknown_statement_behind_pending_work(registry):
+def test_unknown_statement_names_go_to_the_server_for_its_own_26000(registry):
     relay = new_relay(registry)
-    out = relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"nope") + execute() + SYNC)
-    assert types(out) == b"PBES"
-    seen = relay.from_server(P1 + err("26000", 'prepared statement "nope" does not exist') + ZI)
-    assert types(seen) == b"1EZ"
-    assert error_code(seen) == ["26000"]
-
-
-def test_describe_of_unknown_statement_goes_to_the_server(registry):
-    relay = new_relay(registry)
-    out = relay.from_client(describe_stmt(b"ghost") + SYNC)
-    assert types(out) == b"DS" and b"ghost" in out
+    out = relay.from_client(describe_stmt(b"ghost") + bind(b"", b"ghost") + SYNC)
+    assert types(out) == b"DBS" and b"ghost" in out
     seen = relay.from_server(err("26000", 'prepared statement "ghost" does not exist') + ZI)
     assert error_code(seen) == ["26000"]
+
+
+def test_flush_after_sync_does_not_hold_the_connection(registry):
+    relay = new_relay(registry)
+    relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC + FLUSH)
+    relay.from_server(P1 + B2 + row(1) + cc("SELECT 1") + ZI)
+    assert relay.releasable
 
 
 def test_duplicate_parse_name_is_raised_by_the_server_as_42P05(registry):

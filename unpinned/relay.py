@@ -16,6 +16,7 @@ types that end its response.
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import count
@@ -43,6 +44,7 @@ FORWARD, SWALLOW, PRELUDE, CHECK = 0, 1, 2, 3
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
+_SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
 _server_ids = count(1)
 
 
@@ -189,8 +191,6 @@ class Relay:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
                     fwd_start = end
-            elif t == 72:  # 'H' Flush
-                self.batch_open = True
             elif t == 69:  # 'E' Execute
                 self.batch_open = True
                 portal = data[pos + 5:data.index(b"\x00", pos + 5)]
@@ -257,10 +257,7 @@ class Relay:
                 return None
             st = self.statements.get(name)
             if st is None:
-                # Unknown here, so unknown there too (server names are U_<n>): let PostgreSQL
-                # say so itself, with the transaction failing as it would.
-                queue.append([R_BIND, FORWARD, None])
-                return None
+                return self._unknown_statement(name, R_BIND)
             if st.classification is None:
                 st.classification = classify(_statement_text(st))
             self.portal_c[portal] = st.classification
@@ -276,8 +273,7 @@ class Relay:
                 return None
             st = self.statements.get(name)
             if st is None:
-                queue.append([R_DESC_STMT, FORWARD, None])   # the server's own 26000
-                return None
+                return self._unknown_statement(name, R_DESC_STMT)
             pre = self._ensure_prepared(st)
             queue.append([R_DESC_STMT, FORWARD, None])
             return pre + m.message(b"D", b"S" + st.name + b"\x00")
@@ -290,6 +286,16 @@ class Relay:
             self._synth(m.CLOSE_COMPLETE, undo=(name, st) if st is not None else None)
             return b""
         queue.append([R_CLOSE, FORWARD, None])
+        return None
+
+    def _unknown_statement(self, name: bytes, kind: int) -> bytes | None:
+        """A Bind/Describe of a name this client never prepared. Forwarded as is, PostgreSQL
+        answers 26000 itself and fails the transaction, exactly as without the proxy; but a
+        name shaped like the proxy's own (U_<n>) could be another client's statement on this
+        server connection, so that one is raised on the server instead."""
+        if _SERVER_NAME.fullmatch(name):
+            return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
+        self.queue.append([kind, FORWARD, None])
         return None
 
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
