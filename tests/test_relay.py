@@ -563,7 +563,11 @@ def test_attach_prelude_error_is_fatal(registry):
     ({"session_authorization": "x", "role": "r"}, {"role": "r"},
      "RESET session_authorization;SELECT pg_catalog.set_config('role', 'r', false)"),
     ({}, {"role": "r", "session_authorization": "x", "a": "1"},
-     "SELECT pg_catalog.set_config('session_authorization', 'x', false), pg_catalog.set_config('a', '1', false), "
+     "SELECT pg_catalog.set_config('a', '1', false), pg_catalog.set_config('session_authorization', 'x', false), "
+     "pg_catalog.set_config('role', 'r', false)"),
+    # A superuser-only setting under a restricted role: as the login user, then the role again.
+    ({"role": "r"}, {"role": "r", "session_replication_role": "replica"},
+     "RESET role;SELECT pg_catalog.set_config('session_replication_role', 'replica', false), "
      "pg_catalog.set_config('role', 'r', false)"),
 ])
 def test_param_sync_sql(have, want, sql):

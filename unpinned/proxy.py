@@ -584,7 +584,7 @@ class ClientConnection(asyncio.Protocol):
             # connection against the pool until its backend has really gone.
             self.proxy.spawn(_cancel_and_close(self.proxy, conn))
             return
-        if relay is None or relay.pinned or relay.batch_open:
+        if relay is None or relay.pinned or relay.batch_open or conn.state.dirty:
             # Session state we cannot vouch for, or an extended batch left without its Sync.
             self.pool.discard(conn)
             return

@@ -63,6 +63,8 @@ class ServerState:
     # Bumped whenever a different client borrows it (currval guard: "no other client since").
     epoch: int = 0
     last_client: object = None
+    # The proxy's own parameter sync failed on it: `params` is not what it has. Never pool it.
+    dirty: bool = False
 
 
 class Relay:
@@ -384,6 +386,7 @@ class Relay:
             if t == _E:
                 if action == PRELUDE:
                     self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
+                    self.server.dirty = True
                 elif action == FORWARD:
                     self.session.failed()
                 drop = action == PRELUDE or action == CHECK
@@ -542,13 +545,18 @@ def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:
     """
     resets = [n for n in have if n not in want]
     sets = [n for n in want if have.get(n) != want[n]]
-    auth_changed = "session_authorization" in resets or "session_authorization" in sets
-    if auth_changed and "role" in want and "role" not in sets:
-        sets.append("role")
-    sets.sort(key=lambda n: 0 if n == "session_authorization" else 2 if n == "role" else 1)
-    # Identity first: the rest may need the login user's rights (superuser-only settings).
+    identity = ("session_authorization", "role")
+    if any(n not in identity for n in resets + sets) and any(n in have for n in identity):
+        # Other settings may need the login user's rights (superuser-only ones): drop the
+        # identity first and put it back last.
+        resets += [n for n in identity if n in have and n not in resets]
+        sets += [n for n in identity if n in want and n not in sets]
+    if "session_authorization" in resets + sets and "role" in want and "role" not in sets:
+        sets.append("role")     # changing the session authorization resets the role
     order = {"session_authorization": 0, "role": 1}
-    parts = [f"RESET {m.quote_ident(n)}" for n in sorted(resets, key=lambda n: order.get(n, 2))]
+    resets.sort(key=lambda n: order.get(n, 2))
+    sets.sort(key=lambda n: {"session_authorization": 1, "role": 2}.get(n, 0))
+    parts = [f"RESET {m.quote_ident(n)}" for n in resets]
     if sets:
         parts.append("SELECT " + ", ".join(
             f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(want[n])}, false)" for n in sets))

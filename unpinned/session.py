@@ -90,6 +90,7 @@ class Session:
         self._seq_at: tuple[int, int] | None = None
         self.currval_refusals = 0
         self._server_hint = None   # the server connection of the statement being applied
+        self._lex_conforming = True   # standard_conforming_strings when the current string was lexed
 
     # ------------------------------------------------------------------ queries
 
@@ -128,6 +129,10 @@ class Session:
             if not self.rds:
                 self._pin(Reason.UNPARSED, c, protocol, server)
             return
+        if index == 0:
+            # PostgreSQL lexes the whole string before running any of it: literals follow the
+            # standard_conforming_strings of that moment, even after a RESET ALL inside it.
+            self._lex_conforming = self._conforming_strings()
         if index >= len(c.groups):
             return
         self._server_hint = server
@@ -203,7 +208,7 @@ class Session:
             if name == "session_authorization":
                 self._reset("role")     # SET SESSION AUTHORIZATION also resets the role
             if isinstance(e.value, (Param, Unknown)) or name in _READ_BACK_GUCS or \
-                    (isinstance(e.value, str) and "\\" in e.value and not self._conforming_strings()):
+                    (isinstance(e.value, str) and "\\" in e.value and not self._lex_conforming):
                 # Backslashes are escapes when standard_conforming_strings is off: ask the server.
                 self._set_unknown(name)
             elif e.value is None:
