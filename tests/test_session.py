@@ -139,7 +139,7 @@ def test_set_config_is_read_back_and_set_default_resets():
     d.run("SELECT set_config('search_path', 'a, b', false), set_config('myapp.tenant', '42', false)")
     assert "current_setting('myapp.tenant', true)" in d.check_sql
     assert "current_setting('search_path', true)" in d.check_sql
-    d.session.checked(["42", None, "a, b", '"$user", public'], d.server)   # sorted: myapp.tenant, search_path
+    d.session.checked(["42", None, "session", "a, b", '"$user", public', "session"], d.server)  # sorted names
     assert d.params == {"search_path": "a, b", "myapp.tenant": "42"}
     d.run("SET search_path TO DEFAULT")
     assert d.params == {"myapp.tenant": "42"}
@@ -171,12 +171,20 @@ def test_value_from_an_expression_is_read_back():
     d = Driver()
     d.run("SELECT set_config('work_mem', (SELECT '16MB'), false)")
     assert d.check_sql is not None and "current_setting('work_mem', true)" in d.check_sql
-    d.session.checked(["16MB", "4MB"], d.server)
+    d.session.checked(["16MB", "4MB", "session"], d.server)
     assert d.params == {"work_mem": "16MB"}
-    # asyncpg's restore of jit to the value the server already had: nothing recorded.
+    # asyncpg's restore of jit to the value the server already had: still the server's own
+    # value (source "default"), nothing recorded.
     d.run("SELECT set_config('jit', (SELECT 'on'), false)")
-    d.session.checked(["on", "on"], d.server)
+    d.session.checked(["on", "on", "default"], d.server)
     assert "jit" not in d.params
+
+
+def test_read_back_reset_returns_to_the_startup_value():
+    d = Driver(startup={"work_mem": "32MB"})
+    d.run("SELECT set_config('work_mem', (SELECT NULL), false)")
+    d.session.checked(["4MB", "4MB", "default"], d.server)
+    assert d.params == {"work_mem": "32MB"} and "work_mem" not in d.server.params
 
 
 def test_role_is_carried():

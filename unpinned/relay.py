@@ -481,7 +481,7 @@ class Relay:
                 return True
         # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
         # server back to its own defaults where the client has startup values: set them again.
-        if status == b"I" and not session.pinned:
+        if status == b"I" and not session.pinned and not session.startup:
             return False
         sql = session.resync_sql(self.server, status)
         if sql:

@@ -174,8 +174,8 @@ class Session:
             elif not held and reason in self.pins:
                 self._unpin(reason, c, proto, server)
         for name in plan[1]:
-            current, default = next(values), next(values)
-            self._readback(name, current, default, server)
+            current, default, source = next(values), next(values), next(values)
+            self._readback(name, current, default, server, source)
         self._checks.clear()
         self._unknown_done.clear()
 
@@ -311,16 +311,19 @@ class Session:
         self._working(self._server_hint)
         self._unknown.add(name)
 
-    def _readback(self, name: str, current: str | None, default: str | None, server) -> None:
-        """The server told us a value the text could not: record it, unless it is the default."""
-        at_default = current == default
+    def _readback(self, name: str, current: str | None, default: str | None, server,
+                  source: str | None = None) -> None:
+        """The server told us a value the text could not: record it, unless it is the default.
+
+        `source` tells a RESET (the server's own value: not 'session') from an explicit SET
+        to a value that happens to equal the default."""
+        at_default = current == default if source is None else source != "session"
         if current is None:
             at_default = True
         if at_default:
             server.params.pop(name, None)
             if name in self.startup:
-                self.params[name] = current if current is not None else self.startup[name]
-                server.params[name] = self.params[name]
+                self.params[name] = self.startup[name]     # a RESET goes back to the startup value
             else:
                 self.params.pop(name, None)
         else:
@@ -385,6 +388,7 @@ class Session:
             lit = m.quote_literal(name)
             cols.append(f"pg_catalog.current_setting({lit}, true)")
             cols.append(f"(SELECT reset_val FROM pg_catalog.pg_settings WHERE name = {lit})")
+            cols.append(f"(SELECT source FROM pg_catalog.pg_settings WHERE name = {lit})")
         self._awaiting_check = [reasons, unknown]
         return "SELECT " + ", ".join(cols)
 
