@@ -207,7 +207,7 @@ class Session:
                 return
             if name == "session_authorization":
                 self._reset("role")     # SET SESSION AUTHORIZATION also resets the role
-            if isinstance(e.value, (Param, Unknown)) or name in _READ_BACK_GUCS or \
+            if isinstance(e.value, (Param, Unknown)) or (name in _READ_BACK_GUCS and e.value is not None) or \
                     (isinstance(e.value, str) and "\\" in e.value and not self._lex_conforming):
                 # Backslashes are escapes when standard_conforming_strings is off: ask the server.
                 self._set_unknown(name)
