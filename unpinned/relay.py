@@ -130,11 +130,6 @@ class Relay:
     def can_release(self) -> bool:
         return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pinned
 
-    @property
-    def idle(self) -> bool:
-        """No request is waiting for an answer and no transaction is open."""
-        return not self.queue and self.status == b"I"
-
     # ------------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> bytes:

@@ -407,7 +407,3 @@ class Session:
     def _log(self, event: str, reason: Reason, c: Classification | None, protocol: str, server) -> None:
         if self.pinlog is not None:
             self.pinlog.record(event, reason, self.client, server.id if server is not None else None, c, protocol)
-
-    def pin_startup(self, reason: Reason, sql: str) -> None:
-        """A pin decided at login (none in smart mode today; kept for rds-like options)."""
-        self.pins[reason] = sql
