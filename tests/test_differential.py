@@ -361,10 +361,45 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
     # RESET goes back to the client's startup value, and the client is told so (ParameterStatus).
     "reset_to_startup_value": ({"a": dict(options="-c TimeZone=Asia/Tokyo -c work_mem=32MB")}, [
         ("a", "BEGIN"), ("a", "RESET TimeZone"), ("a", "SHOW TimeZone"), ("a", "COMMIT"),
-        ("a", "RESET ALL"), ("a", "SELECT '2024-03-05 12:00+00'::timestamptz AS ts")]),
-        # Not covered: a reset inside a statement that also shows its result, such as
-        # SELECT set_config('work_mem', NULL, false), returns the server connection's default
-        # there, not the client's startup value (the proxy corrects it only after the statement).
+        ("a", "RESET ALL"), ("a", "SELECT '2024-03-05 12:00+00'::timestamptz AS ts"),
+        ("a", "SET work_mem = '1MB'"), ("a", "SELECT set_config('work_mem', NULL, false)")]),
+    # A RESET of a startup parameter is seen by what follows it in the same string or pipeline:
+    # the server connection's reset value is its own, so the proxy sets the client's again right
+    # after the RESET, inside the same string or batch.
+    "reset_then_show_in_one_string": ({"a": dict(options="-c work_mem=32MB -c TimeZone=Asia/Tokyo",
+                                                 application_name="startup_app")}, [
+        ("a", "SET work_mem = '1MB'; SET application_name = 'x'"), ("b", "SELECT 1"),
+        ("a", "RESET work_mem; SHOW work_mem"), ("a", "SET work_mem TO DEFAULT; SELECT current_setting('work_mem')"),
+        ("a", "SET TimeZone = 'UTC'; RESET ALL; SHOW TimeZone; SHOW application_name"),
+        ("a", "BEGIN; SET TIME ZONE 'UTC'; SAVEPOINT s; SET TIME ZONE DEFAULT; SHOW TimeZone; ROLLBACK TO s; "
+              "SHOW TimeZone; COMMIT"),
+        ("a", "SET work_mem = '2MB'; RESET work_mem; SELECT * FROM no_such_table"), ("a", "SHOW work_mem"),
+        ("a", "BEGIN"), ("a", "SET LOCAL work_mem TO DEFAULT; SHOW work_mem"), ("a", "COMMIT"),
+        ("a", "SET LOCAL work_mem TO DEFAULT"), ("b", "SELECT 1"), ("a", "SHOW work_mem"),
+        ("a", Op("pipeline", (("SET work_mem = '3MB'", None), ("RESET ALL", None),
+                              ("SELECT current_setting('work_mem'), %s::text", ("p",))))),
+        ("a", Op("pipeline", (("SET TimeZone = 'UTC'", None), ("SET TimeZone TO DEFAULT", None),
+                              ("SELECT current_setting('TimeZone'), %s::text", ("p",))))),
+        ("b", "SHOW work_mem")]),
+    # ... and a set_config with a literal NULL (a reset) shows the startup value, also to the
+    # rest of its own statement, in a simple Query or a Parse.
+    "set_config_null_is_the_startup_value": ({"a": dict(options="-c work_mem=32MB")}, [
+        ("a", "SET work_mem = '1MB'"), ("a", "SELECT set_config('work_mem', NULL, false), current_setting('work_mem')"),
+        ("b", "SELECT 1"), ("a", "SHOW work_mem"), ("a", "SET work_mem = '1MB'"),
+        ("a", _p("SELECT set_config('WORK_MEM', NULL::text, false), %s::text", ("x",))), ("a", "SHOW work_mem"),
+        ("a", "SET work_mem = '1MB'"),
+        ("a", Op("prepared", "SELECT set_config('work_mem', NULL, false), %s::text", ("x",))),
+        ("b", "SHOW work_mem"), ("a", "SHOW work_mem")]),
+    # A RESET ALL in a pipeline inside a transaction, then a set_config of a startup parameter:
+    # the proxy's resync at the end of the batch put the startup value back over it.
+    "set_config_after_reset_all_in_a_pipeline": ({"a": dict(options="-c work_mem=32MB -c TimeZone=Asia/Tokyo")}, [
+        ("a", "SET TIME ZONE -7"), ("a", "BEGIN"),
+        ("a", Op("pipeline", (("RESET ALL", None), ("SELECT set_config('TimeZone', %s, false)", ("UTC",))))),
+        ("a", "SHOW TimeZone"), ("a", "COMMIT"), ("b", "SELECT 1"), ("a", "SHOW TimeZone"),
+        # ... and outside a transaction, the set_config before the RESET ALL.
+        ("a", Op("pipeline", (("SELECT set_config('TimeZone', %s, false)", ("Europe/Berlin",)), ("RESET ALL", None),
+                              ("SET LOCAL client_min_messages = notice", None)))),
+        ("b", "SELECT 1"), ("a", "SHOW TimeZone")]),
     # A set_config the statement names but never runs changes nothing.
     "set_config_not_run": ({}, [
         ("a", "SELECT set_config('work_mem', '64MB', false) WHERE false"),

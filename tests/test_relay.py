@@ -659,3 +659,75 @@ def test_split_messages_give_the_same_output_as_whole():
         assert r.from_client(c[:cut % len(c)]) + r.from_client(c[cut % len(c):]) == to_server
         out = drained(r) + r.from_server(s[:cut]) + r.from_server(s[cut:])
         assert out == to_client, cut
+
+
+# ---------------------------------------------------------------- startup values after a reset
+
+def startup_relay(registry, params: dict) -> tuple[Relay, ServerState]:
+    server = ServerState(params=dict(params))
+    return new_relay(registry, server, params), server
+
+
+def test_reset_of_a_startup_parameter_is_followed_by_its_value_in_the_same_string(registry):
+    relay, server = startup_relay(registry, {"work_mem": "32MB"})
+    out = relay.from_client(m.query("RESET work_mem; SHOW work_mem"))
+    assert out == m.query("RESET work_mem;SELECT pg_catalog.set_config('work_mem', '32MB', false); SHOW work_mem")
+    seen = relay.from_server(cc("RESET") + m.row_description(["set_config"]) + row("32MB") + cc("SELECT 1")
+                             + m.row_description(["work_mem"]) + row("32MB") + cc("SHOW") + ZI)
+    # The proxy's statement is not seen; the client's go on as they were.
+    assert seen == cc("RESET") + m.row_description(["work_mem"]) + row("32MB") + cc("SHOW") + ZI
+    assert relay.session.params == server.params == {"work_mem": "32MB"}
+    assert relay.releasable
+
+
+def test_reset_at_the_end_of_a_string_with_a_comment(registry):
+    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
+    out = relay.from_client(m.query("SELECT 1; RESET ALL -- the end"))
+    assert out == m.query("SELECT 1; RESET ALL -- the end\n;SELECT pg_catalog.set_config('work_mem', '32MB', false)")
+    # Other statements and other clients' strings are left alone.
+    assert relay.from_client(m.query("RESET lock_timeout")) == m.query("RESET lock_timeout")
+    plain, _ = startup_relay(registry, {})
+    assert plain.from_client(m.query("RESET ALL")) == m.query("RESET ALL")
+
+
+def test_discard_all_is_not_joined_by_another_statement(registry):
+    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
+    assert relay.from_client(m.query("DISCARD ALL")) == m.query("DISCARD ALL")   # it must be alone
+
+
+def test_set_config_null_becomes_the_startup_value(registry):
+    relay, server = startup_relay(registry, {"work_mem": "32MB"})
+    out = relay.from_client(m.query("SELECT set_config('work_mem', NULL::text, false), current_setting('work_mem')"))
+    assert out == m.query("SELECT set_config('work_mem', '32MB'::text, false), current_setting('work_mem')")
+    relay.from_server(m.row_description(["a", "b"]) + row("32MB", "32MB") + cc("SELECT 1") + ZI)
+    assert relay.session.params == server.params == {"work_mem": "32MB"}
+    # In a Parse too, unnamed or named.
+    out = relay.from_client(parse(b"", b"SELECT set_config('work_mem', NULL, false)"))
+    assert split(out)[0][1] == b"\x00SELECT set_config('work_mem', '32MB', false)\x00\x00\x00"
+    out = relay.from_client(parse(b"n", b"SELECT set_config('work_mem', null, $1::bool)", (16,)))
+    assert b"'32MB'" in out and b"null" not in out
+
+
+def test_error_position_is_mapped_back_to_the_client_text(registry):
+    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
+    sent = relay.from_client(m.query("RESET work_mem; SELECT nope"))
+    text = split(sent)[0][1][:-1].decode()
+    where = text.index("nope") + 1
+    error = m.message(b"E", b"SERROR\x00C42703\x00Mcolumn \"nope\" does not exist\x00P%d\x00\x00" % where)
+    seen = relay.from_server(cc("RESET") + m.row_description(["s"]) + row("32MB") + cc("SELECT 1") + error + ZI)
+    fields = m.parse_error_fields(split(seen)[1][1])
+    assert fields["P"] == str("RESET work_mem; SELECT nope".index("nope") + 1)
+
+
+def test_extended_reset_is_followed_by_the_proxy_own_statement(registry):
+    relay, server = startup_relay(registry, {"work_mem": "32MB"})
+    out = relay.from_client(parse(b"", b"RESET ALL") + bind(b"", b"") + execute()
+                            + parse(b"", b"SHOW work_mem") + bind(b"", b"") + execute() + SYNC)
+    assert types(out) == b"PBE" + b"CPBECC" + b"PBES"
+    own = split(out)[4][1]
+    assert own.startswith(b"U_0\x00SELECT pg_catalog.set_config('work_mem', '32MB', false)")
+    seen = relay.from_server(P1 + B2 + cc("RESET") + C3 + P1 + B2 + row("32MB") + cc("SELECT 1") + C3 + C3
+                             + P1 + B2 + row("32MB") + cc("SHOW") + ZI)
+    assert seen == P1 + B2 + cc("RESET") + P1 + B2 + row("32MB") + cc("SHOW") + ZI
+    assert relay.session.params == server.params == {"work_mem": "32MB"}
+    assert relay.releasable

@@ -264,3 +264,43 @@ def test_smart_mode_records_would_pin():
     d = Driver()
     d.run("SET lock_timeout = 3000")
     assert [(e.event, e.reason) for e in d.log.recent] == [("would_pin_rds", "set")]
+
+
+def test_restore_sql_gives_back_startup_values_a_statement_resets():
+    d = Driver(startup={"work_mem": "32MB", "timezone": "Asia/Tokyo", "search_path": "a, b"})
+
+    def restore(sql, **kw):
+        return d.session.restore_sql(classify(sql).groups[0], **kw)
+    assert restore("RESET work_mem") == "SELECT pg_catalog.set_config('work_mem', '32MB', false)"
+    assert restore("SET TIME ZONE DEFAULT") == "SELECT pg_catalog.set_config('timezone', 'Asia/Tokyo', false)"
+    assert restore("RESET ALL") == restore("DISCARD ALL") == (
+        "SELECT pg_catalog.set_config('work_mem', '32MB', false), "
+        "pg_catalog.set_config('timezone', 'Asia/Tokyo', false), pg_catalog.set_config('search_path', 'a, b', false)")
+    assert restore("SET LOCAL work_mem TO DEFAULT") == "SELECT pg_catalog.set_config('work_mem', '32MB', true)"
+    assert restore("SET LOCAL work_mem TO DEFAULT", local=False) is None
+    assert restore("RESET lock_timeout") is None          # not a startup parameter
+    assert restore("SET work_mem = '1MB'") is None
+    assert Driver().session.restore_sql(classify("RESET ALL").groups[0]) is None
+
+
+def test_restored_reset_leaves_the_startup_value_on_the_server():
+    d = Driver(startup={"work_mem": "32MB"})
+    d.run("SET work_mem = '1MB'")
+    c = classify("RESET ALL")
+    d.session.statement(c, "simple", d.server)
+    d.session.completed(c, 0, b"RESET", "simple", d.server, restored=True)
+    d.session.ready(b"I", d.server)
+    assert d.params == {"work_mem": "32MB"}
+    assert d.server.params == {"work_mem": "32MB"}       # the relay set it again right after
+    assert d.session.resync_sql(d.server) is None
+
+
+def test_resync_in_a_transaction_leaves_values_only_the_server_knows():
+    # RESET ALL (without the relay's restore) then a set_config of the same startup parameter in
+    # the same batch: the resync at the end of the batch must not put the startup value back
+    # over the value the set_config gave it.
+    d = Driver(startup={"timezone": "Asia/Tokyo", "work_mem": "32MB"})
+    d.run("BEGIN")
+    d.run("RESET ALL; SELECT set_config('TimeZone', 'UTC', false)")
+    sql = d.session.resync_sql(d.server, b"T")
+    assert sql is not None and "timezone" not in sql.lower() and "'32MB'" in sql

@@ -171,19 +171,22 @@ def _classify_text(text: str, raw: bytes) -> Classification:
         ctx = _Ctx(text, _FUNC_HINT.search(low) is not None)
         effects: list[Effect] = []
         groups: list[tuple[Effect, ...]] = []
+        ends: list[int] = []
         for raw_stmt in stmts:
             stmt = raw_stmt.get("stmt")
             before = len(effects)
             if stmt:
                 _statement(stmt, ctx, effects)
             groups.append(tuple(effects[before:]))
+            ln = raw_stmt.get("stmt_len", 0)
+            ends.append(raw_stmt.get("stmt_location", 0) + ln if ln else -1)
     except Exception:   # ParseError; also RecursionError on absurdly deep expressions
         return Classification(text=text, effects=(Effect(Kind.UNPARSED),),
                               _statements=max(1, _count_statements(text, raw)),
                               byte_length=len(raw), parsed=False)
     return Classification(text=text, effects=tuple(effects) if effects else EMPTY,
                           _statements=len(stmts), byte_length=len(raw), parsed=True,
-                          groups=tuple(groups) if effects else ())
+                          groups=tuple(groups) if effects else (), ends=tuple(ends) if effects else ())
 
 
 class _Ctx:
@@ -266,6 +269,19 @@ def _const(node: Any) -> tuple[bool, Any]:
         if "bsval" in n:
             return True, n["bsval"].get("bsval", "")
         return False, None
+
+
+def _null_location(node: Any) -> int:
+    """Byte offset of a literal NULL (under casts/COLLATE), or -1."""
+    while isinstance(node, dict):
+        t, n = _node(node)
+        if t in ("TypeCast", "CollateClause"):
+            node = n.get("arg")
+            continue
+        if t == "A_Const" and n.get("isnull"):
+            return n.get("location", -1)
+        return -1
+    return -1
 
 
 def _param(node: Any) -> Param | None:
@@ -648,6 +664,7 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
 
         name = val(0, as_name=True)
         value = val(1)
+        null_at = _null_location(args[1]) if value is None and args[1] is not _MISSING else -1
         a = args[2]
         flag: bool | Param | Unknown
         ok, v = _const(a) if a is not _MISSING else (False, None)
@@ -663,7 +680,7 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
             p = _param(a) if a is not _MISSING else None
             flag = p if p is not None else expr(2)
         return Effect(Kind.SET_CONFIG, name=name, value=value, flag=flag,
-                      scope=Scope.LOCAL if flag is True else Scope.SESSION)
+                      scope=Scope.LOCAL if flag is True else Scope.SESSION, loc=null_at)
     adv = _ADVISORY.get(fname)
     if adv is not None:
         return Effect(Kind.ADVISORY_LOCK, name=fname, flag=adv[1], op=adv[0])

@@ -79,6 +79,9 @@ class Effect:
     flag: bool | Param | Unknown = False
     # ADVISORY_LOCK: "lock" | "try_lock" | "unlock" | "unlock_all". Otherwise "".
     op: str = ""
+    # SET_CONFIG with a literal NULL value: byte offset of that NULL in the statement string
+    # (the relay puts the client's startup value there). Otherwise -1.
+    loc: int = field(default=-1, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -93,6 +96,9 @@ class Classification:
     groups: tuple[tuple[Effect, ...], ...] = ()
     byte_length: int = 0
     parsed: bool = True
+    # Byte offset where each statement of `groups` ends (before its ';'), -1 for "at the end
+    # of the string" (filled with the groups).
+    ends: tuple[int, ...] = ()
     # Filled lazily by the classifier module (see classifier.fingerprint/digest).
     _fingerprint: str | None = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)

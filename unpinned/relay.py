@@ -37,14 +37,17 @@ TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
 EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
 
 # How a queued request's response is treated.
-FORWARD, SWALLOW, PRELUDE, CHECK = 0, 1, 2, 3
-# SWALLOW: the proxy's own Parse/Close, only errors reach the client.
+FORWARD, SWALLOW, PRELUDE, CHECK, HIDE = 0, 1, 2, 3, 4
+# SWALLOW: the proxy's own Parse/Bind/Execute/Close, only errors reach the client.
 # PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
 # CHECK:   the proxy asking the server about session state; the row goes to the session engine.
+# HIDE:    a client's simple Query while the server answers a statement the proxy put into
+#          its text (see _restore_query); back to FORWARD at that statement's CommandComplete.
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
 _SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
+_OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 _server_ids = count(1)
 
 
@@ -159,7 +162,14 @@ class Relay:
                 c = classify(data[pos + 5:end - 1])
                 answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
                 if answer is None:
-                    queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                    stmt = [c, 0, "simple"]
+                    if c.effects and self.session.startup and c.groups:
+                        text = self._restore_query(c, data[pos + 5:end - 1], stmt)
+                        if text is not None:
+                            out.append(data[fwd_start:pos])
+                            out.append(m.query(text))
+                            fwd_start = end
+                    queue.append([R_QUERY, FORWARD, stmt])
                 elif answer[:1] == b"E":
                     # Refused: the server raises it, so the transaction fails as it would have.
                     fields = m.parse_error_fields(answer[5:])
@@ -195,6 +205,14 @@ class Relay:
                 refusal = self.session.statement(c, "extended", self.server) if c is not None else None
                 if refusal is None:
                     queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
+                    if c is not None and c.groups and self.session.startup:
+                        sql = self.session.restore_sql(c.groups[0])
+                        if sql is not None:
+                            # Right behind it, before anything else of the batch runs.
+                            queue[-1][2].append((0,))
+                            out.append(data[fwd_start:end])
+                            out.append(self._run_own(sql))
+                            fwd_start = end
                 else:
                     fields = m.parse_error_fields(refusal[5:])
                     out.append(data[fwd_start:pos])
@@ -230,13 +248,23 @@ class Relay:
         if t == 80:  # Parse: name \0 query \0 types
             nul = data.index(b"\x00", start)
             name = data[start:nul]
+            qend = data.index(b"\x00", nul + 1)
+            body = None
             if not name:
-                self.unnamed_c = classify(data[nul + 1:data.index(b"\x00", nul + 1)])
+                c = self.unnamed_c = classify(data[nul + 1:qend])
+                if c.effects and self.session.startup:
+                    body = self._restore_parse(c, data, start, nul + 1, qend, end)
+                    if body is not None:
+                        self.unnamed_c = classify(body[1:body.index(b"\x00", 1)])
                 queue.append([R_PARSE, FORWARD, None])
-                return None
+                return None if body is None else m.message(b"P", body)
             if name in self.statements:
                 return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
-            st = self.registry.get(data[nul + 1:end])
+            if self.session.startup:
+                c = classify(data[nul + 1:qend])
+                if c.effects:
+                    body = self._restore_parse(c, data, start, nul + 1, qend, end)
+            st = self.registry.get(data[nul + 1:end] if body is None else body[len(name) + 1:])
             self.statements[name] = st
             if server.prepared.has(st.name):
                 self._synth(m.PARSE_COMPLETE, undo=(name, None))
@@ -336,6 +364,91 @@ class Relay:
             return m.command_complete("DEALLOCATE")
         return None
 
+    def _run_own(self, sql: str) -> bytes:
+        """The proxy's own statement in the middle of an extended batch, answers swallowed.
+        Its own statement and portal name, so that the client's unnamed ones are left alone;
+        closed first in case an error once skipped the closing."""
+        q = self.queue
+        for kind in (R_CLOSE, R_PARSE, R_BIND, R_EXEC, R_CLOSE, R_CLOSE):
+            q.append([kind, SWALLOW, None])
+        return (m.close_statement(_OWN)
+                + m.message(b"P", _OWN + b"\x00" + m.cstr(sql) + b"\x00\x00")
+                + m.message(b"B", _OWN + b"\x00" + _OWN + b"\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+                + m.message(b"E", _OWN + b"\x00" + m.pack_i32(0))
+                + m.message(b"C", b"P" + _OWN + b"\x00")
+                + m.close_statement(_OWN))
+
+    def _restore_query(self, c, raw: bytes, stmt: list) -> bytes | None:
+        """The client's startup values where a statement of this simple Query resets them (a
+        server connection's reset values are its own): a literal NULL given to set_config
+        becomes the startup value, and after a RESET / RESET ALL / SET ... TO DEFAULT the
+        proxy's own set_config statement joins the string. Returns the new text, or None.
+
+        Fills `stmt` (the queue entry's statement state) with the indexes of statements
+        restored, those followed by the proxy's statement (whose answers are hidden), and the
+        edits (character offset, old length, new length) to map error positions back."""
+        session = self.session
+        startup = session.startup
+        edits: list[tuple[int, int, bytes]] = []
+        restored: set[int] = set()
+        hidden: set[int] = set()
+        single = len(c.groups) == 1
+        for i, group in enumerate(c.groups):
+            for e in group:
+                if e.kind is Kind.SET_CONFIG and e.loc >= 0 and isinstance(e.name, str) and \
+                        e.name in startup and raw[e.loc:e.loc + 4].lower() == b"null":
+                    edits.append((e.loc, e.loc + 4, m.quote_literal(startup[e.name]).encode()))
+                    restored.add(i)
+            if any(e.kind is Kind.DISCARD and e.name == "ALL" for e in group):
+                continue    # alone in its string (or failing): resynced when the client is idle
+            # Alone and outside a transaction, a SET LOCAL ends with the statement (and warns;
+            # a second statement would make the string a transaction block, without the warning).
+            sql = session.restore_sql(group, local=not (single and self.status == b"I"))
+            if sql is None:
+                continue
+            at = c.ends[i] if i < len(c.ends) else -1
+            if at < 0:
+                edits.append((len(raw), len(raw), b"\n;" + sql.encode()))
+            else:
+                edits.append((at, at, b";" + sql.encode()))
+            restored.add(i)
+            hidden.add(i)
+        if not edits:
+            return None
+        edits.sort(key=lambda x: x[0])
+        parts = []
+        prev = 0
+        shifts = []
+        for start, stop, new in edits:
+            parts.append(raw[prev:start])
+            parts.append(new)
+            prev = stop
+            shifts.append((len(raw[:start].decode("utf-8", "replace")),
+                           len(raw[start:stop].decode("utf-8", "replace")),
+                           len(new.decode("utf-8", "replace"))))
+        parts.append(raw[prev:])
+        stmt += [restored, hidden, shifts]
+        return b"".join(parts)
+
+    def _restore_parse(self, c, data: bytes, start: int, qstart: int, qend: int, end: int) -> bytes | None:
+        """A Parse whose text gives set_config a literal NULL for a parameter the client set at
+        startup: the startup value in its place (see _restore_query). Returns the new Parse
+        body (name, text, types), or None."""
+        startup = self.session.startup
+        raw = data[qstart:qend]
+        edits = sorted((e.loc, m.quote_literal(startup[e.name]).encode()) for e in c.effects
+                       if e.kind is Kind.SET_CONFIG and e.loc >= 0 and isinstance(e.name, str)
+                       and e.name in startup and raw[e.loc:e.loc + 4].lower() == b"null")
+        if not edits:
+            return None
+        parts = [data[start:qstart]]
+        prev = 0
+        for at, new in edits:
+            parts += [raw[prev:at], new]
+            prev = at + 4
+        parts += [raw[prev:], data[qend:end]]
+        return b"".join(parts)
+
     def _fail(self, code: bytes, text: str, hint: str | None = None) -> bytes:
         """An error PostgreSQL would raise for this message, raised on the server itself so that
         the transaction fails and the rest of the batch is skipped exactly as PostgreSQL does."""
@@ -382,8 +495,17 @@ class Relay:
                 if action == PRELUDE:
                     self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
                     self.server.dirty = True
-                elif action == FORWARD:
+                elif action != CHECK:
                     self.session.failed()
+                    if kind == R_QUERY and head[2] is not None and len(head[2]) > 3:
+                        # The proxy's edits to the text must not move the error's position.
+                        if action == HIDE:
+                            head[1] = FORWARD
+                        if out is None:
+                            out = []
+                        out.append(data[fwd_start:pos])
+                        out.append(_unshift_position(data[pos:end], head[2][5]))
+                        fwd_start = end
                 drop = action == PRELUDE or action == CHECK
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests,
@@ -411,6 +533,8 @@ class Relay:
                     drop = True
                 elif t == _C and action == FORWARD:
                     self._complete(head[2], data[pos + 5:end - 1])
+            elif t == _C and action == HIDE:
+                head[1] = FORWARD       # the proxy's own statement is done; the client's go on
             elif t == _Z:
                 # Out of step (should not happen): resynchronise on ReadyForQuery.
                 while queue and queue[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
@@ -419,7 +543,8 @@ class Relay:
                     queue.popleft()
                 self.status = self.server.status = data[pos + 5:pos + 6]
             elif t == _C and action == FORWARD:
-                self._complete(head[2], data[pos + 5:end - 1])
+                if self._complete(head[2], data[pos + 5:end - 1]):
+                    head[1] = HIDE
             if drop:
                 if out is None:
                     out = []
@@ -446,17 +571,24 @@ class Relay:
         out.append(data[fwd_start:n])
         return b"".join(out)
 
-    def _complete(self, stmt: list | None, tag: bytes) -> None:
-        """CommandComplete for the client: the session engine applies that statement's effects."""
+    def _complete(self, stmt: list | None, tag: bytes) -> bool:
+        """CommandComplete for the client: the session engine applies that statement's effects.
+        True if the proxy's own statement follows it in the string (see _restore_query)."""
         if tag.startswith(b"DEALLOCATE ALL") or tag == b"DISCARD ALL":
             # The server dropped every prepared statement on this connection, other clients' too.
             self.server.prepared.clear()
             self.statements.clear()
-        if stmt is not None:
-            c = stmt[0]
-            if c.groups or not c.parsed:
-                self.session.completed(c, stmt[1], tag, stmt[2], self.server)
-            stmt[1] += 1
+        if stmt is None:
+            return False
+        c = stmt[0]
+        i = stmt[1]
+        stmt[1] = i + 1
+        if c.groups or not c.parsed:
+            if len(stmt) > 3:
+                self.session.completed(c, i, tag, stmt[2], self.server, restored=i in stmt[3])
+                return len(stmt) > 4 and i in stmt[4]
+            self.session.completed(c, i, tag, stmt[2], self.server)
+        return False
 
     def _ready(self, status: bytes, action: int) -> bool:
         """ReadyForQuery: settle the session. True if a check of the server's state was queued."""
@@ -506,6 +638,30 @@ def _statement_text(st: ServerStatement) -> bytes:
     body = st.parse_msg
     start = body.index(b"\x00", 5) + 1
     return body[start:body.index(b"\x00", start)]
+
+
+def _unshift_position(msg: bytes, shifts: list[tuple[int, int, int]]) -> bytes:
+    """An ErrorResponse about a query text the proxy edited, with its cursor position (field
+    P, characters from 1) moved back to the client's text; dropped if it points into the
+    proxy's own addition. `shifts`: (character offset, old length, new length), in order."""
+    fields = msg[5:].split(b"\x00")
+    for k, f in enumerate(fields):
+        if f[:1] == b"P" and f[1:].isdigit():
+            at = int(f[1:]) - 1      # in the edited text
+            delta = 0
+            for start, old, new in shifts:
+                if at < start + delta:
+                    break
+                if at < start + delta + new:
+                    if old == 0:
+                        del fields[k]
+                        return m.message(b"E", b"\x00".join(fields))
+                    at, delta = start, 0    # inside a replaced value: its start
+                    break
+                delta += new - old
+            fields[k] = b"P" + str(at - delta + 1).encode()
+            return m.message(b"E", b"\x00".join(fields))
+    return msg
 
 
 def _as_fatal(fields: bytes) -> bytes:

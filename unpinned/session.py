@@ -91,6 +91,7 @@ class Session:
         self.currval_refusals = 0
         self._server_hint = None   # the server connection of the statement being applied
         self._lex_conforming = True   # standard_conforming_strings when the current string was lexed
+        self._restored = False        # the statement being applied had its startup values restored
 
     # ------------------------------------------------------------------ queries
 
@@ -123,8 +124,47 @@ class Session:
                              "Set sequences = \"pin\" to pin instead.")
         return None
 
-    def completed(self, c: Classification, index: int, tag: bytes, protocol: str, server) -> None:
-        """Statement `index` of `c` completed (CommandComplete)."""
+    def restore_sql(self, effects: tuple[Effect, ...], local: bool = True) -> str | None:
+        """SQL to run right after a statement with these effects, in the same query string or
+        batch, that gives back the client's startup values of the parameters it reset.
+
+        PostgreSQL resets a parameter to the value of the backend's own startup packet, and
+        the server connection's startup packet is not this client's: RESET, RESET ALL,
+        SET x TO DEFAULT and DISCARD ALL there reach the server connection's defaults. Run
+        at once after the statement, the client's values are back before anything else in
+        the string or batch can see the difference (errors before it skip both alike; a
+        rollback undoes both together). `local`: also for SET LOCAL ... TO DEFAULT."""
+        startup = self.startup
+        if not startup:
+            return None
+        sets: dict[str, bool] = {}      # name -> is_local
+        for e in effects:
+            k = e.kind
+            if k is Kind.RESET:
+                names = [n for n in startup if n not in _NO_RESET_ALL] if e.name is None else [e.name]
+                is_local = False
+            elif k is Kind.SET and e.value is None:
+                names, is_local = [e.name], e.scope == "local"
+                if is_local and not local:
+                    continue
+            elif k is Kind.DISCARD and e.name == "ALL":
+                names, is_local = [n for n in startup if n not in _NO_RESET_ALL], False
+            else:
+                continue
+            for n in names:
+                if n in startup and n not in _TRANSACTION_GUCS:
+                    sets[n] = is_local and sets.get(n, True)
+        if not sets:
+            return None
+        return "SELECT " + ", ".join(
+            f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(startup[n])}, "
+            f"{'true' if is_local else 'false'})" for n, is_local in sets.items())
+
+    def completed(self, c: Classification, index: int, tag: bytes, protocol: str, server,
+                  restored: bool = False) -> None:
+        """Statement `index` of `c` completed (CommandComplete). `restored`: the relay gave the
+        server connection the client's startup values of what it reset (see restore_sql), or
+        put them in place of a set_config NULL."""
         if not c.parsed:
             if not self.rds:
                 self._pin(Reason.UNPARSED, c, protocol, server)
@@ -136,8 +176,10 @@ class Session:
         if index >= len(c.groups):
             return
         self._server_hint = server
+        self._restored = restored
         for e in c.groups[index]:
             self._apply(e, c, tag, protocol, server)
+        self._restored = False
 
     def failed(self) -> None:
         self._query_failed = True
@@ -188,8 +230,18 @@ class Session:
         if status == b"T":
             if self._w_params is None or self._w_server == self._w_params:
                 return None
-            sql = param_sync_sql(self._w_server, self._w_params)
-            self._w_server = dict(self._w_params)   # undone with the transaction if it rolls back
+            # A value set in this transaction that only the server knows (read back at its end)
+            # is left as the server has it.
+            unknown = self._unknown
+            have = {n: v for n, v in self._w_server.items() if n not in unknown}
+            want = {n: v for n, v in self._w_params.items() if n not in unknown}
+            if have == want:
+                return None
+            sql = param_sync_sql(have, want)
+            for n in unknown:                       # undone with the transaction if it rolls back
+                if n in self._w_server:
+                    want[n] = self._w_server[n]
+            self._w_server = want
             return sql
         if server.params == self.params:
             return None
@@ -287,11 +339,15 @@ class Session:
 
     def _reset(self, name: str) -> None:
         wp, ws = self._working(self._server_hint)
-        ws.pop(name, None)
+        self._unknown.discard(name)
         if name in self.startup:
             wp[name] = self.startup[name]
+            if self._restored and name not in _NO_RESET_ALL:
+                ws[name] = self.startup[name]   # the relay set it again right after the reset
+                return
         else:
             wp.pop(name, None)
+        ws.pop(name, None)
 
     def _reset_all(self) -> None:
         wp, ws = self._working(self._server_hint)
@@ -301,7 +357,10 @@ class Session:
         wp.update(self.startup)
         wp.update(keep_p)
         ws.clear()
+        if self._restored:
+            ws.update((n, v) for n, v in self.startup.items() if n not in _NO_RESET_ALL)
         ws.update(keep_s)
+        self._unknown -= {n for n in self._unknown if n not in _NO_RESET_ALL}
 
     def _conforming_strings(self) -> bool:
         value = (self._w_params if self._w_params is not None else self.params).get("standard_conforming_strings")
