@@ -203,3 +203,14 @@ def test_row_description_and_data_row():
 def test_read_cstr():
     assert m.read_cstr(b"abc\x00def\x00", 0) == (b"abc", 4)
     assert m.read_cstr(memoryview(b"abc\x00def\x00"), 4) == (b"def", 8)
+
+
+def test_first_request_end():
+    q = m.query("SELECT 1")
+    parse = m.message(b"P", b"\x00SELECT 1\x00\x00\x00")
+    sync = m.message(b"S")
+    assert m.first_request_end(q + q) == len(q)
+    assert m.first_request_end(parse + sync + q) == len(parse + sync)
+    assert m.first_request_end(parse) is None          # a batch without its Sync yet
+    assert m.first_request_end(q[:-2]) is None          # half a message
+    assert m.first_request_end(b"") is None

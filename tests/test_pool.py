@@ -732,3 +732,40 @@ async def test_cancel_with_asyncpg_timeout(make_proxy, role):
     finally:
         await conn.close()
 
+
+
+@pytest.mark.timeout(60)
+def test_cancel_while_waiting_for_a_server_connection(su, make_proxy, role):
+    """The pool is busy, so the client's query has not reached PostgreSQL: a cancel fails it
+    at once with 57014 (as a canceled statement), it never runs later, and the client goes on."""
+    h = start(make_proxy, role, pool_size=1)
+    holder = psycopg.connect(h.dsn(user=role.name, password=role.password), autocommit=True)
+    waiter = psycopg.connect(h.dsn(user=role.name, password=role.password), autocommit=True)
+    outcome: list = []
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")      # holds the only server connection
+
+        def wait():
+            try:
+                outcome.append(waiter.execute("INSERT INTO waited_for VALUES (1) RETURNING 1").fetchone())
+            except BaseException as e:
+                outcome.append(e)
+
+        sql(su, "CREATE TABLE IF NOT EXISTS waited_for (x int)")
+        sql(su, "TRUNCATE waited_for")
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.5)
+        assert not outcome, "the waiter got a server connection the holder has"
+        started = time.monotonic()
+        waiter.cancel_safe(timeout=5)
+        t.join(5)
+        assert not t.is_alive() and time.monotonic() - started < 3
+        assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled), outcome
+        holder.execute("COMMIT")
+        assert waiter.execute("SELECT 'usable'").fetchone() == ("usable",)
+        assert sql(su, "SELECT count(*) FROM waited_for")[0][0] == 0   # it never ran
+    finally:
+        holder.close()
+        waiter.close()

@@ -122,10 +122,11 @@ def stats(proxy: "Proxy") -> list[dict]:
 def config_rows(proxy: "Proxy") -> list[dict]:
     from dataclasses import fields
     out = []
-    for f in fields(proxy.config):
+    cfg = proxy.total_config     # with several workers: the configured totals, not one worker's share
+    for f in fields(cfg):
         if f.name in ("users",):
             continue
-        value = getattr(proxy.config, f.name)
+        value = getattr(cfg, f.name)
         out.append({"key": f.name, "value": repr(value) if f.name == "upstream" else str(value)})
     return out
 
@@ -158,44 +159,144 @@ _EMPTY_COLUMNS = {
 }
 
 
-def execute(proxy: "Proxy", sql: str, client) -> bytes:
-    """One admin statement → response messages (without ReadyForQuery)."""
+def control(proxy: "Proxy", sql: str, client_id: int | None) -> dict:
+    """PAUSE / RESUME / RELOAD / KILL on this process. {"ok": True, "tag": ...} or
+    {"ok": False, "error": [sqlstate, text], "missing": whether the target was not found}."""
     words = sql.strip().rstrip(";").split()
-    if not words:
-        return m.message(b"I")   # EmptyQueryResponse
     verb = words[0].upper()
     arg = words[1] if len(words) > 1 else ""
+    if verb in ("PAUSE", "RESUME"):
+        targets = [p for (db, _), p in proxy.pools.items() if not arg or db == arg]
+        if arg and not targets:
+            return {"ok": False, "missing": True, "error": ["3D000", f'no pool for database "{arg}"']}
+        for p in targets:
+            p.pause() if verb == "PAUSE" else p.resume()
+        return {"ok": True, "tag": verb}
+    if verb == "RELOAD":
+        try:
+            proxy.reload()
+        except Exception as e:   # a bad file keeps the old config; say why
+            return {"ok": False, "missing": False, "error": ["F0000", f"reload failed, old configuration kept: {e}"]}
+        return {"ok": True, "tag": "RELOAD"}
+    # KILL client_id | db
+    if arg.isdigit():
+        victims = [c for c in proxy.clients if c.id == int(arg)]
+    else:
+        victims = [c for c in proxy.clients if c.database == arg]
+    if not victims:
+        return {"ok": False, "missing": True, "error": ["42704", f"no client or database {arg!r}"]}
+    for c in victims:
+        if c.id != client_id:
+            c.shutdown(m.fatal("57P01", "terminating connection due to administrator command"))
+    return {"ok": True, "tag": "KILL"}
+
+
+CONTROL = ("PAUSE", "RESUME", "RELOAD", "KILL")
+
+
+def _words(sql: str) -> tuple[str, str]:
+    words = sql.strip().rstrip(";").split()
+    return (words[0].upper() if words else ""), (words[1] if len(words) > 1 else "")
+
+
+def execute(proxy: "Proxy", sql: str, client) -> bytes:
+    """One admin statement → response messages (without ReadyForQuery)."""
+    verb, arg = _words(sql)
+    if not verb:
+        return m.message(b"I")   # EmptyQueryResponse
     if verb == "SHOW" and arg.upper() in VIEWS:
         rows = VIEWS[arg.upper()](proxy)
         return _table(rows, None if rows else _EMPTY_COLUMNS.get(arg.upper()))
+    if verb in CONTROL and (arg or verb != "KILL"):
+        return _control_result([control(proxy, sql, client.id if client is not None else None)])
+    return _other(verb, arg, sql)
+
+
+async def execute_everywhere(proxy: "Proxy", sql: str, client) -> bytes:
+    """The same, when the proxy runs as several worker processes: views are gathered from
+    every worker and merged, control commands reach every worker."""
+    verb, arg = _words(sql)
+    if verb == "SHOW" and arg.upper() in VIEWS:
+        name = arg.upper()
+        rows = merge_view(name, await proxy.peers.ask_all({"op": "view", "name": name}))
+        return _table(rows, None if rows else _EMPTY_COLUMNS.get(name))
+    if verb in CONTROL and (arg or verb != "KILL"):
+        return _control_result(await proxy.peers.ask_all(
+            {"op": "control", "sql": sql, "client_id": client.id if client is not None else None}))
+    return execute(proxy, sql, client)
+
+
+def _control_result(results: list[dict]) -> bytes:
+    """One answer from every worker's: done if any worker found the target (and none failed
+    otherwise); the error if every one missed it, or if one failed outright."""
+    failed = [r for r in results if not r["ok"] and not r.get("missing")]
+    if failed:
+        return m.error_response(*failed[0]["error"])
+    done = [r for r in results if r["ok"]]
+    if not done:
+        return m.error_response(*results[0]["error"])
+    return m.command_complete(done[0]["tag"])
+
+
+def _other(verb: str, arg: str, sql: str) -> bytes:
     if verb == "SHOW" and arg.upper() == "VERSION":
         return _table([{"version": f"unpinned {__version__}"}])
     if verb == "SHOW" and arg.upper() == "HELP" or verb == "HELP":
         return _table([{"command": c} for c in (
             "SHOW POOLS | CLIENTS | SERVERS | PINS | PIN_REASONS | STATS | CONFIG | VERSION",
             "PAUSE [db]", "RESUME [db]", "RELOAD", "KILL client_id | db")])
-    if verb in ("PAUSE", "RESUME"):
-        targets = [p for (db, _), p in proxy.pools.items() if not arg or db == arg]
-        if arg and not targets:
-            return m.error_response("3D000", f'no pool for database "{arg}"')
-        for p in targets:
-            p.pause() if verb == "PAUSE" else p.resume()
-        return m.command_complete(verb)
-    if verb == "RELOAD":
-        try:
-            proxy.reload()
-        except Exception as e:   # a bad file keeps the old config; say why
-            return m.error_response("F0000", f"reload failed, old configuration kept: {e}")
-        return m.command_complete("RELOAD")
-    if verb == "KILL" and arg:
-        if arg.isdigit():
-            victims = [c for c in proxy.clients if c.id == int(arg)]
-        else:
-            victims = [c for c in proxy.clients if c.database == arg]
-        if not victims:
-            return m.error_response("42704", f"no client or database {arg!r}")
-        for c in victims:
-            if c is not client:
-                c.shutdown(m.fatal("57P01", "terminating connection due to administrator command"))
-        return m.command_complete("KILL")
     return m.error_response("42601", f"unknown admin command {sql.strip()[:80]!r}; try SHOW HELP")
+
+
+# ------------------------------------------------------------------ several workers: one view
+
+_SUMMED_STATS_KEEP = {"uptime_s": max, "query_latency_p50_s": max, "query_latency_p99_s": max}
+
+
+def merge_view(name: str, per_worker: list[list[dict]]) -> list[dict]:
+    """Rows of one view from several worker processes → the rows one process would show."""
+    rows = [r for rows in per_worker for r in rows]
+    if name == "POOLS":
+        return _merge_by(rows, ("database", "user"), {"paused": any})
+    if name == "PIN_REASONS":
+        merged = _merge_by(rows, ("reason", "fingerprint"), {"last_seen": _max_or_none, "reason_text": _first,
+                                                              "digest": _first, "sample": _first})
+        return sorted(merged, key=lambda r: -r["count"])
+    if name == "STATS":
+        # Latency quantiles cannot be added: the slowest worker's is shown (an upper bound).
+        return _merge_by(rows, (), {**_SUMMED_STATS_KEEP, "query_latency_p50_s": _max_or_none,
+                                    "query_latency_p99_s": _max_or_none})
+    if name == "CONFIG":
+        return per_worker[0] if per_worker else []
+    key = "client_id" if name == "PINS" else "id"
+    return sorted(rows, key=lambda r: (r.get(key) is None, r.get(key) or 0))
+
+
+def _first(values: list):
+    return values[0]
+
+
+def _max_or_none(values: list):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _merge_by(rows: list[dict], key: tuple, special: dict) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in key), []).append(r)
+    out = []
+    for group in groups.values():
+        merged = {}
+        for col in group[0]:
+            values = [r.get(col) for r in group]
+            if col in key:
+                merged[col] = values[0]
+            elif col in special:
+                merged[col] = special[col](values)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                merged[col] = sum(values)
+            else:
+                merged[col] = values[0]
+        out.append(merged)
+    return out

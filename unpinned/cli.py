@@ -45,16 +45,22 @@ def main() -> None:
 @click.option("--users", "users_file", type=click.Path(dir_okay=False), help="TOML users file: [users.NAME] password=...")
 @click.option("--http", "http_listen", help="HOST:PORT for /metrics, /api/* and the live page.")
 @click.option("--pin-log", "pin_log", help="JSON-lines pin log: '-' for stderr or a file path.")
+@click.option("--workers", type=int, help="Processes sharing the port, each with its share of the pools; 0 = one per CPU [1].")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
-def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, verbose) -> None:
+def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, workers,
+          verbose) -> None:
     """Run the proxy until SIGINT/SIGTERM. SIGHUP (or RELOAD in the admin console) re-reads the config."""
     _setup_logging(max(verbose, 1))
     overrides = dict(listen=listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
-                     users_file=users_file, http_listen=http_listen, pin_log=pin_log)
+                     users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers)
     try:
         cfg = load(config_path, **overrides)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    from .workers import effective_workers, run_worker, supervise
+    if effective_workers(cfg) > 1:
+        sys.exit(supervise(cfg, config_path, overrides,
+                           lambda info: run_worker(cfg, config_path, overrides, info)))
     from .proxy import run
     install_uvloop()
     try:

@@ -65,6 +65,7 @@ class Config:
     client_idle_timeout: float = 1800.0  # seconds; 0 = never
     admin_database: str = "unpinned"
     http_listen: str = ""                # HOST:PORT for /metrics, /api/* and the live page; "" = off
+    workers: int = 1                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
     # [pins]
     pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
@@ -96,6 +97,12 @@ class Config:
         for name in ("pool_size", "max_client_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.workers < 0:
+            raise ConfigError("workers must be 0 (one per CPU) or more")
+        workers = self.workers or os.cpu_count() or 1
+        if workers > self.pool_size:
+            raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
+                              "each worker holds a share of every pool")
         for name in ("max_idle", "server_idle_timeout", "borrow_timeout", "client_idle_timeout",
                      "health_check_after", "connect_timeout"):
             if getattr(self, name) < 0:
@@ -153,7 +160,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 _SECTIONS = {
     "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout",
-              "admin_database", "http_listen"),
+              "admin_database", "http_listen", "workers"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),

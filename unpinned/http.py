@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import admin
 from .metrics import make_registry, render
+from .workers import merge_history, merge_metrics
 
 if TYPE_CHECKING:
     from .proxy import Proxy
@@ -24,11 +25,11 @@ PAGE = Path(__file__).with_name("live.html")
 class HttpServer:
     def __init__(self, proxy: "Proxy"):
         self.proxy = proxy
-        self.registry = make_registry(proxy)
+        self.registry = proxy.metrics_registry = make_registry(proxy)
         self.server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
 
     @property
     def port(self) -> int:
@@ -38,19 +39,30 @@ class HttpServer:
         if self.server is not None:
             self.server.close()
 
-    def route(self, path: str) -> tuple[int, str, bytes]:
+    async def _view(self, name: str) -> list[dict]:
+        peers = self.proxy.peers
+        if peers is None:
+            return admin.VIEWS[name](self.proxy)
+        return admin.merge_view(name, await peers.ask_all({"op": "view", "name": name}))
+
+    async def route(self, path: str) -> tuple[int, str, bytes]:
+        """With several workers, whichever one a request reaches answers for all of them."""
         path = path.split("?", 1)[0]
+        peers = self.proxy.peers
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", render(self.registry)
+            text = render(self.registry) if peers is None else merge_metrics(await peers.ask_all({"op": "metrics"}))
+            return 200, "text/plain; version=0.0.4; charset=utf-8", text
         if path.startswith("/api/"):
             name = path[5:].strip("/").upper()
             if name == "SUMMARY":
-                body = {"mode": self.proxy.config.mode, "pools": admin.pools(self.proxy),
-                        "stats": admin.stats(self.proxy)[0], "pins": admin.pins(self.proxy),
-                        "pin_reasons": admin.pin_reasons(self.proxy)[:50],
-                        "history": list(self.proxy.history)}
+                history = (list(self.proxy.history) if peers is None else
+                           merge_history(await peers.ask_all({"op": "history"})))
+                body = {"mode": self.proxy.config.mode, "pools": await self._view("POOLS"),
+                        "stats": (await self._view("STATS"))[0], "pins": await self._view("PINS"),
+                        "pin_reasons": (await self._view("PIN_REASONS"))[:50],
+                        "history": history}
             elif name in admin.VIEWS:
-                body = admin.VIEWS[name](self.proxy)
+                body = await self._view(name)
             else:
                 return 404, "application/json", b'{"error": "not found"}'
             return 200, "application/json", json.dumps(body, default=str).encode()
@@ -74,7 +86,7 @@ class HttpServer:
                     status, ctype, body = 405, "text/plain", b"GET only"
                 else:
                     try:
-                        status, ctype, body = self.route(parts[1])
+                        status, ctype, body = await self.route(parts[1])
                     except Exception:   # a broken view must not take the listener down
                         log.exception("HTTP %s failed", parts[1])
                         status, ctype, body = 500, "text/plain", b"internal error"

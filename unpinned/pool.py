@@ -113,6 +113,10 @@ class Pool:
         self._supply()
         return None
 
+    def withdraw(self, borrower: Borrower) -> None:
+        """`borrower` no longer wants a connection (its request was canceled)."""
+        self.waiters = deque(w for w in self.waiters if w[0] is not borrower)
+
     async def acquire(self) -> ServerConnection:
         fut = asyncio.get_running_loop().create_future()
         conn = self.borrow(_FutureBorrower(fut))

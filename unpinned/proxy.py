@@ -26,6 +26,7 @@ from .relay import Relay, param_sync_sql
 from .server import ServerConnection, ServerError
 from .session import Session, SessionOptions
 from .statements import StatementRegistry
+from .workers import Peers, WorkerInfo, share
 
 log = logging.getLogger("unpinned")
 
@@ -37,8 +38,14 @@ _NOT_GUCS = {"user", "database", "options", "replication"}
 
 
 class Proxy:
-    def __init__(self, config: Config, config_path: str | None = None, overrides: dict | None = None):
-        self.config = config
+    def __init__(self, config: Config, config_path: str | None = None, overrides: dict | None = None,
+                 worker: WorkerInfo | None = None):
+        self.worker = worker                    # one of several processes (workers.py), or None
+        self.total_config = config
+        self.config = share(config, worker) if worker else config
+        config = self.config
+        self.peers: Peers | None = None
+        self.metrics_registry = None
         self.config_path = config_path          # for RELOAD / SIGHUP
         self.overrides = overrides or {}        # command-line flags, kept across reloads
         self.stats = Stats()
@@ -63,21 +70,28 @@ class Proxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.config.listen_address()
-        srv = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True, backlog=4096)
+        if self.worker is not None:
+            self.peers = Peers(self, self.worker)
+            await self.peers.start()
+        srv = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True,
+                                       reuse_port=self.worker is not None, backlog=4096)
         self.servers.append(srv)
         if self.config.http_listen:
             from .config import parse_hostport
             from .http import HttpServer
             self.http = HttpServer(self)
-            await self.http.start(*parse_hostport(self.config.http_listen, "http_listen"))
+            await self.http.start(*parse_hostport(self.config.http_listen, "http_listen"),
+                                  reuse_port=self.worker is not None)
             log.info("metrics and live page on http://%s:%d/", parse_hostport(self.config.http_listen, "")[0],
                      self.http.port)
         self._housekeeper = loop.create_task(self._housekeeping())
         if self.config.auth == "trust":
             log.warning("client authentication is 'trust': anyone who can reach %s logs in. Development only.",
                         self.config.listen)
-        log.info("unpinned %s listening on %s, mode %s, upstream %s:%s", __version__, self.config.listen,
-                 self.config.mode, self.config.upstream.host, self.config.upstream.port)
+        log.info("unpinned %s listening on %s, mode %s, upstream %s:%s%s", __version__, self.config.listen,
+                 self.config.mode, self.config.upstream.host, self.config.upstream.port,
+                 f" (worker {self.worker.index + 1} of {self.worker.count}, pid {os.getpid()})"
+                 if self.worker else "")
 
     @property
     def port(self) -> int:
@@ -88,6 +102,8 @@ class Proxy:
             srv.close()
         if self.http is not None:
             self.http.close()
+        if self.peers is not None:
+            self.peers.close()
         if self._housekeeper:
             self._housekeeper.cancel()
         for client in list(self.clients):
@@ -135,6 +151,9 @@ class Proxy:
     def reload(self) -> None:
         """Re-read the config file; new settings apply to new borrows and logins, nobody is dropped."""
         new = load(self.config_path, **self.overrides)
+        self.total_config = new
+        if self.worker is not None:
+            new = share(new, self.worker)
         if new.listen != self.config.listen:
             log.warning("listen address changes need a restart; keeping %s", self.config.listen)
             new.listen = self.config.listen
@@ -148,14 +167,25 @@ class Proxy:
 
     def new_client_id(self) -> int:
         self._next_client += 1
-        return self._next_client
+        if self.worker is None:
+            return self._next_client
+        return self._next_client * self.worker.count + self.worker.index   # unique across workers
 
-    async def cancel(self, pid: int, secret: int) -> None:
-        client = self.by_key.get((pid, secret))
-        conn = client.server if client is not None else None
-        if conn is None:
+    async def cancel(self, pid: int, secret: int, forward: bool = True) -> None:
+        if self.peers is not None and forward and self.peers.owner(pid) != self.worker.index:
+            # The client is another worker's (the kernel chose a worker for this connection).
+            try:
+                await self.peers.ask(self.peers.owner(pid), {"op": "cancel", "pid": pid, "secret": secret})
+            except (OSError, ConnectionError, TimeoutError, ValueError) as e:
+                log.warning("could not pass a cancel request to worker %d: %s", self.peers.owner(pid), e)
             return
-        await self.cancel_server(conn)
+        client = self.by_key.get((pid, secret))
+        if client is None:
+            return
+        if client.server is None:
+            client.cancel_waiting()
+            return
+        await self.cancel_server(client.server)
 
     async def cancel_server(self, conn: ServerConnection) -> None:
         """Ask PostgreSQL to cancel whatever `conn` is running."""
@@ -407,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = True
         self._admin_buf = b""
         self._admin_failed = False
+        self._admin_pending: asyncio.Task | None = None
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
@@ -415,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
     def _admin_data(self, data: bytes) -> None:
         """The admin console speaks the simple query protocol only, like PgBouncer's."""
         buf = self._admin_buf + data
-        pos, out = 0, []
+        pos, out, close = 0, [], False
         while len(buf) - pos >= 5:
             t = buf[pos:pos + 1]
             ln = m.unpack_i32(buf, pos + 1)[0]
@@ -427,12 +458,16 @@ class ClientConnection(asyncio.Protocol):
             body = buf[pos + 5:pos + 1 + ln]
             pos += 1 + ln
             if t == b"Q":
-                out.append(admin.execute(self.proxy, body.rstrip(b"\x00").decode("utf-8", "replace"), self))
+                sql = body.rstrip(b"\x00").decode("utf-8", "replace")
+                if self.proxy.peers is not None:
+                    # Several workers: the answer is gathered from all of them, in order.
+                    out.append(self._admin_gather(sql))
+                else:
+                    out.append(admin.execute(self.proxy, sql, self))
                 out.append(m.ready_for_query(b"I"))
             elif t == b"X":
-                self.transport.write(b"".join(out))
-                self.shutdown(None)
-                return
+                close = True
+                break
             elif t == b"S":
                 self._admin_failed = False
                 out.append(m.ready_for_query(b"I"))
@@ -440,12 +475,42 @@ class ClientConnection(asyncio.Protocol):
                 self._admin_failed = True
                 out.append(m.error_response("0A000", "the admin console supports only the simple query protocol"))
         self._admin_buf = buf[pos:]
+        if any(isinstance(o, asyncio.Future) for o in out) or self._admin_pending is not None:
+            self._admin_pending = self.proxy.spawn(self._admin_write(self._admin_pending, out, close))
+            return
         if out:
             self.transport.write(b"".join(out))
+        if close:
+            self.shutdown(None)
+
+    def _admin_gather(self, sql: str) -> asyncio.Future:
+        return self.proxy.spawn(admin.execute_everywhere(self.proxy, sql, self))
+
+    async def _admin_write(self, prev, out: list, close: bool) -> None:
+        """Write answers in the order the queries came, after any earlier batch."""
+        if prev is not None:
+            await prev
+        parts = []
+        for o in out:
+            if isinstance(o, asyncio.Future):
+                try:
+                    o = await o
+                except Exception as e:   # never leave the console without an answer
+                    log.exception("admin command failed")
+                    o = m.error_response("XX000", f"admin command failed: {e}")
+            parts.append(o)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(parts))
+        if close:
+            self.shutdown(None)
 
     def _new_key(self) -> tuple[int, int]:
+        worker = self.proxy.worker
         while True:
             key = (secrets.randbits(31), secrets.randbits(32))
+            if worker is not None:   # the pid names the worker, so any worker can route a cancel
+                pid = key[0] - key[0] % worker.count + worker.index
+                key = (pid if pid < 1 << 31 else pid - worker.count, key[1])
             if key not in self.proxy.by_key:
                 break
         self.key = key
@@ -507,6 +572,24 @@ class ClientConnection(asyncio.Protocol):
             self._fatal("53300", str(exc))
         else:
             self._fatal("08006", f"could not connect to the server: {exc}")
+
+    def cancel_waiting(self) -> None:
+        """A cancel for a client still waiting for a server connection: its first request never
+        reached PostgreSQL, so it fails here as a canceled statement would, and the client
+        leaves the queue unless more requests wait behind it."""
+        if not self.acquiring or not self.pending:
+            return
+        data = b"".join(self.pending)
+        end = m.first_request_end(data)
+        if end is None:         # an extended batch still without its Sync: nothing to answer yet
+            return
+        rest = data[end:]
+        self.pending = [rest] if rest else []
+        self.transport.write(m.error_response("57014", "canceling statement due to user request") +
+                             m.ready_for_query(self.relay.status))
+        if not self.pending:
+            self.acquiring = False
+            self.pool.withdraw(self)
 
     def _attach(self, conn: ServerConnection) -> None:
         conn.client = self
@@ -638,9 +721,9 @@ async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:
 
 
 async def run(config: Config, config_path: str | None = None, overrides: dict | None = None,
-              ready: asyncio.Event | None = None) -> None:
+              ready: asyncio.Event | None = None, worker: WorkerInfo | None = None) -> None:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
-    proxy = Proxy(config, config_path, overrides)
+    proxy = Proxy(config, config_path, overrides, worker)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -169,6 +169,20 @@ def close_statement(name: bytes) -> bytes:
 
 # ---------------------------------------------------------------- parsers
 
+def first_request_end(data: bytes) -> int | None:
+    """Where the first request that PostgreSQL answers with ReadyForQuery (a Query, a
+    FunctionCall, or an extended batch up to its Sync) ends in `data`; None if not complete."""
+    pos, n = 0, len(data)
+    while n - pos >= 5:
+        end = pos + 1 + unpack_i32(data, pos + 1)[0]
+        if end > n:
+            return None
+        if data[pos] in b"QSF":
+            return end
+        pos = end
+    return None
+
+
 def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
     """Body of a startup-phase packet (after the length): (code, params)."""
     if len(body) < 4:
