@@ -469,6 +469,11 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
         ("b", "SELECT 1"), ("a", "SHOW application_name"),
         # ... off when the server lexes the whole string, even if a statement in it turns it on.
         ("a", "RESET ALL; SET application_name = 'back\\slash'"), ("b", "SELECT 1"),
+        ("a", "SHOW application_name"),
+        # ... also when set_config turned it off (a value the proxy reads back only at the end
+        # of the transaction).
+        ("a", "RESET ALL"), ("a", "BEGIN"), ("a", "SELECT set_config('standard_conforming_strings', 'off', NULL)"),
+        ("a", "SET application_name = 'back\\slash'"), ("a", "COMMIT"), ("b", "SELECT 1"),
         ("a", "SHOW application_name")]),
 }
 

@@ -304,3 +304,13 @@ def test_resync_in_a_transaction_leaves_values_only_the_server_knows():
     d.run("RESET ALL; SELECT set_config('TimeZone', 'UTC', false)")
     sql = d.session.resync_sql(d.server, b"T")
     assert sql is not None and "timezone" not in sql.lower() and "'32MB'" in sql
+
+
+def test_backslash_value_is_read_back_while_standard_conforming_strings_is_unknown():
+    d = Driver()
+    d.run("BEGIN")
+    d.run("SELECT set_config('standard_conforming_strings', 'off', false)")   # known only at the end
+    d.run("SET application_name = 'back\\slash'")
+    d.run("COMMIT", tags=[b"COMMIT"])
+    assert d.check_sql is not None and "current_setting('application_name', true)" in d.check_sql
+    assert "application_name" not in d.params

@@ -90,7 +90,7 @@ class Session:
         self._seq_at: tuple[int, int] | None = None
         self.currval_refusals = 0
         self._server_hint = None   # the server connection of the statement being applied
-        self._lex_conforming = True   # standard_conforming_strings when the current string was lexed
+        self._lex_conforming = True   # standard_conforming_strings surely on when the current string was lexed
         self._restored = False        # the statement being applied had its startup values restored
 
     # ------------------------------------------------------------------ queries
@@ -363,7 +363,11 @@ class Session:
         self._unknown -= {n for n in self._unknown if n not in _NO_RESET_ALL}
 
     def _conforming_strings(self) -> bool:
-        value = (self._w_params if self._w_params is not None else self.params).get("standard_conforming_strings")
+        """Surely on? (Not when a set_config gave it a value only the server knows yet.)"""
+        name = "standard_conforming_strings"
+        if name in self._unknown or name in self._unknown_done:
+            return False
+        value = (self._w_params if self._w_params is not None else self.params).get(name)
         return value is None or value.lower() in ("on", "true", "1", "yes")
 
     def _set_unknown(self, name: str) -> None:
