@@ -83,7 +83,7 @@ class ClientAuth:
         self.user = user
         self.secret = secret
         self.done = False
-        self._salt = os.urandom(4)
+        self._salt = os.urandom(4) if method == "md5" else b""
         self._scram = None
 
     def _fail(self) -> AuthFailed:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import struct
 import time
@@ -228,9 +227,14 @@ class ClientConnection(asyncio.Protocol):
         self.admin = False
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
-        self._buf = bytearray()
-        self._waiter: asyncio.Future | None = None
+        self._buf = bytearray()          # bytes before login completes
         self._paused_server = False
+        # Login state (see _login_step).
+        self._auth: ClientAuth | None = None
+        self._authenticated = False
+        self._secret = None
+        self._wanted: dict[str, str] = {}
+        self._login_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -240,7 +244,8 @@ class ClientConnection(asyncio.Protocol):
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.proxy.clients.add(self)
         self.proxy.stats.clients_received += 1
-        self.proxy.spawn(self._login())
+        self._login_timer = asyncio.get_running_loop().call_later(
+            max(self.config.connect_timeout, 5) * 6, self._login_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.active:
@@ -262,8 +267,7 @@ class ClientConnection(asyncio.Protocol):
         if len(self._buf) > 1 << 20:
             self.shutdown(m.fatal("08P01", "too much data before login"))
             return
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._login_data()
 
     def connection_lost(self, exc) -> None:
         self.closing = True
@@ -272,8 +276,9 @@ class ClientConnection(asyncio.Protocol):
         self.active = False
         self.proxy.clients.discard(self)
         self.proxy.by_key.pop(self.key, None)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ConnectionError("client went away"))
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         conn = self.server
         if conn is not None:
             self.server = None
@@ -292,72 +297,95 @@ class ClientConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ login
 
-    async def _read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            if self.closing:
-                raise ConnectionError("client went away")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+    # Login runs from data_received, step by step, with no task of its own: a connection per
+    # transaction (pgbench -C, serverless clients) must cost as little as a query. Only a
+    # first-seen set of startup parameters waits for the server (see _server_parameters).
 
-    async def _read_startup(self) -> bytes:
-        ln = m.unpack_i32(await self._read(4), 0)[0]
-        if ln < 8 or ln > 10000:
-            raise m.ProtocolError("invalid length of startup packet")
-        return await self._read(ln - 4)
+    def _login_data(self) -> None:
+        if self.transport.is_closing():
+            return
+        try:
+            self._login_step()
+        except Exception as e:   # every way a login can fail, answered as PostgreSQL would
+            self._login_failed(e)
 
-    async def _read_message(self, expect: bytes) -> bytes:
-        head = await self._read(5)
-        ln = m.unpack_i32(head, 1)[0]
-        if head[:1] != expect:
-            raise m.ProtocolError(f"expected message {expect!r}, got {head[:1]!r}")
-        if ln < 4 or ln > 65536:
-            raise m.ProtocolError("invalid message length")
-        return await self._read(ln - 4)
+    def _login_step(self) -> None:
+        buf = self._buf
+        while not self.closing:
+            if self._auth is None:
+                if len(buf) < 4:
+                    return
+                ln = m.unpack_i32(buf, 0)[0]
+                if ln < 8 or ln > 10000:
+                    raise m.ProtocolError("invalid length of startup packet")
+                if len(buf) < ln:
+                    return
+                body = bytes(buf[4:ln])
+                del buf[:ln]
+                code, params = m.parse_startup(body)
+                if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+                    self.transport.write(m.SSL_REFUSED)
+                    continue
+                if code == m.CANCEL_REQUEST:
+                    if len(body) >= 12:
+                        pid, secret = struct.unpack_from("!II", body, 4)
+                        self.proxy.spawn(self.proxy.cancel(pid, secret))
+                    self.shutdown(None)
+                    return
+                self._startup(code, params)
+            elif not self._auth.done:
+                if len(buf) < 5:
+                    return
+                ln = m.unpack_i32(buf, 1)[0]
+                if buf[0] != 112:  # 'p'
+                    raise m.ProtocolError(f"expected message b'p', got {bytes(buf[:1])!r}")
+                if ln < 4 or ln > 65536:
+                    raise m.ProtocolError("invalid message length")
+                if len(buf) < 1 + ln:
+                    return
+                body = bytes(buf[5:1 + ln])
+                del buf[:1 + ln]
+                reply = self._auth.step(body)
+                if reply:
+                    self.transport.write(reply)
+            elif not self._authenticated:
+                self._authenticated = True
+                self._after_auth()
+                return
+            else:
+                return      # waiting for the server's answer about startup parameters
+
+    def _login_failed(self, e: BaseException) -> None:
+        if isinstance(e, m.ProtocolError):
+            self._fatal(e.sqlstate, str(e))
+        elif isinstance(e, AuthFailed):
+            self.proxy.stats.clients_failed_auth += 1
+            log.info("client %d (%s) failed authentication as %r: %s", self.id, self.addr, self.user, e)
+            self._fatal(e.sqlstate, str(e))
+        elif isinstance(e, ServerError):
+            self._fatal(e.sqlstate, e.fields.get("M", "server error"))
+        elif isinstance(e, BorrowTimeout):
+            self._fatal("53300", str(e))
+        elif isinstance(e, TimeoutError):
+            self._fatal("08P01", "timeout during login")
+        elif isinstance(e, (ConnectionError, asyncio.CancelledError)):
+            self.shutdown(None)
+        else:
+            log.exception("client %d (%s): login failed", self.id, self.addr, exc_info=e)
+            self._fatal("XX000", "internal error during login")
+
+    def _login_timeout(self) -> None:
+        self._login_timer = None
+        if not self.active:
+            self._login_failed(TimeoutError())
 
     def _fatal(self, code: str, text: str) -> None:
         self.shutdown(m.fatal(code, text))
 
-    async def _login(self) -> None:
-        try:
-            async with asyncio.timeout(max(self.config.connect_timeout, 5) * 6):
-                await self._login_steps()
-        except m.ProtocolError as e:
-            self._fatal(e.sqlstate, str(e))
-        except AuthFailed as e:
-            self.proxy.stats.clients_failed_auth += 1
-            log.info("client %d (%s) failed authentication as %r: %s", self.id, self.addr, self.user, e)
-            self._fatal(e.sqlstate, str(e))
-        except ServerError as e:
-            self._fatal(e.sqlstate, e.fields.get("M", "server error"))
-        except BorrowTimeout as e:
-            self._fatal("53300", str(e))
-        except TimeoutError:
-            self._fatal("08P01", "timeout during login")
-        except (ConnectionError, asyncio.CancelledError):
-            self.shutdown(None)
-
-    async def _login_steps(self) -> None:
+    def _startup(self, code: int, params: dict[str, str]) -> None:
+        """The StartupMessage: check it, then start authentication."""
         cfg = self.config
         rds = cfg.mode == "rds"
-        while True:
-            body = await self._read_startup()
-            code, params = m.parse_startup(body)
-            if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
-                self.transport.write(m.SSL_REFUSED)
-                continue
-            if code == m.CANCEL_REQUEST:
-                if len(body) >= 12:
-                    pid, secret = struct.unpack_from("!II", body, 4)
-                    await self.proxy.cancel(pid, secret)
-                self.shutdown(None)
-                return
-            break
         if code >> 16 != 3:
             raise m.ProtocolError(RDS_VERSION_TEXT if rds else
                                   f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
@@ -388,20 +416,21 @@ class ClientConnection(asyncio.Protocol):
         for k, v in params.items():
             if k not in _NOT_GUCS and not k.startswith("_pq_."):
                 wanted[k.lower()] = v
+        self._wanted = wanted
 
         # Authenticate before any server connection is opened for this user.
         secret = cfg.secret_for(self.user)
         if secret is None and cfg.auth != "trust":
             raise AuthFailed(f'password authentication failed for user "{self.user}"')
-        auth = ClientAuth(cfg.auth, self.user, secret)
-        first = auth.start()
+        self._secret = secret
+        self._auth = ClientAuth(cfg.auth, self.user, secret)
+        first = self._auth.start()
         if first:
             self.transport.write(first)
-        while not auth.done:
-            reply = auth.step(await self._read_message(b"p"))
-            if reply:
-                self.transport.write(reply)
 
+    def _after_auth(self) -> None:
+        cfg = self.config
+        secret = self._secret
         if self.database == cfg.admin_database:
             if not ((secret is not None and secret.admin) or
                     (cfg.auth == "trust" and self.user == cfg.upstream.user)):
@@ -409,10 +438,28 @@ class ClientConnection(asyncio.Protocol):
             self._start_admin()
             return
         self.pool = self.proxy.pool_for(self.database, self.user)
-        reported = await self._server_parameters(wanted)
+        reported = self._known_parameters(self._wanted)
+        if reported is not None:
+            self._logged_in(reported)
+        else:
+            self.proxy.spawn(self._check_parameters_then_log_in())
+
+    async def _check_parameters_then_log_in(self) -> None:
+        try:
+            reported = await self._server_parameters(self._wanted)
+        except Exception as e:
+            self._login_failed(e)
+            return
+        if not self.closing:
+            self._logged_in(reported)
+
+    def _logged_in(self, reported: dict[str, str]) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
-        self.relay = Relay(self.proxy.registry, Session(wanted, info, self.proxy.pinlog, self.proxy.session_options),
-                           self.proxy.stats)
+        self.relay = Relay(self.proxy.registry, Session(self._wanted, info, self.proxy.pinlog,
+                                                        self.proxy.session_options), self.proxy.stats)
         pid, secret_key = self._new_key()
         out = [m.AUTH_OK]
         out += [m.parameter_status(k, v) for k, v in reported.items()]
@@ -507,7 +554,8 @@ class ClientConnection(asyncio.Protocol):
     def _new_key(self) -> tuple[int, int]:
         worker = self.proxy.worker
         while True:
-            key = (secrets.randbits(31), secrets.randbits(32))
+            raw = int.from_bytes(os.urandom(8), "big")     # one system call for both halves
+            key = (raw >> 33, raw & 0xFFFFFFFF)
             if worker is not None:   # the pid names the worker, so any worker can route a cancel
                 pid = key[0] - key[0] % worker.count + worker.index
                 key = (pid if pid < 1 << 31 else pid - worker.count, key[1])
@@ -517,6 +565,16 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.by_key[key] = self
         return key
 
+    def _known_parameters(self, wanted: dict[str, str]) -> dict[str, str] | None:
+        """The answer of _server_parameters when the pool already has it, else None."""
+        pool = self.pool
+        if pool.reported is None:
+            return None
+        if not wanted:
+            return dict(pool.reported)
+        checked = pool.checked_params.get(frozenset(wanted.items()))
+        return None if checked is None else {**pool.reported, **checked}
+
     async def _server_parameters(self, wanted: dict[str, str]) -> dict[str, str]:
         """What ParameterStatus the client should see, validating its startup parameters.
 
@@ -524,10 +582,11 @@ class ClientConnection(asyncio.Protocol):
         client with a given set of parameters has them tried on a server connection, so a
         bad value fails at login as it would on PostgreSQL; later ones reuse that answer.
         """
+        known = self._known_parameters(wanted)
+        if known is not None:
+            return known
         pool = self.pool
         key = frozenset(wanted.items())
-        if pool.reported is not None and (not wanted or key in pool.checked_params):
-            return {**pool.reported, **pool.checked_params.get(key, {})}
         conn = await pool.acquire()
         try:
             overrides: dict[str, str] = {}
