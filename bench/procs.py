@@ -55,18 +55,52 @@ def make_tempdir(prefix: str) -> str:
     return d
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), from /proc/<pid>/stat."""
+def proc_tree(pid: int) -> list[int]:
+    """`pid` and its children (unpinned's workers), from /proc/<pid>/task/*/children."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            for child in task.read_text().split():
+                out += proc_tree(int(child))
+        except OSError:
+            pass
+    return out
+
+
+def _cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rfind(")") + 2:].split()   # fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process and its children (all threads), from /proc/<pid>/stat.
+    Workers keep running for the whole bench, so their counters only grow between reads."""
+    total = 0.0
+    for p in proc_tree(pid):
+        try:
+            total += _cpu(p)
+        except OSError:
+            pass
+    return total
+
+
 def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Memory of the process and its children: the sum of their PSS (proportional set size:
+    a page shared by n processes counts 1/n in each), so forked workers' shared pages are
+    counted once. For a single process that is its RSS less its share of shared libraries."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+    if not total:
+        raise RuntimeError(f"no memory figures for pid {pid}")
+    return total / 1024
 
 
 class Child:
@@ -215,7 +249,8 @@ ignore_startup_parameters = extra_float_digits
 
 # --------------------------------------------------------------------------- unpinned
 
-def start_unpinned(repo: Path, upstream_dsn: str, pool_size: int, max_clients: int) -> tuple[Child, dict]:
+def start_unpinned(repo: Path, upstream_dsn: str, pool_size: int, max_clients: int,
+                   workers: int = 1) -> tuple[Child, dict]:
     """`unpinned serve` in smart mode with the HTTP endpoint and the pin log on."""
     d = make_tempdir("unpinned-bench-proxy-")
     port, http_port = free_port(), free_port()
@@ -226,9 +261,9 @@ def start_unpinned(repo: Path, upstream_dsn: str, pool_size: int, max_clients: i
     argv = [sys.executable, "-m", "unpinned.cli", "serve", "--config", cfg,
             "--listen", f"{HOST}:{port}", "--upstream", upstream_dsn, "--auth", "trust",
             "--pool-size", str(pool_size), "--mode", "smart",
-            "--http", f"{HOST}:{http_port}", "--pin-log", pin_log]
+            "--http", f"{HOST}:{http_port}", "--pin-log", pin_log, "--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "UNPINNED_"))}
-    child = Child("unpinned", argv, cwd=str(repo), log_path=os.path.join(d, "unpinned.log"), env=env)
+    child = Child("unpinned" if workers != 1 else "unpinned-1", argv, cwd=str(repo), log_path=os.path.join(d, "unpinned.log"), env=env)
     child.port = port
     shown = [a if not a.startswith("postgresql://") else "postgresql://postgres@127.0.0.1:PGPORT/postgres"
              for a in argv]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-TARGETS = ("direct", "pgbouncer", "unpinned")
+TARGETS = ("direct", "pgbouncer", "unpinned", "unpinned-1")   # unpinned-1: one worker, for reference
 
 
 def med(values) -> float | None:
@@ -61,6 +61,18 @@ def build_rows(res: dict) -> list[dict]:
             lambda rp, rd: _verdict(None if rp is None else rp >= 1.0, None if rd is None else rd >= 10.0))
     tps_row("tpcb", "pgbench TPC-B-like, 20 clients: TPS", "— (no SPEC goal)", lambda rp, rd: "info")
 
+    # The same proxy as one process: what the workers add.
+    workers = res["meta"].get("unpinned_workers", 1)
+    for scenario, what in (("select_simple", "-S simple"), ("churn", "-S -C")):
+        v = per_target(scenario, "tps")
+        if v["unpinned-1"] is None:
+            continue
+        rows.append({"key": f"{scenario}_1worker", "what": f"{what} with 1 worker instead of {workers}: TPS",
+                     "unit": "TPS", "direct": _fmt(v["direct"]), "pgbouncer": _fmt(v["pgbouncer"]),
+                     "unpinned": _fmt(v["unpinned-1"]), "vs_pgbouncer": ratio(v["unpinned-1"], v["pgbouncer"]),
+                     "vs_direct": ratio(v["unpinned-1"], v["direct"]), "goal": "— (reference)", "result": "info",
+                     "values": v})
+
     lat = {q: per_target("latency", f"{q}_us") for q in ("p50", "p99")}
     for q in ("p50", "p99"):
         v = lat[q]
@@ -82,6 +94,11 @@ def build_rows(res: dict) -> list[dict]:
                  "direct": "—", "pgbouncer": _fmt(cpu["pgbouncer"], 1), "unpinned": _fmt(cpu["unpinned"], 1),
                  "vs_pgbouncer": r, "vs_direct": None, "goal": "≤ 1.5× PgBouncer",
                  "result": _verdict(None if r is None else r <= 1.5), "values": cpu})
+    if cpu.get("unpinned-1") is not None:
+        rows.append({"key": "cpu_1worker", "what": "proxy CPU µs per transaction, 1 worker", "unit": "µs",
+                     "direct": "—", "pgbouncer": _fmt(cpu["pgbouncer"], 1), "unpinned": _fmt(cpu["unpinned-1"], 1),
+                     "vs_pgbouncer": ratio(cpu["unpinned-1"], cpu["pgbouncer"]), "vs_direct": None,
+                     "goal": "— (reference)", "result": "info", "values": cpu})
 
     for kind, what in (("select", "1M-row SELECT: MB/s"), ("copy", "1M-row COPY TO STDOUT: MB/s")):
         v = per_target(f"large_{kind}", "mb_per_s")
@@ -103,7 +120,8 @@ def build_rows(res: dict) -> list[dict]:
 
     u, p = idle.get("unpinned"), idle.get("pgbouncer")
     ok = None if not u else (u["rss_after_mb"] <= 150 and u["connected"] == u["wanted"])
-    rows.append({"key": "idle", "what": f"{n:,} idle clients: proxy RSS MB (added)", "unit": "MB",
+    rows.append({"key": "idle", "what": f"{n:,} idle clients: proxy memory MB, PSS of all its processes (added)",
+                 "unit": "MB",
                  "direct": "—", "pgbouncer": idle_cell("pgbouncer"), "unpinned": idle_cell("unpinned"),
                  "vs_pgbouncer": ratio(u and u["rss_after_mb"], p and p["rss_after_mb"]), "vs_direct": None,
                  "goal": "≤ 150 MB resident", "result": _verdict(ok), "values": idle})
@@ -196,9 +214,9 @@ shorter check), which run `bench/run.py`. Benchmarks are not tests: nothing here
 | pgbench -S -C | `pgbench -S -n -C -c 10 -j 2 -T t`: a new connection per transaction. Against direct every transaction pays a backend fork. |
 | TPC-B-like | `pgbench -n -c 20 -j 2 -T t`, the default script. No SPEC goal; shown for context. |
 | 1 client latency | `pgbench -S -n -c 1 -T t --log`: p50 and p99 of the per-transaction latencies (third column of the log). The proxy's *added* latency is its p50 (p99) minus direct's; the ratio is unpinned's added latency over PgBouncer's. |
-| proxy CPU per transaction | utime + stime of the proxy process (`/proc/<pid>/stat`, all threads) over the `-S` simple run, divided by the transactions. |
+| proxy CPU per transaction | utime + stime of the proxy's processes (`/proc/<pid>/stat` of the process and its workers, all threads) over the `-S` simple run, divided by the transactions. |
 | 1M-row SELECT / COPY | `SELECT g, md5(g::text) FROM generate_series(1, 1000000) g` and the same as `COPY … TO STDOUT` (simple protocol), read by a minimal wire client that counts bytes and discards them: bytes / seconds. One backend producing the rows is usually the slowest part, so this row shows whether a proxy slows the stream down, not its own ceiling. |
-| idle clients | After all the other scenarios, 10,000 connections log in (trust) and stay idle; the proxy's VmRSS (`/proc/<pid>/status`) with them open, and in brackets the growth from before they opened. |
+| idle clients | After all the other scenarios, 10,000 connections log in (trust) and stay idle; the proxy's memory with them open (the sum of the PSS in `/proc/<pid>/smaps_rollup` over its processes, so forked workers' shared pages count once), and in brackets the growth from before they opened. |
 | classify | `unpinned.classifier.classify` in-process, best of 5 `timeit` runs: a statement seen before (a cache hit), and first sights of new statements (a SET is parsed by PostgreSQL's parser; a SELECT without session effects skips the parser). "Parsed once": the second sight returns the cached result. |
 
 ## Runs
@@ -219,7 +237,8 @@ def record(doc: Path, res: dict, rows: list[dict], note: str) -> None:
         f"- **machine**: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB RAM, Linux {m['kernel']}; "
         f"load average {m['load_before']} before, {m['load_after']} after",
         f"- **command**: `{meta['command']}` ({meta['rounds']} round(s) of {meta['duration']} s per pgbench run, "
-        f"scale {meta['scale']}, pool size {meta['pool_size']}; total {meta['total_seconds']:.0f} s)",
+        f"scale {meta['scale']}, pool size {meta['pool_size']}, unpinned with {meta.get('unpinned_workers', 1)} "
+        f"worker(s); total {meta['total_seconds']:.0f} s)",
         f"- **versions**: PostgreSQL {v['postgresql']}, {v['pgbouncer']}, unpinned {v['unpinned']}, "
         f"Python {v['python']}",
     ]

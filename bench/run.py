@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-record", action="store_true", help="do not append the run to docs/benchmarks.md")
     p.add_argument("--no-pgbouncer", action="store_true", help="leave PgBouncer out (its columns show n/a)")
     p.add_argument("--note", default="", help="a note recorded with the run in docs/benchmarks.md")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="unpinned's worker processes [one per CPU]; -S simple and -C also run with 1 for reference")
     a = p.parse_args(argv)
     a.rounds = a.rounds or (1 if a.quick else 3)
     a.duration = a.duration or (3 if a.quick else 6)
@@ -222,16 +224,25 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
             say(msg)
             meta["skipped"].append(msg.splitlines()[0])
             bouncer.stop()
-    say("starting unpinned")
-    proxy, info = procs.start_unpinned(REPO, pg.dsn(), POOL_SIZE, MAX_CLIENTS)
+    say(f"starting unpinned ({args.workers} worker(s)), and unpinned with 1 for reference")
+    proxy, info = procs.start_unpinned(REPO, pg.dsn(), POOL_SIZE, MAX_CLIENTS, workers=args.workers)
     proxy.wait_ready()
+    _wait_workers(proxy, args.workers)
     ports["unpinned"], pids["unpinned"] = proxy.port, proxy.pid
     targets.append("unpinned")
     meta["unpinned_command"] = info["command"]
+    meta["unpinned_workers"] = args.workers
+    single = None
+    if args.workers != 1:
+        single, info1 = procs.start_unpinned(REPO, pg.dsn(), POOL_SIZE, MAX_CLIENTS, workers=1)
+        single.wait_ready()
+        ports["unpinned-1"], pids["unpinned-1"] = single.port, single.pid
+        meta["unpinned_1_command"] = info1["command"]
+    reference = {"select_simple", "churn"}      # the scenarios the 1-worker reference runs
     workdir = procs.make_tempdir("unpinned-bench-work-")
 
     say("warm-up")
-    for t in targets:
+    for t in targets + (["unpinned-1"] if single else []):
         scenarios.run_pgbench(pgbench, env, ports[t], ["-S", "-n", "-c", "10", "-j", "2"], 1)
         scenarios.run_pgbench(pgbench, env, ports[t], ["-S", "-n", "-c", "10", "-j", "2", "-M", "extended"], 1)
 
@@ -243,7 +254,8 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
     pg_names = list(scenarios.PGBENCH)
     for rnd in range(args.rounds):
         for i, scenario in enumerate(pg_names):
-            for t in rotated(rnd, i, targets):
+            these = targets + (["unpinned-1"] if single and scenario in reference else [])
+            for t in rotated(rnd, i, these):
                 if scenario == "select_prepared" and t == "pgbouncer":
                     continue   # PgBouncer 1.18 cannot do protocol-level prepared statements in transaction mode
                 if scenario == "latency":
@@ -256,7 +268,7 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
                     extra = f"{out['tps'] or 0:,.0f} TPS"
                     if "proxy_cpu_us_per_txn" in out:
                         extra += f", proxy CPU {out['proxy_cpu_us_per_txn']:.1f} µs/txn"
-                say(f"round {rnd + 1}/{args.rounds} {scenario:16} {t:10} {extra}"
+                say(f"round {rnd + 1}/{args.rounds} {scenario:16} {t:11} {extra}"
                     + (f"  !! {out['errors'][0]}" if out["errors"] else ""))
                 note(scenario, t, out)
             _check_alive(proxy, pids, meta)
@@ -296,6 +308,19 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
     meta["unpinned_pins_logged"] = pins
     if pins:
         meta["problems"].append(f"unpinned's pin log has {pins} entries (pgbench should pin nothing)")
+
+
+def _wait_workers(proxy, n: int, timeout: float = 20.0) -> None:
+    """Every worker listening (each logs a line), not just the first."""
+    if n == 1:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = Path(proxy.log_path).read_text(errors="replace")
+        if text.count(" listening on ") >= n:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"unpinned's {n} workers did not all start\n{proxy.log_tail()}")
 
 
 def _check_alive(proxy, pids: dict, meta: dict) -> None:

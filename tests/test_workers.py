@@ -259,8 +259,8 @@ def test_share_splits_totals_exactly():
     cfg = load(None, pool_size=7, auth="trust", max_client_connections=10, workers=3)
     parts = [share(cfg, WorkerInfo(i, 3, 1)) for i in range(3)]
     assert sum(p.pool_size for p in parts) == 7
-    assert sum(p.max_client_connections for p in parts) == 10
     assert sum(p.max_idle for p in parts) == cfg.max_idle
+    assert all(p.max_client_connections == 10 for p in parts)   # checked against all workers' clients
     assert cfg.pool_size == 7   # the total is left as it was
 
 
@@ -301,3 +301,29 @@ def test_merge_metrics_adds_samples_with_the_same_labels():
 def test_merge_history_aligns_the_newest_samples():
     h = merge_history([[{"t": 1, "clients": 1}, {"t": 2, "clients": 2}], [{"t": 2.1, "clients": 5}]])
     assert h == [{"t": 2, "clients": 7}]
+
+
+def test_max_client_connections_counts_every_workers_clients(pg, users_file, tmp_path):
+    """The limit is the proxy's, not each worker's, however the kernel spreads clients."""
+    cfg = tmp_path / "unpinned.toml"
+    cfg.write_text("[proxy]\nmax_client_connections = 6\nworkers = 2\n")
+    port = _free_port()
+    proc = subprocess.Popen(UNPINNED + ["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
+                                        "--users", users_file, "--upstream", pg.dsn("postgres", SUPERUSER_PASSWORD),
+                                        "--pool-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients = []
+    try:
+        _wait_port(port, proc)
+        time.sleep(0.3)
+        for _ in range(6):
+            clients.append(_connect(port))
+        with pytest.raises(psycopg2.OperationalError, match="maximum number of client connections"):
+            _connect(port)
+        clients.pop().close()
+        time.sleep(0.2)
+        clients.append(_connect(port))      # room again
+    finally:
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)

@@ -243,6 +243,8 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.proxy.clients.add(self)
+        if self.proxy.worker is not None:
+            self.proxy.worker.clients[self.proxy.worker.index] = len(self.proxy.clients)
         self.proxy.stats.clients_received += 1
         self._login_timer = asyncio.get_running_loop().call_later(
             max(self.config.connect_timeout, 5) * 6, self._login_timeout)
@@ -275,6 +277,8 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.stats.clients_closed += 1
         self.active = False
         self.proxy.clients.discard(self)
+        if self.proxy.worker is not None:
+            self.proxy.worker.clients[self.proxy.worker.index] = len(self.proxy.clients)
         self.proxy.by_key.pop(self.key, None)
         if self._login_timer is not None:
             self._login_timer.cancel()
@@ -398,7 +402,8 @@ class ClientConnection(asyncio.Protocol):
             raise AuthFailed("no PostgreSQL user name specified in startup packet", "28000")
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
-        if len(self.proxy.clients) > cfg.max_client_connections:
+        worker = self.proxy.worker
+        if (worker.total_clients() if worker else len(self.proxy.clients)) > cfg.max_client_connections:
             raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
                                   f"{cfg.max_client_connections}.", "53300")
         replication = params.get("replication", "").lower()

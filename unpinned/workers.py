@@ -42,9 +42,16 @@ class WorkerInfo:
     index: int
     count: int
     supervisor: int          # pid of the supervisor: names the peer sockets of this run
+    # Connected clients per worker, in memory shared by all of them (each writes its own
+    # slot), so max_client_connections holds for the whole proxy however the kernel spreads
+    # clients over the workers.
+    clients: object = dataclasses.field(default=None, compare=False)
 
     def address(self, index: int) -> str:
         return f"\0unpinned-{self.supervisor}-worker-{index}"
+
+    def total_clients(self) -> int:
+        return sum(self.clients) if self.clients is not None else 0
 
 
 def effective_workers(cfg: Config) -> int:
@@ -52,11 +59,11 @@ def effective_workers(cfg: Config) -> int:
 
 
 def share(cfg: Config, info: WorkerInfo) -> Config:
-    """This worker's part of the limits that are totals across workers."""
+    """This worker's part of the pool limits (totals across workers). max_client_connections
+    is checked against the count of all workers' clients (WorkerInfo.clients) instead."""
     def part(total: int) -> int:
         return total // info.count + (1 if info.index < total % info.count else 0)
-    return dataclasses.replace(cfg, pool_size=max(1, part(cfg.pool_size)), max_idle=part(cfg.max_idle),
-                               max_client_connections=max(1, part(cfg.max_client_connections)))
+    return dataclasses.replace(cfg, pool_size=max(1, part(cfg.pool_size)), max_idle=part(cfg.max_idle))
 
 
 # ------------------------------------------------------------------ the supervisor
@@ -69,9 +76,12 @@ def supervise(cfg: Config, config_path: str | None, overrides: dict, start_worke
     children: dict[int, int] = {}
     stopping = False
     started: dict[int, float] = {}
+    from multiprocessing.sharedctypes import RawArray
+    counts = RawArray("q", n)
 
     def spawn(index: int) -> None:
-        info = WorkerInfo(index, n, me)
+        counts[index] = 0           # a worker that died took its clients with it
+        info = WorkerInfo(index, n, me, counts)
         pid = os.fork()
         if pid == 0:
             code = 1
