@@ -254,16 +254,24 @@ class ClientConnection(asyncio.Protocol):
             self.last_active = now = time.monotonic()
             if not self._t_req:
                 self._t_req = now
-            if self.admin:
+            if self.server is not None:
+                self._to_server(data, now)
+            elif self.admin:
                 self._admin_data(data)
-            elif self.server is not None:
-                self._to_server(data)
-            elif not self.pending and data[:1] == b"X":
-                self.shutdown(None)
-            else:
+            elif self.pending or self.acquiring:
                 self.pending.append(data)
                 if not self.acquiring:
                     self._acquire()
+            elif data[:1] == b"X":
+                self.shutdown(None)
+            else:
+                # The common case: a request with no server connection yet, and one idle.
+                conn = self.pool.borrow(self)
+                if conn is None:
+                    self.pending.append(data)
+                    self.acquiring = True
+                else:
+                    self._attach(conn, data, now)
             return
         self._buf += data
         if len(self._buf) > 1 << 20:
@@ -655,27 +663,28 @@ class ClientConnection(asyncio.Protocol):
             self.acquiring = False
             self.pool.withdraw(self)
 
-    def _attach(self, conn: ServerConnection) -> None:
+    def _attach(self, conn: ServerConnection, data: bytes | None = None, now: float = 0.0) -> None:
         conn.client = self
         self.server = conn
         prelude = self.relay.attach(conn.state)
-        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
-        self.pending.clear()
-        if prelude:
-            conn.transport.write(prelude)
-        self._to_server(data)
+        if data is None:
+            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+            self.pending.clear()
+        self._to_server(data, now, prelude)
 
-    def _to_server(self, data: bytes) -> None:
+    def _to_server(self, data: bytes, now: float = 0.0, prelude: bytes = b"") -> None:
         relay = self.relay
         try:
             out = relay.from_client(data)
         except m.ProtocolError as e:
             self._fatal(e.sqlstate, str(e))
             return
+        if prelude:
+            out = prelude + out     # the parameter sync goes in the same write as the request
         if out:
             self.server.transport.write(out)
             if not self._t_sent:
-                self._t_sent = time.monotonic()
+                self._t_sent = now or time.monotonic()
         if relay.to_client:
             self.transport.write(b"".join(relay.to_client))
             relay.to_client.clear()
