@@ -204,6 +204,12 @@ class Proxy:
 class ClientConnection(asyncio.Protocol):
     """One client of the proxy."""
 
+    # Slots: 10,000 idle clients must stay small, and the hot path reads these on every message.
+    __slots__ = ("proxy", "config", "transport", "id", "addr", "user", "database", "application_name", "pool",
+                 "relay", "server", "active", "closing", "pending", "acquiring", "last_active", "connected_at",
+                 "key", "tls", "admin", "_t_req", "_t_sent", "_buf", "_paused_server", "_auth", "_authenticated",
+                 "_secret", "_wanted", "_login_timer", "_admin_buf", "_admin_failed", "_admin_pending")
+
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
         self.config = proxy.config
