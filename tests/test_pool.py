@@ -769,3 +769,49 @@ def test_cancel_while_waiting_for_a_server_connection(su, make_proxy, role):
     finally:
         holder.close()
         waiter.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_pinned_client_that_leaves_has_its_server_connection_reset_and_reused(su, make_proxy, role):
+    """Temp table, advisory lock, LISTEN, a hold cursor and a setting pin the client; when it
+    hangs up, DISCARD ALL clears all of that and the same backend serves the next client."""
+    h = start(make_proxy, role, pool_size=1)
+    a = p2(h, role, autocommit=True)
+    pid = one(a, "SELECT pg_backend_pid()")
+    with a.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE mine (x int)")
+        cur.execute("SELECT pg_advisory_lock(4242)")
+        cur.execute("LISTEN somewhere")
+        cur.execute("BEGIN")
+        cur.execute("DECLARE held CURSOR WITH HOLD FOR SELECT 1")
+        cur.execute("COMMIT")
+        cur.execute("SET work_mem = '7MB'")
+    a.close()
+    b = p2(h, role, autocommit=True)
+    try:
+        assert wait_for(lambda: one(b, "SELECT pg_backend_pid()") == pid, 10, "the backend was reused")
+        assert one(b, "SELECT count(*) FROM pg_class WHERE relname = 'mine' AND relpersistence = 't'") == 0
+        assert one(b, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()") == 0
+        assert one(b, "SELECT count(*) FROM pg_listening_channels()") == 0
+        assert one(b, "SELECT count(*) FROM pg_cursors") == 0
+        assert one(b, "SHOW work_mem") == one(su, "SHOW work_mem")
+        assert sql(su, "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", role.name)[0][0] == 1
+    finally:
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_loaded_a_library_leaves_and_its_server_connection_is_closed(su, make_proxy, role):
+    """LOAD cannot be undone: that server connection is not given to anyone else."""
+    sql(su, f"ALTER ROLE {role.name} SUPERUSER")     # LOAD of a library outside $libdir/plugins
+    h = start(make_proxy, role, pool_size=1)
+    a = p2(h, role, autocommit=True)
+    pid = one(a, "SELECT pg_backend_pid()")
+    with a.cursor() as cur:
+        cur.execute("LOAD 'plpgsql'")
+    a.close()
+    b = p2(h, role, autocommit=True)
+    try:
+        assert one(b, "SELECT pg_backend_pid()") != pid
+    finally:
+        b.close()

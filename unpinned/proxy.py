@@ -17,6 +17,7 @@ from collections import deque
 from . import __version__, admin
 from .auth import AuthFailed, ClientAuth
 from .config import Config, load
+from .effects import Reason
 from .metrics import Stats
 from .pool import BorrowTimeout, Pool
 from .protocol import messages as m
@@ -746,16 +747,19 @@ class ClientConnection(asyncio.Protocol):
             # connection against the pool until its backend has really gone.
             self.proxy.spawn(_cancel_and_close(self.proxy, conn))
             return
-        if relay is None or relay.pinned or relay.batch_open or conn.state.dirty:
-            # Session state we cannot vouch for, or an extended batch left without its Sync.
+        if relay is None or relay.batch_open or conn.state.dirty or \
+                (relay.pinned and not _DISCARDABLE.issuperset(relay.session.pins)):
+            # Session state we cannot vouch for (a LOADed library, a statement we could not
+            # read), or an extended batch left without its Sync.
             self.pool.discard(conn)
             return
         relay.detach()
-        if relay.status == b"I":
+        if relay.status == b"I" and not relay.pinned:
             self.pool.release(conn)
         else:
-            # Mid-transaction: a rollback leaves session advisory locks and SQL PREPAREs made
-            # in it, so the connection is also reset before anyone else gets it.
+            # Mid-transaction, or pinned: a rollback leaves session advisory locks and SQL
+            # PREPAREs made in it, and the pinned state outlives any transaction, so the
+            # connection is reset (DISCARD ALL) before anyone else gets it; cheaper than a new one.
             self.proxy.spawn(_rollback_and_release(self.pool, conn))
 
     def shutdown(self, final: bytes | None) -> None:
@@ -781,6 +785,11 @@ async def _cancel_and_close(proxy: Proxy, conn: ServerConnection) -> None:
     finally:
         if not conn.closed:
             conn.transport.abort()
+
+
+# Pins whose state DISCARD ALL removes (temp objects, cursors, LISTEN, advisory locks,
+# SQL PREPAREs, sequence values, settings, role): the server connection is reset and reused.
+_DISCARDABLE = frozenset(r for r in Reason if r not in (Reason.LOAD, Reason.UNPARSED, Reason.STATEMENT_TOO_LONG))
 
 
 async def _rollback_and_release(pool: Pool, conn: ServerConnection) -> None:
