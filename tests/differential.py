@@ -992,7 +992,7 @@ def describe(seed: int, client: int, step: int, ops: list[Op], direct: Trace, pr
              context: int = 0, rerun: str = "") -> str:
     """A report that lets a human reproduce and understand a divergence."""
     lines = [f"DIVERGENCE seed={seed} client={client} step={step}",
-             f"  rerun: UNPINNED_DIFF_RANDOM=1 {rerun or f'UNPINNED_DIFF_SEED={seed}'} "
+             f"  rerun: {rerun or f'UNPINNED_DIFF_SEED={seed}'} "
              "pytest -q tests/test_differential.py -k matches",
              "  ops so far (this client):"]
     first = max(0, step - context) if context else 0

@@ -65,13 +65,14 @@ test_scripted_case -- small deterministic cases, minimized from divergences of t
   two or three clients share ONE server connection (pool_size=1), so every step runs right
   after another client's on the same backend. Each documents one bug (see the comments).
 
+Both run in `make test`; every divergence found so far is fixed and kept as a scripted case.
+
 Knobs (environment):
-  UNPINNED_DIFF_RANDOM=1      run test_proxy_matches_direct (skipped without it while issue 4 is open)
   UNPINNED_DIFF_SEED=1,2,3    seeds to run (default "1,2"); "random" picks one and prints it
   UNPINNED_DIFF_OPS=N         ops per client (default 300, plus a 6-op epilogue)
   UNPINNED_DIFF_CLIENTS=N     clients (default 10)
 A default run is 2 x 10 x 300 ops per side, about 15 s. A long run, e.g.:
-  UNPINNED_DIFF_RANDOM=1 UNPINNED_DIFF_SEED=random UNPINNED_DIFF_OPS=3000 pytest -q tests/test_differential.py -k matches
+  UNPINNED_DIFF_SEED=random UNPINNED_DIFF_OPS=3000 pytest -q tests/test_differential.py -k matches
 """
 from __future__ import annotations
 
@@ -140,15 +141,6 @@ def _setup(pg, n_clients: int) -> None:
             conn.execute(sql)
 
 
-# The randomized run still finds divergences (open in issue 4: clients with startup
-# parameters after RESET/DISCARD in pipelines and savepoint mixes, DateStyle defaults).
-# It runs when asked, so a fix can be checked against it; `make test` runs the scripted
-# cases below, each a minimized divergence that was found and fixed.
-RANDOM_RUN = os.environ.get("UNPINNED_DIFF_RANDOM") == "1"
-
-
-@pytest.mark.skipif(not RANDOM_RUN, reason="randomized differential run has open divergences (issue 4); "
-                                           "run with UNPINNED_DIFF_RANDOM=1")
 @pytest.mark.timeout(600 + OPS)
 @pytest.mark.parametrize("seed", _seeds())
 def test_proxy_matches_direct(pg, make_proxy, seed):
@@ -380,6 +372,8 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
                               ("SELECT current_setting('work_mem'), %s::text", ("p",))))),
         ("a", Op("pipeline", (("SET TimeZone = 'UTC'", None), ("SET TimeZone TO DEFAULT", None),
                               ("SELECT current_setting('TimeZone'), %s::text", ("p",))))),
+        ("a", "SET TIME ZONE 'UTC'; SET work_mem = '1MB'"), ("a", "DISCARD ALL"), ("a", "SHOW TimeZone"),
+        ("a", "BEGIN"), ("a", "DISCARD ALL"), ("a", "ROLLBACK"),
         ("b", "SHOW work_mem")]),
     # ... and a set_config with a literal NULL (a reset) shows the startup value, also to the
     # rest of its own statement, in a simple Query or a Parse.

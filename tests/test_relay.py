@@ -690,9 +690,33 @@ def test_reset_at_the_end_of_a_string_with_a_comment(registry):
     assert plain.from_client(m.query("RESET ALL")) == m.query("RESET ALL")
 
 
-def test_discard_all_is_not_joined_by_another_statement(registry):
-    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
-    assert relay.from_client(m.query("DISCARD ALL")) == m.query("DISCARD ALL")   # it must be alone
+def test_discard_all_is_followed_by_a_query_of_the_proxy_own(registry):
+    relay, server = startup_relay(registry, {"work_mem": "32MB"})
+    relay.from_client(m.query("SET work_mem = '1MB'"))
+    relay.from_server(cc("SET") + ZI)
+    out = relay.from_client(m.query("DISCARD ALL"))
+    # DISCARD ALL must be alone in its string.
+    assert out == m.query("DISCARD ALL") + m.query("SELECT pg_catalog.set_config('work_mem', '32MB', false)")
+    # The client's ReadyForQuery waits for the proxy's Query; only its ParameterStatus shows.
+    assert relay.from_server(cc("DISCARD ALL") + ZI) == cc("DISCARD ALL")
+    assert not relay.releasable
+    status = m.parameter_status("application_name", "x")
+    seen = relay.from_server(m.row_description(["set_config"]) + row("32MB") + cc("SELECT 1") + status + ZI)
+    assert seen == status
+    # ... and for the check of what DISCARD ALL may have dropped.
+    assert len(relay.to_server) == 1
+    relay.to_server.clear()
+    seen = relay.from_server(m.row_description(["a"] * 5) + row(*["0"] * 5) + cc("SELECT 1") + ZI)
+    assert seen == ZI
+    assert relay.session.params == server.params == {"work_mem": "32MB"}
+    assert relay.releasable
+    # In a transaction block it fails, and so does the proxy's Query, unseen.
+    relay.from_client(m.query("BEGIN"))
+    relay.from_server(cc("BEGIN") + ZT)
+    relay.from_client(m.query("DISCARD ALL"))
+    seen = relay.from_server(err("25001", "DISCARD ALL cannot run inside a transaction block") + ZE
+                             + err("25P02", "current transaction is aborted") + ZE)
+    assert error_code(seen) == ["25001"] and types(seen) == b"EZ" and relay.fatal is None
 
 
 def test_set_config_null_becomes_the_startup_value(registry):

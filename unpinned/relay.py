@@ -37,12 +37,14 @@ TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
 EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
 
 # How a queued request's response is treated.
-FORWARD, SWALLOW, PRELUDE, CHECK, HIDE = 0, 1, 2, 3, 4
+FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET = 0, 1, 2, 3, 4, 5
 # SWALLOW: the proxy's own Parse/Bind/Execute/Close, only errors reach the client.
 # PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
 # CHECK:   the proxy asking the server about session state; the row goes to the session engine.
 # HIDE:    a client's simple Query while the server answers a statement the proxy put into
 #          its text (see _restore_query); back to FORWARD at that statement's CommandComplete.
+# QUIET:   the proxy's own simple Query right behind a client's; nothing of it reaches the
+#          client but ParameterStatus, and the client's ReadyForQuery waits for it.
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
@@ -163,13 +165,19 @@ class Relay:
                 answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
                 if answer is None:
                     stmt = [c, 0, "simple"]
+                    after = None
                     if c.effects and self.session.startup and c.groups:
-                        text = self._restore_query(c, data[pos + 5:end - 1], stmt)
+                        text, after = self._restore_query(c, data[pos + 5:end - 1], stmt)
                         if text is not None:
                             out.append(data[fwd_start:pos])
                             out.append(m.query(text))
                             fwd_start = end
                     queue.append([R_QUERY, FORWARD, stmt])
+                    if after is not None:
+                        out.append(data[fwd_start:end])
+                        out.append(m.query(after))
+                        fwd_start = end
+                        queue.append([R_QUERY, QUIET, None])
                 elif answer[:1] == b"E":
                     # Refused: the server raises it, so the transaction fails as it would have.
                     fields = m.parse_error_fields(answer[5:])
@@ -378,11 +386,13 @@ class Relay:
                 + m.message(b"C", b"P" + _OWN + b"\x00")
                 + m.close_statement(_OWN))
 
-    def _restore_query(self, c, raw: bytes, stmt: list) -> bytes | None:
+    def _restore_query(self, c, raw: bytes, stmt: list) -> tuple[bytes | None, str | None]:
         """The client's startup values where a statement of this simple Query resets them (a
         server connection's reset values are its own): a literal NULL given to set_config
         becomes the startup value, and after a RESET / RESET ALL / SET ... TO DEFAULT the
-        proxy's own set_config statement joins the string. Returns the new text, or None.
+        proxy's own set_config statement joins the string. A DISCARD ALL must be alone in its
+        string: the proxy's statement follows as a Query of its own. Returns the new text (or
+        None) and that Query's SQL (or None).
 
         Fills `stmt` (the queue entry's statement state) with the indexes of statements
         restored, those followed by the proxy's statement (whose answers are hidden), and the
@@ -400,7 +410,12 @@ class Relay:
                     edits.append((e.loc, e.loc + 4, m.quote_literal(startup[e.name]).encode()))
                     restored.add(i)
             if any(e.kind is Kind.DISCARD and e.name == "ALL" for e in group):
-                continue    # alone in its string (or failing): resynced when the client is idle
+                if single and not edits:
+                    sql = session.restore_sql(group)
+                    if sql is not None:
+                        stmt += [{0}, set(), []]
+                        return None, sql
+                continue    # in a string of several it fails
             # Alone and outside a transaction, a SET LOCAL ends with the statement (and warns;
             # a second statement would make the string a transaction block, without the warning).
             sql = session.restore_sql(group, local=not (single and self.status == b"I"))
@@ -414,7 +429,7 @@ class Relay:
             restored.add(i)
             hidden.add(i)
         if not edits:
-            return None
+            return None, None
         edits.sort(key=lambda x: x[0])
         parts = []
         prev = 0
@@ -428,7 +443,7 @@ class Relay:
                            len(new.decode("utf-8", "replace"))))
         parts.append(raw[prev:])
         stmt += [restored, hidden, shifts]
-        return b"".join(parts)
+        return b"".join(parts), None
 
     def _restore_parse(self, c, data: bytes, start: int, qstart: int, qend: int, end: int) -> bytes | None:
         """A Parse whose text gives set_config a literal NULL for a parameter the client set at
@@ -495,7 +510,7 @@ class Relay:
                 if action == PRELUDE:
                     self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
                     self.server.dirty = True
-                elif action != CHECK:
+                elif action != CHECK and action != QUIET:
                     self.session.failed()
                     if kind == R_QUERY and head[2] is not None and len(head[2]) > 3:
                         # The proxy's edits to the text must not move the error's position.
@@ -506,7 +521,7 @@ class Relay:
                         out.append(data[fwd_start:pos])
                         out.append(_unshift_position(data[pos:end], head[2][5]))
                         fwd_start = end
-                drop = action == PRELUDE or action == CHECK
+                drop = action == PRELUDE or action == CHECK or action == QUIET
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests,
                     # and so must whatever the client sends before its Sync.
@@ -526,9 +541,11 @@ class Relay:
                     self._row = _data_row(data[pos + 5:end])
             elif t in TERMINALS[kind]:
                 queue.popleft()
-                if t == _Z and self._ready(data[pos + 5:pos + 6], action) and len(queue) == 1:
+                if t == _Z and (self._ready(data[pos + 5:pos + 6], action) or queue and queue[0][1] == QUIET) \
+                        and all(e[1] == CHECK or e[1] == QUIET for e in queue):
                     # Hold the client's ReadyForQuery until the check is answered, so the
-                    # pin state is settled by the time the client's statement returns.
+                    # pin state is settled by the time the client's statement returns (and
+                    # until the proxy's own Query behind it is done).
                     queue.append([R_SYNTH, FORWARD, data[pos:end]])
                     drop = True
                 elif t == _C and action == FORWARD:
