@@ -69,6 +69,7 @@ class Pool:
         self._timer: asyncio.TimerHandle | None = None
         self.reported: dict[str, str] | None = None    # ParameterStatus of a fresh server connection
         self.checked_params: dict[frozenset, dict[str, str]] = {}
+        self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
         self.paused = False
         self._tasks: set[asyncio.Task] = set()
         # Counters (SHOW POOLS / metrics).

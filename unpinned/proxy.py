@@ -482,10 +482,18 @@ class ClientConnection(asyncio.Protocol):
         self.relay = Relay(self.proxy.registry, Session(self._wanted, info, self.proxy.pinlog,
                                                         self.proxy.session_options), self.proxy.stats)
         pid, secret_key = self._new_key()
-        out = [m.AUTH_OK]
-        out += [m.parameter_status(k, v) for k, v in reported.items()]
-        out += [m.backend_key_data(pid, secret_key), m.ready_for_query(b"I")]
-        self.transport.write(b"".join(out))
+        # The ParameterStatus block is the same for every client with these startup
+        # parameters: encoded once per pool (login cost matters for connect-per-request clients).
+        cache = self.pool.login_messages
+        key = frozenset(self._wanted.items())
+        head = cache.get(key)
+        if head is None:
+            # `reported` for a key never changes: the pool's first report plus what the server
+            # answered the first time these parameters were tried.
+            head = m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items())
+            if len(cache) < 1000:
+                cache[key] = head
+        self.transport.write(head + m.backend_key_data(pid, secret_key) + m.READY_IDLE)
         self.active = True
         self.proxy.stats.clients_setup_ok += 1
         log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
