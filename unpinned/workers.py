@@ -116,6 +116,12 @@ def supervise(cfg: Config, config_path: str | None, overrides: dict, start_worke
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, hup)
+    # Load the proxy (and pglast, the biggest part) once, here: the workers share those
+    # pages copy-on-write instead of each holding its own copy.
+    import gc
+    from . import proxy  # noqa: F401
+    gc.collect()
+    gc.freeze()
     log.info("unpinned supervisor %d starting %d workers", me, n)
     for i in range(n):
         spawn(i)
