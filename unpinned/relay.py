@@ -164,20 +164,21 @@ class Relay:
                 c = classify(data[pos + 5:end - 1])
                 answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
                 if answer is None:
-                    stmt = [c, 0, "simple"]
-                    after = None
-                    if c.effects and self.session.startup and c.groups:
+                    if not (c.groups and self.session.startup):
+                        queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                    else:
+                        stmt = [c, 0, "simple"]
                         text, after = self._restore_query(c, data[pos + 5:end - 1], stmt)
                         if text is not None:
                             out.append(data[fwd_start:pos])
                             out.append(m.query(text))
                             fwd_start = end
-                    queue.append([R_QUERY, FORWARD, stmt])
-                    if after is not None:
-                        out.append(data[fwd_start:end])
-                        out.append(m.query(after))
-                        fwd_start = end
-                        queue.append([R_QUERY, QUIET, None])
+                        queue.append([R_QUERY, FORWARD, stmt])
+                        if after is not None:
+                            out.append(data[fwd_start:end])
+                            out.append(m.query(after))
+                            fwd_start = end
+                            queue.append([R_QUERY, QUIET, None])
                 elif answer[:1] == b"E":
                     # Refused: the server raises it, so the transaction fails as it would have.
                     fields = m.parse_error_fields(answer[5:])
@@ -268,11 +269,14 @@ class Relay:
                 return None if body is None else m.message(b"P", body)
             if name in self.statements:
                 return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
+            st = self.registry.get(data[nul + 1:end])
             if self.session.startup:
-                c = classify(data[nul + 1:qend])
-                if c.effects:
-                    body = self._restore_parse(c, data, start, nul + 1, qend, end)
-            st = self.registry.get(data[nul + 1:end] if body is None else body[len(name) + 1:])
+                if st.classification is None:
+                    st.classification = classify(data[nul + 1:qend])
+                if st.classification.effects:
+                    body = self._restore_parse(st.classification, data, start, nul + 1, qend, end)
+                    if body is not None:
+                        st = self.registry.get(body[len(name) + 1:])   # this client's own variant
             self.statements[name] = st
             if server.prepared.has(st.name):
                 self._synth(m.PARSE_COMPLETE, undo=(name, None))
