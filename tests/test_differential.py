@@ -394,6 +394,14 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
         ("a", Op("pipeline", (("SELECT set_config('TimeZone', %s, false)", ("Europe/Berlin",)), ("RESET ALL", None),
                               ("SET LOCAL client_min_messages = notice", None)))),
         ("b", "SELECT 1"), ("a", "SHOW TimeZone")]),
+    # A parse-time warning (a backslash in a literal with standard_conforming_strings off) comes
+    # once, at the client's own Parse: not lost when another client prepared the same text on
+    # that server connection, not repeated when the proxy prepares it again on another one.
+    "parse_warning_once_at_the_clients_parse": ({}, [
+        ("b", "SET standard_conforming_strings = off"), ("b", Op("prepared", "SET application_name = 'back\\slash'", None)),
+        ("a", "SET standard_conforming_strings = off"), ("a", Op("prepared", "SET application_name = 'back\\slash'", None)),
+        ("b", "DEALLOCATE ALL"), ("a", Op("prepared", "SET application_name = 'back\\slash'", None)),
+        ("a", "SHOW application_name")]),
     # A set_config the statement names but never runs changes nothing.
     "set_config_not_run": ({}, [
         ("a", "SELECT set_config('work_mem', '64MB', false) WHERE false"),

@@ -755,3 +755,38 @@ def test_extended_reset_is_followed_by_the_proxy_own_statement(registry):
     assert seen == P1 + B2 + cc("RESET") + P1 + B2 + row("32MB") + cc("SHOW") + ZI
     assert relay.session.params == server.params == {"work_mem": "32MB"}
     assert relay.releasable
+
+
+def test_error_position_after_a_replaced_null_and_inside_the_proxy_statement(registry):
+    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
+    original = "SELECT set_config('work_mem', NULL, false), nope; RESET ALL"
+    sent = split(relay.from_client(m.query(original)))[0][1][:-1].decode()
+
+    def error_at(where: int) -> bytes:
+        return m.message(b"E", b"SERROR\x00C42703\x00Mboom\x00P%d\x00\x00" % where)
+    seen = relay.from_server(error_at(sent.index("nope") + 1) + ZI)
+    assert m.parse_error_fields(split(seen)[0][1])["P"] == str(original.index("nope") + 1)
+    relay.from_client(m.query(original))
+    seen = relay.from_server(error_at(sent.index("pg_catalog") + 1) + ZI)   # in the proxy's own text
+    assert "P" not in m.parse_error_fields(split(seen)[0][1])
+
+
+def test_statement_with_a_backslash_is_not_shared_and_its_reprepare_notices_are_dropped(registry):
+    # Its text is lexed by standard_conforming_strings of the moment, and warned about when
+    # that is off: each client's Parse reaches the server.
+    s1, s2 = ServerState(), ServerState()
+    a = new_relay(registry, s1)
+    a.from_client(parse(b"x", b"SET application_name = 'a\\b'") + SYNC)
+    a.from_server(P1 + ZI)
+    a.detach()
+    b = new_relay(registry, s1)
+    out = b.from_client(parse(b"y", b"SET application_name = 'a\\b'") + SYNC)
+    assert types(out) == b"PS" and parse_names(out) != parse_names(a.statements[b"x"].parse_msg)
+    warning = m.notice_response("nonstandard use of \\\\ in a string literal", code="22P06")
+    assert b.from_server(warning + P1 + ZI) == warning + P1 + ZI
+    b.detach()
+    # Prepared again on another server connection: the client saw that warning at its Parse.
+    b.attach(s2)
+    out = b.from_client(bind(b"", b"y") + execute() + SYNC)
+    assert types(out) == b"PBES"
+    assert b.from_server(warning + P1 + B2 + cc("SET") + ZI) == B2 + cc("SET") + ZI

@@ -269,14 +269,23 @@ class Relay:
                 return None if body is None else m.message(b"P", body)
             if name in self.statements:
                 return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
-            st = self.registry.get(data[nul + 1:end])
-            if self.session.startup:
-                if st.classification is None:
-                    st.classification = classify(data[nul + 1:qend])
-                if st.classification.effects:
-                    body = self._restore_parse(st.classification, data, start, nul + 1, qend, end)
-                    if body is not None:
-                        st = self.registry.get(body[len(name) + 1:])   # this client's own variant
+            if b"\\" in data[nul + 1:qend]:
+                # Lexed by the standard_conforming_strings of the moment (and warned about when it
+                # is off): not shared, so this Parse reaches the server as the client's own.
+                if self.session.startup:
+                    c = classify(data[nul + 1:qend])
+                    if c.effects:
+                        body = self._restore_parse(c, data, start, nul + 1, qend, end)
+                st = self.registry.private(data[nul + 1:end] if body is None else body[len(name) + 1:])
+            else:
+                st = self.registry.get(data[nul + 1:end])
+                if self.session.startup:
+                    if st.classification is None:
+                        st.classification = classify(data[nul + 1:qend])
+                    if st.classification.effects:
+                        body = self._restore_parse(st.classification, data, start, nul + 1, qend, end)
+                        if body is not None:
+                            st = self.registry.get(body[len(name) + 1:])   # this client's own variant
             self.statements[name] = st
             if server.prepared.has(st.name):
                 self._synth(m.PARSE_COMPLETE, undo=(name, None))
@@ -539,7 +548,8 @@ class Relay:
                 self.server.reported[name] = value
                 drop = action == CHECK
             elif t == _N or t == _A:
-                drop = False
+                # A notice from parsing the text again (a re-prepare) was the client's at its own Parse.
+                drop = t == _N and action == SWALLOW and kind == R_PARSE
             elif t == 68:   # a row answering the proxy's own question
                 if action == CHECK:
                     self._row = _data_row(data[pos + 5:end])

@@ -42,6 +42,13 @@ class StatementRegistry:
             self._by_body[body_after_name] = st
         return st
 
+    def private(self, body_after_name: bytes) -> ServerStatement:
+        """A server-side statement of its own for one Parse, shared with no one."""
+        self._next += 1
+        name = b"U_%d" % self._next
+        body = name + b"\x00" + body_after_name
+        return ServerStatement(name, b"P" + pack_i32(len(body) + 4) + body)
+
     def __len__(self) -> int:
         return len(self._by_body)
 
