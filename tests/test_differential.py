@@ -383,7 +383,19 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
         ("a", _p("SELECT set_config('WORK_MEM', NULL::text, false), %s::text", ("x",))), ("a", "SHOW work_mem"),
         ("a", "SET work_mem = '1MB'"),
         ("a", Op("prepared", "SELECT set_config('work_mem', NULL, false), %s::text", ("x",))),
-        ("b", "SHOW work_mem"), ("a", "SHOW work_mem")]),
+        ("b", "SHOW work_mem"), ("a", "SHOW work_mem"),
+        # A NULL the text does not show: the startup value from the next statement on (the
+        # statement itself sees the server connection's default: its result is not compared).
+        ("a", "SET work_mem = '1MB'"),
+        ("a", "SELECT set_config('work_mem', (SELECT NULL), false) IS NULL; SHOW work_mem"),
+        ("a", "SET work_mem = '1MB'"),
+        ("a", Op("pipeline", (("SELECT set_config('work_mem', %s, false) IS NULL", (None,)),
+                              ("SELECT current_setting('work_mem'), %s::text", ("p",))))),
+        ("a", "SET work_mem = '1MB'"), ("a", "BEGIN"),
+        ("a", _p("SELECT set_config('work_mem', %s, false) IS NULL", (None,))),
+        ("a", "SHOW work_mem"), ("a", "COMMIT"), ("b", "SELECT 1"), ("a", "SHOW work_mem"),
+        # ... and one that is not NULL stays what it is.
+        ("a", _p("SELECT set_config('work_mem', %s, false)", ("7MB",))), ("a", "SHOW work_mem")]),
     # A RESET ALL in a pipeline inside a transaction, then a set_config of a startup parameter:
     # the proxy's resync at the end of the batch put the startup value back over it.
     "set_config_after_reset_all_in_a_pipeline": ({"a": dict(options="-c work_mem=32MB -c TimeZone=Asia/Tokyo")}, [
