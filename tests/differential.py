@@ -353,9 +353,17 @@ class Generator:
         spelled = self._spell(guc)
         if spelled == "time zone":
             spelled = "TimeZone"
+        k = r.random()
+        if k < 0.1:
+            # A reset with a NULL the text does not show.
+            return self._track(Op("params", r.choice((f"SELECT set_config('{guc}', %s, false)",
+                                                      f"SELECT set_config('{guc}', %s, false), current_setting('{guc}')")),
+                                  (None,)))
+        if k < 0.18:
+            return self._track(Op("prepared", f"SELECT set_config('{guc}', NULL, false), %s::text", ("x",)))
         sql = r.choice((f"RESET {spelled}", f"RESET {spelled}", "RESET ALL",
                         f"SET {spelled} TO DEFAULT", f"SET SESSION {spelled} = DEFAULT",
-                        f"SELECT set_config('{guc}', NULL, false)"))
+                        f"SET LOCAL {spelled} TO DEFAULT", f"SELECT set_config('{guc}', NULL, false)"))
         return self._track(S(sql))
 
     def _set_config_call(self, local: bool | None = None) -> str:
@@ -583,8 +591,11 @@ class Generator:
             (f"INSERT INTO public.dt_{self.c} VALUES (%s)", (r.randint(200, 299),)),
             ("SELECT current_setting('work_mem'), %s::text", ("p",)),
         ]
+        g = self._guc()
         pool += [(self._set_stmt(), None), (self._set_stmt(local=True), None), ("RESET ALL", None),
                  (f"RESET {self._spell('lock_timeout')}", None),
+                 (f"SET {self._spell(g) if g != 'TimeZone' else 'TimeZone'} TO DEFAULT", None),
+                 (f"SELECT set_config('{g}', %s, false)", (None,)),
                  (r.choice(("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT a", "ROLLBACK TO a")), None)]
         stmts = [r.choice(pool) for _ in range(r.choice((2, 3, 4)))]
         stmts = tuple((s, p if isinstance(p, tuple) or p is None else (p,)) for s, p in stmts)

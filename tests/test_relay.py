@@ -790,3 +790,13 @@ def test_statement_with_a_backslash_is_not_shared_and_its_reprepare_notices_are_
     out = b.from_client(bind(b"", b"y") + execute() + SYNC)
     assert types(out) == b"PBES"
     assert b.from_server(warning + P1 + B2 + cc("SET") + ZI) == B2 + cc("SET") + ZI
+
+
+def test_set_config_value_that_may_be_null_falls_back_to_the_startup_value(registry):
+    relay, _ = startup_relay(registry, {"work_mem": "32MB"})
+    out = relay.from_client(m.query("SELECT set_config('work_mem', (SELECT NULL), false)"))
+    assert out == m.query("SELECT set_config('work_mem', COALESCE((SELECT NULL), '32MB'), false)")
+    out = relay.from_client(parse(b"", b"SELECT set_config('work_mem', $1, false)"))
+    assert split(out)[0][1] == b"\x00SELECT set_config('work_mem', COALESCE($1, '32MB'), false)\x00\x00\x00"
+    out = relay.from_client(parse(b"", b"SELECT set_config('lock_timeout', $1, false)"))   # not a startup value
+    assert b"COALESCE" not in out

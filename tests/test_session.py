@@ -315,13 +315,3 @@ def test_backslash_value_is_read_back_while_standard_conforming_strings_is_unkno
     assert d.check_sql is not None and "current_setting('application_name', true)" in d.check_sql
     assert "application_name" not in d.params
 
-
-def test_restore_sql_after_a_value_the_text_does_not_show_only_if_it_was_a_reset():
-    d = Driver(startup={"work_mem": "32MB"})
-    sql = d.session.restore_sql(classify("SELECT set_config('work_mem', $1, false)").groups[0])
-    assert sql == ("SELECT CASE WHEN (SELECT source FROM pg_catalog.pg_settings WHERE lower(name) = 'work_mem') "
-                   "<> 'session' THEN pg_catalog.set_config('work_mem', '32MB', false) END")
-    assert d.session.restore_sql(classify("SELECT set_config('work_mem', (SELECT NULL), true)").groups[0],
-                                 local=False) is None
-    assert d.session.restore_sql(classify("SELECT set_config('lock_timeout', $1, false)").groups[0]) is None
-    assert d.session.restore_sql(classify("SELECT set_config('work_mem', $1, $2)").groups[0]) is None

@@ -200,6 +200,19 @@ class _Ctx:
 
     def arg_text(self, func_loc: int, index: int) -> str:
         """SQL text of argument `index` of the call at byte offset func_loc (for Unknown.expr)."""
+        toks = self._arg_tokens(func_loc, index)
+        return self.text[toks[0].start:toks[-1].end + 1] if toks else ""
+
+    def arg_span(self, func_loc: int, index: int) -> tuple[int, int]:
+        """Byte offsets (start, end) of argument `index` of the call at byte offset func_loc,
+        or (-1, -1)."""
+        toks = self._arg_tokens(func_loc, index)
+        if not toks:
+            return -1, -1
+        start = len(self.text[:toks[0].start].encode("utf-8", "surrogatepass"))
+        return start, start + len(self.text[toks[0].start:toks[-1].end + 1].encode("utf-8", "surrogatepass"))
+
+    def _arg_tokens(self, func_loc: int, index: int) -> list:
         try:
             if self._bytes is None:
                 self._bytes = self.text.encode("utf-8", "surrogatepass")
@@ -226,10 +239,9 @@ class _Ctx:
                     args.append([])
                     continue
                 args[-1].append(tok)
-            toks = args[index]
-            return self.text[toks[0].start:toks[-1].end + 1]
+            return args[index]
         except Exception:
-            return ""
+            return []
 
 
 # --------------------------------------------------------------------------- statements
@@ -664,7 +676,13 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
 
         name = val(0, as_name=True)
         value = val(1)
-        null_at = _null_location(args[1]) if value is None and args[1] is not _MISSING else -1
+        span = (-1, -1)
+        if value is None and args[1] is not _MISSING:
+            at = _null_location(args[1])
+            span = (at, at + 4) if at >= 0 else span
+        elif isinstance(value, (Param, Unknown)) and where[1] >= 0 and \
+                _node(call["args"][where[1]])[0] != "NamedArgExpr":
+            span = ctx.arg_span(loc, where[1])
         a = args[2]
         flag: bool | Param | Unknown
         ok, v = _const(a) if a is not _MISSING else (False, None)
@@ -680,7 +698,7 @@ def _call_effect(call: dict, ctx: _Ctx) -> Effect | None:
             p = _param(a) if a is not _MISSING else None
             flag = p if p is not None else expr(2)
         return Effect(Kind.SET_CONFIG, name=name, value=value, flag=flag,
-                      scope=Scope.LOCAL if flag is True else Scope.SESSION, loc=null_at)
+                      scope=Scope.LOCAL if flag is True else Scope.SESSION, span=span)
     adv = _ADVISORY.get(fname)
     if adv is not None:
         return Effect(Kind.ADVISORY_LOCK, name=fname, flag=adv[1], op=adv[0])

@@ -79,9 +79,10 @@ class Effect:
     flag: bool | Param | Unknown = False
     # ADVISORY_LOCK: "lock" | "try_lock" | "unlock" | "unlock_all". Otherwise "".
     op: str = ""
-    # SET_CONFIG with a literal NULL value: byte offset of that NULL in the statement string
-    # (the relay puts the client's startup value there). Otherwise -1.
-    loc: int = field(default=-1, compare=False, repr=False)
+    # SET_CONFIG: byte offsets (start, end) in the statement string of its value argument when
+    # that is a literal NULL, a bound parameter or an expression (where the relay gives a reset
+    # the client's startup value). Otherwise (-1, -1).
+    span: tuple[int, int] = field(default=(-1, -1), compare=False, repr=False)
 
 
 @dataclass(slots=True)

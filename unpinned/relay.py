@@ -417,11 +417,9 @@ class Relay:
         hidden: set[int] = set()
         single = len(c.groups) == 1
         for i, group in enumerate(c.groups):
-            for e in group:
-                if e.kind is Kind.SET_CONFIG and e.loc >= 0 and isinstance(e.name, str) and \
-                        e.name in startup and raw[e.loc:e.loc + 4].lower() == b"null":
-                    edits.append((e.loc, e.loc + 4, m.quote_literal(startup[e.name]).encode()))
-                    restored.add(i)
+            for edit in _value_edits(group, startup, raw):
+                edits.append(edit)
+                restored.add(i)
             if any(e.kind is Kind.DISCARD and e.name == "ALL" for e in group):
                 if single and not edits:
                     sql = session.restore_sql(group)
@@ -459,21 +457,18 @@ class Relay:
         return b"".join(parts), None
 
     def _restore_parse(self, c, data: bytes, start: int, qstart: int, qend: int, end: int) -> bytes | None:
-        """A Parse whose text gives set_config a literal NULL for a parameter the client set at
-        startup: the startup value in its place (see _restore_query). Returns the new Parse
-        body (name, text, types), or None."""
-        startup = self.session.startup
+        """A Parse whose text gives set_config a value that may be NULL (a reset) for a
+        parameter the client set at startup: see _value_edits. Returns the new Parse body
+        (name, text, types), or None."""
         raw = data[qstart:qend]
-        edits = sorted((e.loc, m.quote_literal(startup[e.name]).encode()) for e in c.effects
-                       if e.kind is Kind.SET_CONFIG and e.loc >= 0 and isinstance(e.name, str)
-                       and e.name in startup and raw[e.loc:e.loc + 4].lower() == b"null")
+        edits = sorted(_value_edits(c.effects, self.session.startup, raw))
         if not edits:
             return None
         parts = [data[start:qstart]]
         prev = 0
-        for at, new in edits:
+        for at, stop, new in edits:
             parts += [raw[prev:at], new]
-            prev = at + 4
+            prev = stop
         parts += [raw[prev:], data[qend:end]]
         return b"".join(parts)
 
@@ -669,6 +664,24 @@ def _statement_text(st: ServerStatement) -> bytes:
     body = st.parse_msg
     start = body.index(b"\x00", 5) + 1
     return body[start:body.index(b"\x00", start)]
+
+
+def _value_edits(effects, startup: dict, raw: bytes) -> list[tuple[int, int, bytes]]:
+    """set_config(name, NULL, ...) resets to the server connection's own startup value: for a
+    parameter the client gave at startup, its value argument becomes the client's startup
+    value when it is a literal NULL, and COALESCE(argument, startup value) when it is a bound
+    parameter or an expression (NULL there is a reset too). As (start, end, new bytes)."""
+    out = []
+    for e in effects:
+        if e.kind is Kind.SET_CONFIG and e.span[0] >= 0 and isinstance(e.name, str) and e.name in startup:
+            start, stop = e.span
+            value = m.quote_literal(startup[e.name]).encode()
+            if e.value is None:
+                if raw[start:stop].lower() == b"null":
+                    out.append((start, stop, value))
+            else:
+                out.append((start, stop, b"COALESCE(" + raw[start:stop] + b", " + value + b")"))
+    return out
 
 
 def _unshift_position(msg: bytes, shifts: list[tuple[int, int, int]]) -> bytes:

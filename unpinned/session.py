@@ -134,23 +134,14 @@ class Session:
         at once after the statement, the client's values are back before anything else in
         the string or batch can see the difference (errors before it skip both alike; a
         rollback undoes both together). `local`: also for SET LOCAL ... TO DEFAULT.
-
-        A set_config of a startup parameter to a value the text does not show (a bound
-        parameter, an expression) may be a reset too (NULL): that one is followed by a
-        set_config that runs only if the server says the value no longer comes from the
-        session (source), i.e. it was reset."""
+        (set_config(name, NULL, ...) is a reset too: the relay rewrites its value argument,
+        see relay._value_edits.)"""
         startup = self.startup
         if not startup:
             return None
         sets: dict[str, bool] = {}      # name -> is_local
-        maybe: dict[str, bool] = {}     # the same, only if it was reset
         for e in effects:
             k = e.kind
-            if k is Kind.SET_CONFIG and isinstance(e.name, str) and e.name in startup and \
-                    isinstance(e.value, (Param, Unknown)) and isinstance(e.flag, bool):
-                if e.flag is False or local:
-                    maybe[e.name] = e.flag
-                continue
             if k is Kind.RESET:
                 names = [n for n in startup if n not in _NO_RESET_ALL] if e.name is None else [e.name]
                 is_local = False
@@ -165,16 +156,11 @@ class Session:
             for n in names:
                 if n in startup and n not in _TRANSACTION_GUCS:
                     sets[n] = is_local and sets.get(n, True)
-        if not sets and not maybe:
+        if not sets:
             return None
-
-        def call(n: str, is_local: bool) -> str:
-            return (f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(startup[n])}, "
-                    f"{'true' if is_local else 'false'})")
-        cols = [call(n, is_local) for n, is_local in sets.items()]
-        cols += [f"CASE WHEN (SELECT source FROM pg_catalog.pg_settings WHERE lower(name) = {m.quote_literal(n)}) "
-                 f"<> 'session' THEN {call(n, is_local)} END" for n, is_local in maybe.items() if n not in sets]
-        return "SELECT " + ", ".join(cols)
+        return "SELECT " + ", ".join(
+            f"pg_catalog.set_config({m.quote_literal(n)}, {m.quote_literal(startup[n])}, "
+            f"{'true' if is_local else 'false'})" for n, is_local in sets.items())
 
     def completed(self, c: Classification, index: int, tag: bytes, protocol: str, server,
                   restored: bool = False) -> None:
