@@ -269,7 +269,7 @@ class Relay:
                 return None if body is None else m.message(b"P", body)
             if name in self.statements:
                 return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
-            if b"\\" in data[nul + 1:qend]:
+            if data.find(b"\\", nul + 1, qend) >= 0:
                 # Lexed by the standard_conforming_strings of the moment (and warned about when it
                 # is off): not shared, so this Parse reaches the server as the client's own.
                 if self.session.startup:
