@@ -22,6 +22,7 @@ from .effects import Classification, Effect, Kind, Param, Reason, Unknown
 from .pinlog import CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from .policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
 from .protocol import messages as m
+from .relay import param_sync_sql
 
 # Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
 CHECKS: dict[Reason, str] = {
@@ -226,7 +227,6 @@ class Session:
     def resync_sql(self, server, status: bytes = b"I") -> str | None:
         """Statements that bring a server connection this client keeps (pinned, or inside a
         transaction) to the client's parameters, e.g. after a RESET of a startup value."""
-        from .relay import param_sync_sql
         if status == b"E":
             return None                      # nothing runs in a failed transaction
         if status == b"T":
@@ -442,6 +442,8 @@ class Session:
     # ------------------------------------------------------------------ checks
 
     def _check_sql(self, server) -> str | None:
+        if not self._checks and not self._unknown_done and not self.options.verify:
+            return None         # the common case: nothing to ask the server
         reasons = list(self._checks)
         if self.options.verify:
             reasons = list(CHECKS)
