@@ -506,3 +506,28 @@ def test_psycopg3_pipeline_with_flush_is_one_transaction_on_one_server_connectio
     first, second, count = _pipeline_with_fetch_in_the_middle(proxy.dsn(), "robust_pipe_proxy")
     assert first[0] == second[0], "the pipeline moved to another server connection after a Flush"
     assert count == 0, "the INSERT before the error was committed"
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x00\x00\x00\x30\x00\x03"])   # nothing; half a startup packet
+def test_a_client_stuck_before_login_is_dropped_after_login_timeout(pg, users_file, sent):
+    """A slow or stuck client cannot hold a connection slot forever; others keep working."""
+    handle = start_proxy(pg, users_file, auth="trust", pool_size=2, login_timeout=1.0)
+    try:
+        s = socket.create_connection(("127.0.0.1", handle.port), timeout=10)
+        if sent:
+            s.sendall(sent)
+        t0 = time.monotonic()
+        other = psycopg2.connect(**handle.kwargs())       # logs in fine meanwhile
+        other.cursor().execute("SELECT 1")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        assert 0.5 < time.monotonic() - t0 < 5
+        assert data[:1] == b"E"
+        fields = m.parse_error_fields(data[5:])
+        assert fields["C"] == "08P01" and fields["M"] == "timeout during login"
+        other.cursor().execute("SELECT 2")   # the other client was not touched
+        other.close()
+        s.close()
+    finally:
+        handle.stop()

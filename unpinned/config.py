@@ -63,6 +63,7 @@ class Config:
     users_file: str = ""
     max_client_connections: int = 10000
     client_idle_timeout: float = 1800.0  # seconds; 0 = never
+    login_timeout: float = 60.0          # seconds a client may take to log in
     admin_database: str = "unpinned"
     http_listen: str = ""                # HOST:PORT for /metrics, /api/* and the live page; "" = off
     workers: int = 1                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
@@ -103,6 +104,8 @@ class Config:
         if workers > self.pool_size:
             raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
                               "each worker holds a share of every pool")
+        if self.login_timeout <= 0:
+            raise ConfigError("login_timeout must be more than 0")
         for name in ("max_idle", "server_idle_timeout", "borrow_timeout", "client_idle_timeout",
                      "health_check_after", "connect_timeout"):
             if getattr(self, name) < 0:
@@ -159,7 +162,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 
 _SECTIONS = {
-    "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout",
+    "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
               "admin_database", "http_listen", "workers"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",

@@ -128,10 +128,14 @@ class Proxy:
             for pool in self.pools.values():
                 pool.reap(now)
             limit = self.config.client_idle_timeout
-            if limit:
-                for client in list(self.clients):
-                    if client.server is None and client.active and now - client.last_active > limit:
-                        client.shutdown(m.fatal("57P05", "terminating connection due to idle-session timeout"))
+            login_limit = self.config.login_timeout
+            for client in list(self.clients):
+                if not client.active:
+                    # Logins are timed here, not with a timer each: connect-per-request clients.
+                    if not client.admin and now - client.last_active > login_limit:
+                        client.login_timed_out()
+                elif limit and client.server is None and now - client.last_active > limit:
+                    client.shutdown(m.fatal("57P05", "terminating connection due to idle-session timeout"))
             active = [c for c in self.clients if c.active]
             self.history.append({
                 "t": round(time.time(), 1), "clients": len(active),
@@ -210,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = ("proxy", "config", "transport", "id", "addr", "user", "database", "application_name", "pool",
                  "relay", "server", "active", "closing", "pending", "acquiring", "last_active", "connected_at",
                  "key", "tls", "admin", "_t_req", "_t_sent", "_buf", "_paused_server", "_auth", "_authenticated",
-                 "_secret", "_wanted", "_login_timer", "_admin_buf", "_admin_failed", "_admin_pending")
+                 "_secret", "_wanted", "_admin_buf", "_admin_failed", "_admin_pending")
 
     def __init__(self, proxy: Proxy):
         self.proxy = proxy
@@ -242,7 +246,6 @@ class ClientConnection(asyncio.Protocol):
         self._authenticated = False
         self._secret = None
         self._wanted: dict[str, str] = {}
-        self._login_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
 
@@ -254,8 +257,6 @@ class ClientConnection(asyncio.Protocol):
         if self.proxy.worker is not None:
             self.proxy.worker.clients[self.proxy.worker.index] = len(self.proxy.clients)
         self.proxy.stats.clients_received += 1
-        self._login_timer = asyncio.get_running_loop().call_later(
-            max(self.config.connect_timeout, 5) * 6, self._login_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.active:
@@ -296,9 +297,6 @@ class ClientConnection(asyncio.Protocol):
         if self.proxy.worker is not None:
             self.proxy.worker.clients[self.proxy.worker.index] = len(self.proxy.clients)
         self.proxy.by_key.pop(self.key, None)
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         conn = self.server
         if conn is not None:
             self.server = None
@@ -394,10 +392,8 @@ class ClientConnection(asyncio.Protocol):
             log.exception("client %d (%s): login failed", self.id, self.addr, exc_info=e)
             self._fatal("XX000", "internal error during login")
 
-    def _login_timeout(self) -> None:
-        self._login_timer = None
-        if not self.active:
-            self._login_failed(TimeoutError())
+    def login_timed_out(self) -> None:
+        self._login_failed(TimeoutError())
 
     def _fatal(self, code: str, text: str) -> None:
         self.shutdown(m.fatal(code, text))
@@ -475,9 +471,6 @@ class ClientConnection(asyncio.Protocol):
             self._logged_in(reported)
 
     def _logged_in(self, reported: dict[str, str]) -> None:
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-            self._login_timer = None
         info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
         self.relay = Relay(self.proxy.registry, Session(self._wanted, info, self.proxy.pinlog,
                                                         self.proxy.session_options), self.proxy.stats)
