@@ -240,3 +240,48 @@ def test_currval_guard(small):
     finally:
         for conn in (a, b, c):
             conn.close()
+
+
+def test_verify_mode_catches_a_setting_changed_inside_a_function(pg, make_proxy):
+    """SPEC 4.7: a function changes a session parameter where no parser can see it. With
+    verify on, the proxy notices after the transaction, pins the client (its connection now
+    has state the proxy cannot carry) and names the statement; no other client ever sees
+    the value. Without verify, the same function would leak it."""
+    pg.psql("CREATE OR REPLACE FUNCTION sneaky_work_mem() RETURNS text LANGUAGE sql AS "
+            "$$ SELECT set_config('work_mem', '3MB', false) $$")
+    handle = make_proxy(pool_size=1, verify=True)
+    a = psycopg2.connect(**handle.kwargs())
+    a.autocommit = True
+    b = psycopg2.connect(**handle.kwargs())
+    b.autocommit = True
+    try:
+        with a.cursor() as cur:
+            cur.execute("SELECT sneaky_work_mem()")
+        events = pin_events(handle, "pin")
+        assert [e.reason for e in events] == ["session_state"]
+        assert "sneaky_work_mem" in events[0].sql
+        assert pinned_clients(handle) == 1
+        with a.cursor() as cur:          # the client keeps its connection and its value
+            cur.execute("SHOW work_mem")
+            assert cur.fetchone() == ("3MB",)
+        import threading
+        seen: list = []
+        t = threading.Thread(target=lambda: seen.append(_show_work_mem(b)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not seen      # b waits: the only server connection is a's
+        a.close()                             # a leaves: its connection is reset, then b's
+        t.join(10)
+        with psycopg2.connect(pg.dsn()) as direct, direct.cursor() as cur:
+            cur.execute("SHOW work_mem")
+            default = cur.fetchone()[0]
+        assert seen == [default]
+    finally:
+        a.close()
+        b.close()
+
+
+def _show_work_mem(conn) -> str:
+    with conn.cursor() as cur:
+        cur.execute("SHOW work_mem")
+        return cur.fetchone()[0]

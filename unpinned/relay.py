@@ -609,6 +609,8 @@ class Relay:
         c = stmt[0]
         i = stmt[1]
         stmt[1] = i + 1
+        if self.session.seen is not None and i == 0:
+            self.session.seen.append(c.text)      # verify mode: what ran since the last check
         if c.groups or not c.parsed:
             if len(stmt) > 3:
                 self.session.completed(c, i, tag, stmt[2], self.server, restored=i in stmt[3])

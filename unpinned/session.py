@@ -16,6 +16,7 @@ came from an expression or a bound parameter.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .effects import Classification, Effect, Kind, Param, Reason, Unknown
@@ -25,6 +26,9 @@ from .protocol import messages as m
 from .relay import param_sync_sql
 
 # Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
+# Verify mode: every parameter the server connection has from SQL, names joined by \x1f.
+VERIFY_PARAMS = ("(SELECT pg_catalog.string_agg(name, chr(31)) FROM pg_catalog.pg_settings "
+                 "WHERE source = 'session')")
 CHECKS: dict[Reason, str] = {
     Reason.TEMP_OBJECT: "(SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
     Reason.CURSOR: "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
@@ -49,6 +53,7 @@ _READ_BACK_GUCS = frozenset(("datestyle",))
 # Left alone by RESET ALL (PostgreSQL's GUC_NO_RESET_ALL).
 _NO_RESET_ALL = ("role", "session_authorization")
 CURRVAL_SQLSTATE = "55000"
+log = logging.getLogger("unpinned.session")
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Session:
         self._server_hint = None   # the server connection of the statement being applied
         self._lex_conforming = True   # standard_conforming_strings surely on when the current string was lexed
         self._restored = False        # the statement being applied had its startup values restored
+        # Verify mode: the statements since the last check, to name the one that changed state.
+        self.seen: list[str] | None = [] if self.options.verify else None
 
     # ------------------------------------------------------------------ queries
 
@@ -221,6 +228,8 @@ class Session:
         for name in plan[1]:
             current, default, source = next(values), next(values), next(values)
             self._readback(name, current, default, server, source)
+        if plan[2]:
+            self._verify(next(values), server)
         self._checks.clear()
         self._unknown_done.clear()
 
@@ -456,8 +465,31 @@ class Session:
             cols.append(f"pg_catalog.current_setting({lit}, true)")
             cols.append(f"(SELECT reset_val FROM pg_catalog.pg_settings WHERE name = {lit})")
             cols.append(f"(SELECT source FROM pg_catalog.pg_settings WHERE name = {lit})")
-        self._awaiting_check = [reasons, unknown]
+        verify = self.options.verify
+        if verify:
+            cols.append(VERIFY_PARAMS)
+        self._awaiting_check = [reasons, unknown, verify]
         return "SELECT " + ", ".join(cols)
+
+    def _verify(self, found: str | None, server) -> None:
+        """Verify mode: the parameters the server connection has from SQL in this session
+        (pg_settings.source = 'session') against those the proxy believes it gave it. One the
+        proxy does not know of was set where no parser can see it (inside a function, a DO
+        block, a trigger): reported with the statements since the last check, and the client
+        is pinned to that connection, since the proxy cannot carry what it does not know.
+        Not seen: custom (dotted) parameters, which pg_settings does not list, and a reset
+        made inside a function."""
+        seen, self.seen = self.seen or [], []
+        on_server = {n.lower() for n in found.split("\x1f")} if found else set()
+        unseen = sorted(on_server - {n.lower() for n in server.params} - _TRANSACTION_GUCS)
+        if not unseen or self.rds:
+            return
+        texts = list(dict.fromkeys(seen))
+        what = ", ".join(unseen)
+        log.warning("verify: client %d, server connection %s: session state the proxy did not see (%s) "
+                    "after: %s", self.client.id, getattr(server, "id", "?"), what, " | ".join(texts) or "?")
+        from .classifier import classify
+        self._pin(Reason.SESSION_STATE, classify(";\n".join(texts)) if texts else None, "simple", server)
 
     # ------------------------------------------------------------------ pins and telling why
 
