@@ -67,6 +67,9 @@ class Config:
     admin_database: str = "unpinned"
     http_listen: str = ""                # HOST:PORT for /metrics, /api/* and the live page; "" = off
     workers: int = 1                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
+    tls_cert_file: str = ""              # PEM certificate (chain) the proxy shows clients; "" = no TLS
+    tls_key_file: str = ""               # its private key
+    require_tls: bool = False            # refuse clients that do not use TLS
     # [pins]
     pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
@@ -104,6 +107,12 @@ class Config:
         if workers > self.pool_size:
             raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
                               "each worker holds a share of every pool")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.require_tls and not self.tls_cert_file:
+            raise ConfigError("require_tls needs tls_cert_file and tls_key_file")
+        if self.tls_cert_file:
+            self.tls_context()      # a missing or bad file fails here, at start, not at a client's login
         if self.login_timeout <= 0:
             raise ConfigError("login_timeout must be more than 0")
         for name in ("max_idle", "server_idle_timeout", "borrow_timeout", "client_idle_timeout",
@@ -116,6 +125,21 @@ class Config:
         if self.auth != "trust" and not self.users:
             raise ConfigError("auth is not 'trust' but no users are configured: give --users FILE or [users] entries")
         return self
+
+    def tls_context(self):
+        """The server-side TLS context for clients, or None without a certificate."""
+        if not self.tls_cert_file:
+            return None
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except FileNotFoundError as e:
+            raise ConfigError(f"TLS certificate or key file not found: {e.filename}") from None
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"cannot use TLS certificate {self.tls_cert_file} with key {self.tls_key_file}: {e}") from None
+        return ctx
 
     def listen_address(self) -> tuple[str, int]:
         return parse_hostport(self.listen, "listen")
@@ -163,7 +187,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 _SECTIONS = {
     "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
-              "admin_database", "http_listen", "workers"),
+              "admin_database", "http_listen", "workers", "tls_cert_file", "tls_key_file", "require_tls"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),

@@ -36,6 +36,7 @@ RDS_REPLICATION_TEXT = "Feature not supported: RDS Proxy currently doesn't suppo
 RDS_VERSION_TEXT = "Feature not supported: RDS Proxy supports only version 3.0 of the PostgreSQL messaging protocol."
 # Startup keys that are not session parameters.
 _NOT_GUCS = {"user", "database", "options", "replication"}
+TLS_HANDSHAKE = object()    # ClientConnection._auth while the TLS handshake runs
 
 
 class Proxy:
@@ -47,6 +48,7 @@ class Proxy:
         config = self.config
         self.peers: Peers | None = None
         self.metrics_registry = None
+        self.tls_context = config.tls_context()
         self.config_path = config_path          # for RELOAD / SIGHUP
         self.overrides = overrides or {}        # command-line flags, kept across reloads
         self.stats = Stats()
@@ -341,6 +343,14 @@ class ClientConnection(asyncio.Protocol):
                 body = bytes(buf[4:ln])
                 del buf[:ln]
                 code, params = m.parse_startup(body)
+                if code == m.SSL_REQUEST and self.proxy.tls_context is not None and not self.tls:
+                    if buf:
+                        raise m.ProtocolError("received unencrypted data after SSL request")
+                    self.transport.write(m.SSL_ACCEPTED)
+                    self.transport.pause_reading()      # the next bytes are the TLS handshake
+                    self._auth = TLS_HANDSHAKE
+                    self.proxy.spawn(self._start_tls())
+                    return
                 if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                     self.transport.write(m.SSL_REFUSED)
                     continue
@@ -351,6 +361,8 @@ class ClientConnection(asyncio.Protocol):
                     self.shutdown(None)
                     return
                 self._startup(code, params)
+            elif self._auth is TLS_HANDSHAKE:
+                return      # bytes wait in the TLS layer until the handshake is done
             elif not self._auth.done:
                 if len(buf) < 5:
                     return
@@ -372,6 +384,25 @@ class ClientConnection(asyncio.Protocol):
                 return
             else:
                 return      # waiting for the server's answer about startup parameters
+
+    async def _start_tls(self) -> None:
+        """Answered 'S' to an SSLRequest: the handshake, then the startup packet, under TLS."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await asyncio.wait_for(
+                loop.start_tls(self.transport, self, self.proxy.tls_context, server_side=True),
+                self.config.login_timeout)
+        except (OSError, TimeoutError, ConnectionError) as e:   # ssl.SSLError is an OSError
+            log.info("client %d (%s): TLS handshake failed: %s", self.id, self.addr, e)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if transport is None or self.closing:
+            return
+        self.transport = transport
+        self.tls = True
+        self._auth = None
+        self._login_data()
 
     def _login_failed(self, e: BaseException) -> None:
         if isinstance(e, m.ProtocolError):
@@ -412,6 +443,8 @@ class ClientConnection(asyncio.Protocol):
         self.user = params.get("user", "")
         if not self.user:
             raise AuthFailed("no PostgreSQL user name specified in startup packet", "28000")
+        if cfg.require_tls and not self.tls:
+            raise AuthFailed(f'connection for user "{self.user}" requires TLS (sslmode=require)', "28000")
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
         worker = self.proxy.worker

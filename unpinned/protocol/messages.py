@@ -32,6 +32,7 @@ SYNC_MSG = b"S\x00\x00\x00\x04"
 TERMINATE_MSG = b"X\x00\x00\x00\x04"
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 SSL_REFUSED = b"N"
+SSL_ACCEPTED = b"S"
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 
 

@@ -1,0 +1,174 @@
+"""TLS between clients and the proxy (SPEC 3.2): optional, or required with `require_tls`.
+
+A throwaway CA (trustme) signs a certificate for 127.0.0.1 and localhost; clients are the
+real drivers with their own TLS settings (libpq's sslmode, asyncpg's ssl context).
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import asyncpg
+import psycopg
+import psycopg2
+import pytest
+import trustme
+
+from conftest import APP_PASSWORD, APP_USER, start_proxy
+from unpinned.config import ConfigError, load
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("tls")
+    ca_file, cert_file, key_file = d / "ca.pem", d / "cert.pem", d / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return {"ca": str(ca_file), "cert": str(cert_file), "key": str(key_file)}
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(pg, users_file, certs):
+    handle = start_proxy(pg, users_file, pool_size=3, tls_cert_file=certs["cert"], tls_key_file=certs["key"])
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_only(pg, users_file, certs):
+    handle = start_proxy(pg, users_file, pool_size=3, tls_cert_file=certs["cert"], tls_key_file=certs["key"],
+                         require_tls=True)
+    yield handle
+    handle.stop()
+
+
+def _tls_clients(handle) -> tuple[int, int]:
+    return handle.call(lambda: (sum(1 for c in handle.proxy.clients if c.active and c.tls),
+                                sum(1 for c in handle.proxy.clients if c.active and not c.tls)))
+
+
+def test_psycopg2_sslmode_require_is_encrypted(tls_proxy):
+    conn = psycopg2.connect(**tls_proxy.kwargs(), sslmode="require")
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT 'over TLS', 40 + 2")
+        assert cur.fetchone() == ("over TLS", 42)
+        assert conn.info.ssl_in_use
+        assert conn.info.ssl_attribute("protocol") in ("TLSv1.2", "TLSv1.3")
+        assert _tls_clients(tls_proxy)[0] == 1
+    finally:
+        conn.close()
+
+
+def test_psycopg3_verify_full_checks_the_certificate(tls_proxy, certs):
+    # verify-full: the client checks the chain against the CA and the host name.
+    with psycopg.connect(host="localhost", port=tls_proxy.port, user=APP_USER, password=APP_PASSWORD,
+                         dbname="postgres", sslmode="verify-full", sslrootcert=certs["ca"]) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (APP_USER,)
+        assert conn.pgconn.ssl_in_use
+    # A CA the proxy's certificate does not come from: the client refuses the proxy.
+    other = trustme.CA()
+    wrong = certs["ca"] + ".other"
+    other.cert_pem.write_to_path(wrong)
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(host="localhost", port=tls_proxy.port, user=APP_USER, password=APP_PASSWORD,
+                        dbname="postgres", sslmode="verify-full", sslrootcert=wrong, connect_timeout=5)
+
+
+def test_asyncpg_over_tls_with_prepared_statements(tls_proxy, certs):
+    async def go():
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        conn = await asyncpg.connect(host="localhost", port=tls_proxy.port, user=APP_USER, password=APP_PASSWORD,
+                                     database="postgres", ssl=ctx)
+        try:
+            for i in range(20):                   # the statement cache, across server connections
+                assert await conn.fetchval("SELECT $1::int * 2", i) == i * 2
+        finally:
+            await conn.close()
+    asyncio.run(go())
+
+
+def test_plain_clients_still_welcome_when_tls_is_optional(tls_proxy):
+    conn = psycopg2.connect(**tls_proxy.kwargs(), sslmode="disable")
+    try:
+        conn.cursor().execute("SELECT 1")
+        assert not conn.info.ssl_in_use
+    finally:
+        conn.close()
+
+
+def test_cancel_over_tls(tls_proxy):
+    # psycopg 3's cancel_safe: psycopg2's cancel() holds the GIL while it waits, and this
+    # proxy runs on a thread of this process. The cancel connection asks for TLS too.
+    import threading
+    import time
+    conn = psycopg.connect(tls_proxy.dsn(), sslmode="require", autocommit=True)
+    outcome: list = []
+
+    def sleep():
+        try:
+            conn.execute("SELECT pg_sleep(20)")
+            outcome.append("finished")
+        except psycopg.errors.QueryCanceled:
+            outcome.append("canceled")
+
+    try:
+        t = threading.Thread(target=sleep)
+        t.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        conn.cancel_safe(timeout=5)
+        t.join(10)
+        assert outcome == ["canceled"] and time.monotonic() - started < 5
+    finally:
+        conn.close()
+
+
+def test_require_tls_refuses_plain_clients_clearly(tls_only):
+    with pytest.raises(psycopg2.OperationalError, match="requires TLS"):
+        psycopg2.connect(**tls_only.kwargs(), sslmode="disable")
+    conn = psycopg2.connect(**tls_only.kwargs(), sslmode="prefer")    # libpq's default: tries TLS first
+    try:
+        conn.cursor().execute("SELECT 1")
+        assert conn.info.ssl_in_use
+    finally:
+        conn.close()
+
+
+def test_a_broken_handshake_hurts_only_that_client(tls_proxy):
+    import socket
+    import struct
+    ok = psycopg2.connect(**tls_proxy.kwargs(), sslmode="require")
+    try:
+        s = socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=5)
+        s.sendall(struct.pack("!II", 8, 80877103))             # SSLRequest
+        assert s.recv(1) == b"S"
+        s.sendall(b"\x16\x03\x01\x00\x05not a client hello at all" * 4)
+        # The proxy answers with a TLS alert at most, and hangs up (a timeout here fails).
+        try:
+            while s.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        s.close()
+        cur = ok.cursor()
+        cur.execute("SELECT 'still here'")
+        assert cur.fetchone() == ("still here",)
+    finally:
+        ok.close()
+
+
+def test_tls_config_errors_are_clear(tmp_path, certs):
+    with pytest.raises(ConfigError, match="go together"):
+        load(None, auth="trust", tls_cert_file=certs["cert"])
+    with pytest.raises(ConfigError, match="require_tls needs"):
+        load(None, auth="trust", require_tls=True)
+    with pytest.raises(ConfigError, match="not found"):
+        load(None, auth="trust", tls_cert_file=str(tmp_path / "nope.pem"), tls_key_file=certs["key"])
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="cannot use TLS certificate"):
+        load(None, auth="trust", tls_cert_file=str(bad), tls_key_file=certs["key"])
