@@ -172,3 +172,88 @@ def test_tls_config_errors_are_clear(tmp_path, certs):
     bad.write_text("not a certificate")
     with pytest.raises(ConfigError, match="cannot use TLS certificate"):
         load(None, auth="trust", tls_cert_file=str(bad), tls_key_file=certs["key"])
+
+
+# ---------------------------------------------------------------------------- proxy -> PostgreSQL
+
+@pytest.fixture(scope="module")
+def tls_pg(certs):
+    """A second PostgreSQL with TLS on (the same test CA). Its key must belong to the user the
+    server runs as (`nobody` when the tests run as root) and be private."""
+    import os
+    import shutil
+    import tempfile
+
+    from conftest import SUPERUSER_PASSWORD
+    from unpinned.embedded import EmbeddedPostgres
+    d = tempfile.mkdtemp(prefix="unpinned-pgtls-")
+    cert, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
+    shutil.copy(certs["cert"], cert)
+    shutil.copy(certs["key"], key)
+    os.chmod(key, 0o600)
+    if os.geteuid() == 0:
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        for p in (d, cert, key):
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    server = EmbeddedPostgres(password=SUPERUSER_PASSWORD, auth="md5", name="tls",
+                              settings={"ssl": "on", "ssl_cert_file": cert, "ssl_key_file": key}).start()
+    server.create_role(APP_USER, APP_PASSWORD, superuser=True)
+    yield server
+    server.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _upstream(server, query: str = "") -> str:
+    from conftest import SUPERUSER_PASSWORD
+    return server.dsn("postgres", SUPERUSER_PASSWORD) + (("?" + query) if query else "")
+
+
+def _server_side_ssl(handle) -> bool:
+    with psycopg.connect(handle.dsn(), autocommit=True) as conn:
+        return conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+
+
+@pytest.mark.parametrize("query,encrypted", [
+    ("", True),                          # prefer, the default: TLS when the server offers it
+    ("sslmode=require", True),
+    ("sslmode=disable", False),
+])
+def test_server_connections_use_tls_as_sslmode_says(tls_pg, users_file, query, encrypted):
+    handle = start_proxy(tls_pg, users_file, pool_size=2, upstream=_upstream(tls_pg, query))
+    try:
+        assert _server_side_ssl(handle) is encrypted
+    finally:
+        handle.stop()
+
+
+def test_verify_full_checks_the_servers_certificate(tls_pg, users_file, certs, tmp_path):
+    handle = start_proxy(tls_pg, users_file, pool_size=2,
+                         upstream=_upstream(tls_pg, f"sslmode=verify-full&sslrootcert={certs['ca']}"))
+    try:
+        assert _server_side_ssl(handle) is True
+    finally:
+        handle.stop()
+    wrong = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(wrong))
+    handle = start_proxy(tls_pg, users_file, pool_size=2,
+                         upstream=_upstream(tls_pg, f"sslmode=verify-full&sslrootcert={wrong}"))
+    try:
+        with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+            psycopg.connect(handle.dsn(), connect_timeout=10)
+    finally:
+        handle.stop()
+
+
+def test_sslmode_require_against_a_server_without_tls_is_a_clear_error(pg, users_file):
+    handle = start_proxy(pg, users_file, pool_size=2, upstream=_upstream(pg, "sslmode=require"))
+    try:
+        with pytest.raises(psycopg.OperationalError, match="does not support TLS"):
+            psycopg.connect(handle.dsn(), connect_timeout=10)
+    finally:
+        handle.stop()
+
+
+def test_bad_upstream_sslmode_is_a_config_error():
+    with pytest.raises(ConfigError, match="sslmode must be one of"):
+        load(None, auth="trust", upstream="postgresql://u@h/db?sslmode=sometimes")

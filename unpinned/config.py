@@ -16,6 +16,9 @@ class ConfigError(Exception):
     pass
 
 
+SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+
 @dataclass
 class Upstream:
     host: str = "127.0.0.1"      # a directory means a unix socket
@@ -23,6 +26,10 @@ class Upstream:
     user: str = "postgres"
     password: str | None = None
     database: str = "postgres"
+    # TLS to PostgreSQL, as libpq's sslmode: disable, prefer (TLS if the server offers it),
+    # require (TLS, certificate not checked), verify-ca, verify-full (checked against sslrootcert).
+    sslmode: str = "prefer"
+    sslrootcert: str = ""            # CA file for verify-ca/verify-full; "" = the system's CAs
 
     @classmethod
     def from_url(cls, url: str) -> "Upstream":
@@ -41,10 +48,32 @@ class Upstream:
             raise ConfigError(f"bad host or port in upstream URL {shown!r}") from None
         if not 0 < port < 65536:
             raise ConfigError(f"bad port in upstream URL {shown!r}")
-        return cls(host=host, port=port,
-                   user=unquote(u.username or "") or "postgres",
-                   password=unquote(u.password) if u.password is not None else None,
-                   database=unquote(u.path.lstrip("/")) or "postgres")
+        up = cls(host=host, port=port,
+                 user=unquote(u.username or "") or "postgres",
+                 password=unquote(u.password) if u.password is not None else None,
+                 database=unquote(u.path.lstrip("/")) or "postgres",
+                 sslmode=q.get("sslmode", ["prefer"])[0], sslrootcert=q.get("sslrootcert", [""])[0])
+        up.check()
+        return up
+
+    def check(self) -> None:
+        if self.sslmode not in SSLMODES:
+            raise ConfigError(f"upstream sslmode must be one of {', '.join(SSLMODES)}, not {self.sslmode!r}")
+        if self.sslrootcert and not os.path.exists(self.sslrootcert):
+            raise ConfigError(f"upstream sslrootcert not found: {self.sslrootcert}")
+
+    def tls_context(self):
+        """The client-side TLS context for server connections (after the server said 'S')."""
+        import ssl
+        if self.sslmode in ("verify-ca", "verify-full"):
+            ctx = ssl.create_default_context(cafile=self.sslrootcert or None)
+            ctx.check_hostname = self.sslmode == "verify-full"
+        else:   # prefer / require: encrypted, certificate not checked (as libpq without a root cert)
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
 
     @property
     def is_unix(self) -> bool:
@@ -107,6 +136,7 @@ class Config:
         if workers > self.pool_size:
             raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
                               "each worker holds a share of every pool")
+        self.upstream.check()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
         if self.require_tls and not self.tls_cert_file:
@@ -216,12 +246,12 @@ def load(path: str | None = None, **overrides) -> Config:
         if section not in (*_SECTIONS, "upstream", "users"):
             raise ConfigError(f"unknown section [{section}]")
     up = raw.get("upstream", {})
-    unknown = set(up) - {"url", "host", "port", "user", "password", "database"}
+    unknown = set(up) - {"url", "host", "port", "user", "password", "database", "sslmode", "sslrootcert"}
     if unknown:
         raise ConfigError(f"unknown key [upstream] {', '.join(sorted(unknown))}")
     if "url" in up:
         cfg.upstream = Upstream.from_url(up["url"])
-    for key in ("host", "user", "password", "database"):
+    for key in ("host", "user", "password", "database", "sslmode", "sslrootcert"):
         if key in up:
             if not isinstance(up[key], str):
                 shown = "" if key == "password" else f", got {up[key]!r}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client = None                # the ClientConnection holding it, if any
         self.closed = False
+        self.tls = False
         self.last_used = time.monotonic()
         self.created = self.last_used
         self._buf = bytearray()
@@ -123,6 +125,39 @@ class ServerConnection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
+    async def start_tls(self, up) -> None:
+        """SSLRequest; on 'S' the TLS handshake (verified as `up.sslmode` says), on 'N' plain
+        text unless the mode requires TLS."""
+        self.transport.write(m.pack_i32(8) + m.pack_i32(m.SSL_REQUEST))
+        while not self._buf:
+            if self.closed:
+                raise ConnectionError("server closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        answer = bytes(self._buf[:1])
+        if len(self._buf) > 1:
+            # Bytes after the answer would be read as if they came under TLS (CVE-2021-23222).
+            raise ServerError({"S": "FATAL", "C": "08P01", "M": "server sent unencrypted data after its SSL answer"})
+        self._buf.clear()
+        if answer == b"N":
+            if up.sslmode in ("require", "verify-ca", "verify-full"):
+                raise ServerError({"S": "FATAL", "C": "08006",
+                                   "M": f"the server does not support TLS, and upstream sslmode is {up.sslmode}"})
+            return
+        if answer != b"S":
+            raise ServerError({"S": "FATAL", "C": "08P01", "M": f"unexpected answer {answer!r} to an SSL request"})
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(
+                self.transport, self, up.tls_context(),
+                server_hostname=up.host if up.sslmode == "verify-full" else None)
+        except ssl.SSLError as e:
+            raise ServerError({"S": "FATAL", "C": "08006", "M": f"TLS with the server failed: {e}"}) from None
+        self.tls = True
+
     async def login(self, user: str, password: str | None, database: str) -> None:
         self.transport.write(m.startup_message({"user": user, "database": database}))
         auth = ServerAuth(user, password)
@@ -163,7 +198,10 @@ class ServerConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.closed = True
             try:
-                self.transport.write(m.TERMINATE_MSG)
+                if not self.transport.is_closing():
+                    self.transport.write(m.TERMINATE_MSG)
+            except RuntimeError:    # the transport went away under us (a failed TLS handshake)
+                pass
             finally:
                 self.transport.close()
 
@@ -183,6 +221,8 @@ async def connect(pool: "Pool") -> ServerConnection:
                 await loop.create_unix_connection(lambda: conn, f"{up.host}/.s.PGSQL.{up.port}")
             else:
                 await loop.create_connection(lambda: conn, up.host, up.port)
+                if up.sslmode != "disable":
+                    await conn.start_tls(up)
             await conn.login(pool.server_user, pool.server_password, pool.database)
             if cfg.init_query:
                 _, error = await conn.simple_query(cfg.init_query)
