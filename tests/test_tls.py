@@ -27,7 +27,7 @@ def certs(tmp_path_factory):
     ca.cert_pem.write_to_path(str(ca_file))
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
-    return {"ca": str(ca_file), "cert": str(cert_file), "key": str(key_file)}
+    return {"ca": str(ca_file), "cert": str(cert_file), "key": str(key_file), "ca_obj": ca}
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +257,48 @@ def test_sslmode_require_against_a_server_without_tls_is_a_clear_error(pg, users
 def test_bad_upstream_sslmode_is_a_config_error():
     with pytest.raises(ConfigError, match="sslmode must be one of"):
         load(None, auth="trust", upstream="postgresql://u@h/db?sslmode=sometimes")
+
+
+def test_reload_picks_up_a_renewed_certificate(pg, users_file, certs, tmp_path):
+    """Certificates expire: RELOAD (or SIGHUP) gives new clients the new one, no restart."""
+    import shutil
+    import socket
+    import struct
+    import threading
+
+    import uvloop
+
+    from conftest import SUPERUSER_PASSWORD, ProxyHandle
+    from unpinned.proxy import Proxy
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(certs["cert"], cert)
+    shutil.copy(certs["key"], key)
+    conf = tmp_path / "unpinned.toml"
+    conf.write_text(f'[proxy]\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n')
+
+    def served_serial(port: int) -> int:
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(struct.pack("!II", 8, 80877103))        # SSLRequest
+            assert raw.recv(1) == b"S"
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                return int(tls.getpeercert()["serialNumber"], 16)
+
+    overrides = dict(listen="127.0.0.1:0", upstream=pg.dsn("postgres", SUPERUSER_PASSWORD), auth="scram",
+                     users_file=users_file)
+    loop = uvloop.new_event_loop()
+    proxy = Proxy(load(str(conf), **overrides), str(conf), overrides)
+    loop.run_until_complete(proxy.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    handle = ProxyHandle(proxy, loop, thread)
+    try:
+        first = served_serial(handle.port)
+        renewed = certs["ca_obj"].issue_cert("127.0.0.1", "localhost")   # same CA: a renewal
+        renewed.private_key_and_cert_chain_pem.write_to_path(str(cert))
+        renewed.private_key_pem.write_to_path(str(key))
+        assert served_serial(handle.port) == first       # nothing changes before the reload
+        handle.call(proxy.reload)
+        assert served_serial(handle.port) != first
+    finally:
+        handle.stop()

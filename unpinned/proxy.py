@@ -165,6 +165,7 @@ class Proxy:
             log.warning("listen address changes need a restart; keeping %s", self.config.listen)
             new.listen = self.config.listen
         self.config = new
+        self.tls_context = new.tls_context()     # a renewed certificate applies to new clients
         for client in self.clients:
             client.config = new
         for pool in self.pools.values():
