@@ -27,8 +27,10 @@ from .relay import param_sync_sql
 
 # Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
 # Verify mode: every parameter the server connection has from SQL, names joined by \x1f.
+# (A value equal to the connection's reset value is no leak, and PostgreSQL reports source
+# 'session' for one after RESET x; SET LOCAL x in one transaction.)
 VERIFY_PARAMS = ("(SELECT pg_catalog.string_agg(name, chr(31)) FROM pg_catalog.pg_settings "
-                 "WHERE source = 'session')")
+                 "WHERE source = 'session' AND setting IS DISTINCT FROM reset_val)")
 CHECKS: dict[Reason, str] = {
     Reason.TEMP_OBJECT: "(SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
     Reason.CURSOR: "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
@@ -480,9 +482,15 @@ class Session:
         Not seen: custom (dotted) parameters, which pg_settings does not list, and a reset
         made inside a function."""
         seen, self.seen = self.seen or [], []
+        if self.rds or self.pins:
+            return      # a pinned client keeps its connection; it is reset when the client leaves
         on_server = {n.lower() for n in found.split("\x1f")} if found else set()
-        unseen = sorted(on_server - {n.lower() for n in server.params} - _TRANSACTION_GUCS)
-        if not unseen or self.rds:
+        # Known: what the proxy gave the connection, or what the client's session has (a value
+        # the proxy put back itself, e.g. a startup value after RESET ALL, before its books
+        # catch up at the next resync).
+        known = {n.lower() for n in server.params} | {n.lower() for n in self.params}
+        unseen = sorted(on_server - known - _TRANSACTION_GUCS)
+        if not unseen:
             return
         texts = list(dict.fromkeys(seen))
         what = ", ".join(unseen)
