@@ -200,6 +200,15 @@ class Relay:
                 # After an error the proxy made up, the server must not see the rest of the batch.
                 out.append(data[fwd_start:pos])
                 fwd_start = end
+            elif t == 66 and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
+                # Bind of the unnamed portal to the unnamed statement (most drivers' every query):
+                # nothing to rename, so no call into _extended.
+                self.batch_open = True
+                self.portal_c[b""] = self.unnamed_c
+                queue.append([R_BIND, FORWARD, None])
+            elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
+                self.batch_open = True
+                queue.append([R_DESC_PORTAL, FORWARD, None])
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
                 self.batch_open = True
                 repl = self._extended(t, data, pos + 5, end)
