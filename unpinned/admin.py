@@ -162,9 +162,7 @@ _EMPTY_COLUMNS = {
 def control(proxy: "Proxy", sql: str, client_id: int | None) -> dict:
     """PAUSE / RESUME / RELOAD / KILL on this process. {"ok": True, "tag": ...} or
     {"ok": False, "error": [sqlstate, text], "missing": whether the target was not found}."""
-    words = sql.strip().rstrip(";").split()
-    verb = words[0].upper()
-    arg = words[1] if len(words) > 1 else ""
+    verb, arg = _words(sql)
     if verb in ("PAUSE", "RESUME"):
         targets = [p for (db, _), p in proxy.pools.items() if not arg or db == arg]
         if arg and not targets:
@@ -218,12 +216,19 @@ async def execute_everywhere(proxy: "Proxy", sql: str, client) -> bytes:
     verb, arg = _words(sql)
     if verb == "SHOW" and arg.upper() in VIEWS:
         name = arg.upper()
-        rows = merge_view(name, await proxy.peers.ask_all({"op": "view", "name": name}))
+        rows = await gather_view(proxy, name)
         return _table(rows, None if rows else _EMPTY_COLUMNS.get(name))
     if verb in CONTROL and (arg or verb != "KILL"):
         return _control_result(await proxy.peers.ask_all(
             {"op": "control", "sql": sql, "client_id": client.id if client is not None else None}))
     return execute(proxy, sql, client)
+
+
+async def gather_view(proxy: "Proxy", name: str) -> list[dict]:
+    """A view of the whole proxy: this process's, or every worker's merged."""
+    if proxy.peers is None:
+        return VIEWS[name](proxy)
+    return merge_view(name, await proxy.peers.ask_all({"op": "view", "name": name}))
 
 
 def _control_result(results: list[dict]) -> bytes:

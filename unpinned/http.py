@@ -39,12 +39,6 @@ class HttpServer:
         if self.server is not None:
             self.server.close()
 
-    async def _view(self, name: str) -> list[dict]:
-        peers = self.proxy.peers
-        if peers is None:
-            return admin.VIEWS[name](self.proxy)
-        return admin.merge_view(name, await peers.ask_all({"op": "view", "name": name}))
-
     async def route(self, path: str) -> tuple[int, str, bytes]:
         """With several workers, whichever one a request reaches answers for all of them."""
         path = path.split("?", 1)[0]
@@ -57,12 +51,13 @@ class HttpServer:
             if name == "SUMMARY":
                 history = (list(self.proxy.history) if peers is None else
                            merge_history(await peers.ask_all({"op": "history"})))
-                body = {"mode": self.proxy.config.mode, "pools": await self._view("POOLS"),
-                        "stats": (await self._view("STATS"))[0], "pins": await self._view("PINS"),
-                        "pin_reasons": (await self._view("PIN_REASONS"))[:50],
+                view = admin.gather_view
+                body = {"mode": self.proxy.config.mode, "pools": await view(self.proxy, "POOLS"),
+                        "stats": (await view(self.proxy, "STATS"))[0], "pins": await view(self.proxy, "PINS"),
+                        "pin_reasons": (await view(self.proxy, "PIN_REASONS"))[:50],
                         "history": history}
             elif name in admin.VIEWS:
-                body = await self._view(name)
+                body = await admin.gather_view(self.proxy, name)
             else:
                 return 404, "application/json", b'{"error": "not found"}'
             return 200, "application/json", json.dumps(body, default=str).encode()

@@ -115,28 +115,25 @@ class ServerConnection(asyncio.Protocol):
             for msg in self._drain():
                 got = True
                 yield msg
-            if got:
-                continue
-            if self.closed:
-                raise ConnectionError("server closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            if not got:
+                await self._more()
+
+    async def _more(self) -> None:
+        """Wait for the server's next bytes (they land in `_buf`)."""
+        if self.closed:
+            raise ConnectionError("server closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def start_tls(self, up) -> None:
         """SSLRequest; on 'S' the TLS handshake (verified as `up.sslmode` says), on 'N' plain
         text unless the mode requires TLS."""
         self.transport.write(m.pack_i32(8) + m.pack_i32(m.SSL_REQUEST))
         while not self._buf:
-            if self.closed:
-                raise ConnectionError("server closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._more()
         answer = bytes(self._buf[:1])
         if len(self._buf) > 1:
             # Bytes after the answer would be read as if they came under TLS (CVE-2021-23222).
