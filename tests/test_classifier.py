@@ -498,6 +498,81 @@ def test_precheck_word_rules():
     assert f(b'select "nextval"(1)')
 
 
+def _random_statements(n, seed):
+    """Texts built from the fragments the pre-check's word rule is about: its words, with
+    letters, digits, $, underscores, quotes and high bytes right before and after them."""
+    import random
+    rnd = random.Random(seed)
+    words = sorted(classifier._KEYWORDS) + [b"pg_temp", b"advisory", b"u&", b"U&", b"SET", b"Begin",
+                                            b"select", b"from", b"offset", b"x"]
+    glue = [b" ", b"", b"1", b"42", b"$", b"$1", b"_", b"a", b"\xc3\xa9", b".", b";", b"(", b")", b"'",
+            b'"', b"\n", b"-", b"Z"]
+    for _ in range(n):
+        yield b"".join(rnd.choice(words) if rnd.random() < 0.4 else rnd.choice(glue)
+                       for _ in range(rnd.randint(1, 8)))
+
+
+def test_precheck_fast_stage_gives_the_rules_answer():
+    # The translate/split first stage must never disagree with the word rule itself.
+    for text in _random_statements(20_000, seed=5):
+        want = classifier._PRECHECK_WORDS.search(text.lower()) is not None
+        assert classifier._may_have_effects(text) == want, text
+
+
+def test_precheck_answer_does_not_depend_on_digits():
+    # What the shape cache relies on: changing digits never changes the pre-check's answer.
+    import random
+    rnd = random.Random(7)
+    for text in _random_statements(20_000, seed=6):
+        other = bytes(rnd.choice(b"0123456789") if 48 <= b <= 57 else b for b in text)
+        assert classifier._may_have_effects(text) == classifier._may_have_effects(other), (text, other)
+
+
+def test_same_shape_other_digits_skips_the_check(parse_counter, monkeypatch):
+    first = classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 4711;")
+    assert first.effects == ()
+
+    def no_check(raw):
+        raise AssertionError(f"checked again: {raw!r}")
+    with monkeypatch.context() as mp:
+        mp.setattr(classifier, "_may_have_effects", no_check)
+        c = classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1234;")
+    assert c.effects == () and c.parsed and c.statements == 1
+    assert c.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 1234;"
+    assert c.byte_length == len(c.text)
+    # Statements with effects are never remembered by shape: the next digits are checked too.
+    assert classify(b"SELECT pg_advisory_lock(1)").effects
+    assert classify(b"SELECT pg_advisory_lock(2)").effects
+    assert classify(b"SET statement_timeout = 1").effects[0].value == "1"
+    assert classify(b"SET statement_timeout = 2").effects[0].value == "2"
+    assert parse_counter == ["SELECT pg_advisory_lock(1)", "SELECT pg_advisory_lock(2)",
+                             "SET statement_timeout = 1", "SET statement_timeout = 2"]
+
+
+def test_a_flood_of_literals_evicts_nothing(parse_counter, monkeypatch):
+    # pgbench -S in simple mode: a new text every transaction. Once the cache is full they are
+    # served by shape, and the statements cached before stay.
+    monkeypatch.setattr(classifier, "CACHE_SIZE", 50)
+    for i in (1, 11, 111):      # one text of each shape (1, 2 and 3 digits) seen before
+        classify(f"SELECT * FROM t WHERE id = {i}".encode())
+    s = classify(b"SET search_path = app")
+    for i in range(500):
+        assert classify(f"SELECT * FROM t WHERE id = {i}".encode()).effects == ()
+    assert len(classifier._cache) <= 50
+    assert classify(b"SET search_path = app") is s
+    assert len(parse_counter) == 1
+
+
+def test_shapes_are_bounded(parse_counter, monkeypatch):
+    monkeypatch.setattr(classifier, "SHAPE_CACHE_SIZE", 10)
+    for i in range(100):
+        classify(f"SELECT c{'x' * i} FROM t WHERE id = 1".encode())
+    classify(b"SELECT 1 FROM t WHERE x = '" + b"9" * 5000 + b"'")     # too long to remember
+    assert len(classifier._plain_shapes) <= 10
+    assert all(len(k) <= classifier.SHAPE_MAX_BYTES for k in classifier._plain_shapes)
+    assert parse_counter == []
+
+
 def test_cached_classify_under_5us():
     q = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1"
     s = b"SET search_path = app, public"
