@@ -800,3 +800,91 @@ def test_set_config_value_that_may_be_null_falls_back_to_the_startup_value(regis
     assert split(out)[0][1] == b"\x00SELECT set_config('work_mem', COALESCE($1, '32MB'), false)\x00\x00\x00"
     out = relay.from_client(parse(b"", b"SELECT set_config('lock_timeout', $1, false)"))   # not a startup value
     assert b"COALESCE" not in out
+
+
+# ---------------------------------------------------------------- the fast walk of a plain answer
+
+_TRICK_ROW = row("x" * 10 + "Z\x00\x00\x00\x05I")   # a DataRow whose bytes end like a ReadyForQuery
+
+PLAIN_CASES = [
+    # (query, server answer in reads, what each try of the fast walk gave: True = taken)
+    ("SELECT 1", [m.row_description(["a"]) + row(1) + row(2) + cc("SELECT 2") + ZI], [True]),
+    ("SELECT 1", [m.row_description(["a"]) + m.notice_response("careful") + row(1) + cc("SELECT 1") + ZI],
+     [True]),
+    ("", [m.message(b"I") + ZI], [True]),
+    ("SELECT 1", [m.row_description(["a"]) + row(1) + cc("SELECT 1") + ZT], [True]),
+    ("SELECT 1; SELECT 2", [m.row_description(["a"]) + row(1) + cc("SELECT 1") + m.row_description(["b"])
+                            + row(2) + cc("SELECT 1") + ZI], [True]),
+    ("SELECT x", [err() + ZI], [False]),
+    ("SELECT 1", [m.parameter_status("TimeZone", "UTC") + m.row_description(["a"]) + row(1) + cc("SELECT 1")
+                  + ZI], [False]),
+    # A read that ends inside a row whose bytes look like a ReadyForQuery: declined, buffered.
+    ("SELECT 1", [m.row_description(["a"]) + _TRICK_ROW, cc("SELECT 1") + ZI], [False, True]),
+    ("SELECT 1", [m.row_description(["a"]) + row(1), cc("SELECT 1") + ZI], [True]),
+]
+
+
+def _run_plain(query, reads, general_only, monkeypatch=None, verify=False):
+    relay = make_relay(StatementRegistry(), mode="smart")
+    if verify:
+        relay.session.seen = []
+    relay.attach(ServerState())
+    fast = []
+    real = Relay._plain_answer
+
+    def spy(self, data, stmt):
+        out = None if general_only else real(self, data, stmt)
+        fast.append(out is not None)
+        return out
+    monkeypatch.setattr(Relay, "_plain_answer", spy)
+    to_server = relay.from_client(m.query(query))
+    out = drained(relay) + b"".join(relay.from_server(r) + drained(relay) for r in reads)
+    monkeypatch.undo()
+    state = (relay.status, relay.releasable, list(relay.queue), relay.session._query_failed,
+             relay.session.pinned, relay.sbuf, relay.to_server)
+    return to_server, out, state, fast
+
+
+@pytest.mark.parametrize("query,reads,tries", PLAIN_CASES)
+def test_fast_walk_of_a_plain_answer_gives_what_the_general_walk_gives(query, reads, tries, monkeypatch):
+    fast_run = _run_plain(query, reads, False, monkeypatch)
+    general = _run_plain(query, reads, True, monkeypatch)
+    assert fast_run[:3] == general[:3]
+    assert fast_run[3] == tries
+    assert split(fast_run[1])       # whole messages only
+    assert fast_run[1].endswith(ZI) or fast_run[1].endswith(ZT)
+
+
+def test_fast_walk_holds_ready_for_query_while_a_check_runs(registry, monkeypatch):
+    # A check is due at this ReadyForQuery (an advisory lock was asked for): the client's
+    # ReadyForQuery waits until the proxy's own question is answered, on both walks.
+    from unpinned.effects import Reason
+    outs = []
+    for general_only in (False, True):
+        relay = new_relay(StatementRegistry())
+        taken = []
+        real = Relay._plain_answer
+
+        def walk(self, data, stmt):
+            out = None if general_only else real(self, data, stmt)
+            taken.append(out is not None)
+            return out
+        monkeypatch.setattr(Relay, "_plain_answer", walk)
+        relay.from_client(m.query("SELECT 2"))
+        relay.session._checks[Reason.ADVISORY_LOCK] = (None, "simple")
+        out = relay.from_server(m.row_description(["a"]) + row(2) + cc("SELECT 1") + ZI)
+        assert types(out) == b"TDC" and b"pg_locks" in b"".join(relay.to_server)
+        assert not relay.releasable
+        relay.to_server.clear()
+        out2 = relay.from_server(m.row_description(["held"]) + row(1) + cc("SELECT 1") + ZI)
+        assert types(out2) == b"Z" and relay.session.pinned
+        assert taken[0] is not general_only
+        outs.append((out, out2))
+        monkeypatch.undo()
+    assert outs[0] == outs[1]
+
+
+def test_verify_mode_still_sees_every_statement(registry, monkeypatch):
+    _, _, _, fast = _run_plain("SELECT 42", [m.row_description(["a"]) + row(42) + cc("SELECT 1") + ZI],
+                               False, monkeypatch, verify=True)
+    assert fast == []       # the fast walk is not used: verify mode records the statement text

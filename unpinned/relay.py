@@ -48,6 +48,10 @@ FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET = 0, 1, 2, 3, 4, 5
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
+_READY_HEAD = b"Z\x00\x00\x00\x05"
+# What the answer to a simple Query without effects may hold besides CommandComplete, for the
+# fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
+_PLAIN_ANSWER = frozenset(b"TDINA")
 _SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
 _OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 _server_ids = count(1)
@@ -495,6 +499,17 @@ class Relay:
     # ------------------------------------------------------------------ server -> client
 
     def from_server(self, data: bytes) -> bytes:
+        queue = self.queue
+        if len(queue) == 1 and not self.sbuf and data[-6:-1] == _READY_HEAD:
+            # The whole answer to one simple Query with no session effects, in one read (most
+            # transactions of most clients): walked for its message types only.
+            head = queue[0]
+            stmt = head[2]
+            if head[0] == R_QUERY and head[1] == FORWARD and stmt is not None and not stmt[0].groups \
+                    and stmt[0].parsed and self.session.seen is None:
+                out = self._plain_answer(data, stmt)
+                if out is not None:
+                    return out
         if self.sbuf:
             self.sbuf += data
             if len(self.sbuf) < self._need:
@@ -505,7 +520,6 @@ class Relay:
         pos = 0
         out: list[bytes] | None = None
         fwd_start = 0
-        queue = self.queue
         while n - pos >= 5:
             t = data[pos]
             end = pos + 1 + unpack_i32(data, pos + 1)[0]
@@ -605,6 +619,31 @@ class Relay:
             return data
         out.append(data[fwd_start:n])
         return b"".join(out)
+
+    def _plain_answer(self, data: bytes, stmt: list) -> bytes | None:
+        """from_server for `data` that ends with a ReadyForQuery, when the one request in flight
+        is a simple Query without session effects. None: not that case (an error, a parameter
+        report, COPY, ...), the general walk decides."""
+        last = len(data) - 6
+        pos = 0
+        completes = 0
+        while pos < last:
+            t = data[pos]
+            if t == 67:     # CommandComplete
+                completes += 1
+            elif t not in _PLAIN_ANSWER:
+                return None
+            pos += 1 + unpack_i32(data, pos + 1)[0]
+        if pos != last:
+            return None     # the tail only looked like a ReadyForQuery
+        self.queue.popleft()
+        stmt[1] += completes
+        if self._ready(data[-1:], FORWARD):
+            # As in the general walk: the client's ReadyForQuery waits for the check's answer.
+            self.queue.append([R_SYNTH, FORWARD, data[last:]])
+            data = data[:last]
+        self.releasable = self.can_release
+        return data
 
     def _complete(self, stmt: list | None, tag: bytes) -> bool:
         """CommandComplete for the client: the session engine applies that statement's effects.
