@@ -177,6 +177,36 @@ def test_garbage_after_login_is_fatal_08P01(tproxy):
     assert fields["M"]
 
 
+@pytest.mark.parametrize("message", [
+    m.message(b"P", b"\x00SELECT 1"),                                # unnamed Parse, text not ended
+    m.message(b"P", b"no terminating zero byte"),                   # named Parse, nothing ended
+    m.message(b"B", b"\x00no statement end"),                        # Bind, statement name not ended
+    m.message(b"E", b"portal"),                                      # Execute, portal not ended
+    m.message(b"D", b""),                                            # Describe without its kind
+])
+def test_malformed_message_body_gets_08P01_and_the_client_goes_on(tproxy, message):
+    # PostgreSQL answers these with ERROR 08P01 and goes on; so does the proxy.
+    raw = Raw(tproxy.port)
+    raw.login()
+    assert raw.query("SELECT 1")[-1] == (b"Z", b"I")
+    raw.send(message + m.SYNC_MSG)
+    msgs = raw.read_until(b"Z")
+    errors = [m.parse_error_fields(body) for t, body in msgs if t == b"E"]
+    assert [e["C"] for e in errors] == ["08P01"] and errors[0]["S"] == "ERROR", msgs
+    assert raw.query("SELECT 41 + 1")[-2:] == [(b"C", b"SELECT 1\x00"), (b"Z", b"I")]
+
+
+def test_malformed_message_the_proxy_cannot_read_is_fatal_08P01(tproxy):
+    # A Bind whose statement name runs to the end of everything sent: the proxy cannot tell
+    # which statement it names, so it ends the connection, as PostgreSQL does when it
+    # cannot make sense of a message.
+    raw = Raw(tproxy.port)
+    raw.login()
+    assert raw.query("SELECT 1")[-1] == (b"Z", b"I")
+    raw.send(m.message(b"B", b"\x00name"))
+    assert raw.expect_fatal("08P01")["M"] == "invalid message format"
+
+
 def test_garbage_with_plausible_length_after_login_is_fatal_quickly(tproxy):
     # Type byte 0x00 is no frontend message; PostgreSQL says so before reading any body.
     raw = Raw(tproxy.port)

@@ -722,6 +722,11 @@ class ClientConnection(asyncio.Protocol):
         except m.ProtocolError as e:
             self._fatal(e.sqlstate, str(e))
             return
+        except (ValueError, IndexError, struct.error):
+            # A message whose body does not hold what its type needs (a name without its
+            # terminating zero byte, ...): PostgreSQL's answer to it.
+            self._fatal("08P01", "invalid message format")
+            return
         if prelude:
             out = prelude + out     # the parameter sync goes in the same write as the request
         if out:
@@ -733,7 +738,7 @@ class ClientConnection(asyncio.Protocol):
             relay.to_client.clear()
         if relay.terminated:
             self.shutdown(None)
-        elif relay.can_release and not out:
+        elif not out and relay.can_release:
             # Nothing reached the server (e.g. only a Close the proxy answered): give it back.
             self._release()
 
@@ -746,11 +751,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
         if not relay.queue and self._t_req:
-            now = time.monotonic()
-            st = self.proxy.stats
-            st.query_latency.observe(now - self._t_req)
-            if self._t_sent:
-                st.db_latency.observe(now - self._t_sent)
+            self.proxy.stats.answered(time.monotonic(), self._t_req, self._t_sent)
             self._t_req = self._t_sent = 0.0
         if relay.fatal is not None:
             self.shutdown(relay.fatal)

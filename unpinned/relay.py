@@ -137,7 +137,7 @@ class Relay:
 
     @property
     def can_release(self) -> bool:
-        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pinned
+        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins
 
     # ------------------------------------------------------------------ client -> server
 
@@ -213,6 +213,12 @@ class Relay:
             elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
                 self.batch_open = True
                 queue.append([R_DESC_PORTAL, FORWARD, None])
+            elif t == 80 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
+                    and not (c := classify(data[pos + 6:qend])).effects:
+                # Parse of the unnamed statement, without session effects: nothing to rewrite.
+                self.batch_open = True
+                self.unnamed_c = c
+                queue.append([R_PARSE, FORWARD, None])
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
                 self.batch_open = True
                 repl = self._extended(t, data, pos + 5, end)
