@@ -54,6 +54,7 @@ def cache_clear() -> None:
 
 def classify(query: bytes | str) -> Classification:
     """Session effects of a statement string. Cached by the exact text."""
+    global _cache_bytes
     try:
         c = _cache.get(query)
     except TypeError:           # bytearray / memoryview: unhashable, copy once
@@ -61,6 +62,16 @@ def classify(query: bytes | str) -> Classification:
         c = _cache.get(query)
     if c is not None:
         return c
+    if query.__class__ is bytes:
+        # Same text as one the pre-check passed but for its digits (pgbench's `WHERE aid =
+        # 4711`, an ORM's literals): no effects either. Cached by its exact text only while
+        # the cache has room, so a stream of such statements evicts nothing.
+        if query.translate(_DIGITS_AS_ZERO) in _plain_shapes:
+            c = Classification(query.decode("utf-8", "replace"), EMPTY, None, (), len(query), True)
+            if len(_cache) < CACHE_SIZE and _cache_bytes + len(query) <= CACHE_BYTES:
+                _cache[query] = c
+                _cache_bytes += len(query)
+            return c
     return _classify_new(query)
 
 
@@ -73,16 +84,7 @@ def _classify_new(query: bytes | str) -> Classification:
     else:
         # A memoryview key would keep the caller's receive buffer alive: store bytes.
         query = raw = bytes(query)
-        shape = raw.translate(_DIGITS_AS_ZERO)
-        if shape in _plain_shapes:
-            # Same text as one the pre-check passed but for its digits (pgbench's
-            # `WHERE aid = 4711`, an ORM's literals): no effects either. Cached by its exact
-            # text only while the cache has room, so a stream of such statements evicts nothing.
-            c = Classification(raw.decode("utf-8", "replace"), EMPTY, None, (), len(raw), True)
-            if len(_cache) < CACHE_SIZE and _cache_bytes + len(raw) <= CACHE_BYTES:
-                _cache[raw] = c
-                _cache_bytes += len(raw)
-            return c
+        shape = raw.translate(_DIGITS_AS_ZERO)    # (classify() looked it up already)
         # PostgreSQL would reject invalid UTF-8; we still classify what we can.
         text = raw.decode("utf-8", "replace")
         if _may_have_effects(raw):

@@ -142,6 +142,15 @@ class Relay:
     # ------------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> bytes:
+        if len(data) > 5 and data[0] == 81 and not self.cbuf and not self.skip_to_sync \
+                and len(data) == 1 + unpack_i32(data, 1)[0]:
+            # One whole simple Query, alone in this read (most requests of most clients):
+            # without session effects it goes as it is, with no walk.
+            c = classify(data[5:-1])
+            if not c.effects and c.byte_length <= 16384:
+                self.stats.query_requests += 1
+                self.queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                return data
         if self.cbuf:
             data = self.cbuf + data
             self.cbuf = b""
@@ -690,8 +699,8 @@ class Relay:
                 return True
         # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
         # server back to its own defaults where the client has startup values: set them again.
-        if status == b"I" and not session.pinned and not session.startup:
-            return False
+        if status == b"I" and not session.pins and (not session.startup or self.server.params == session.params):
+            return False        # (resync_sql's own first test, without the call)
         sql = session.resync_sql(self.server, status)
         if sql:
             self.queue.append([R_QUERY, PRELUDE, None])

@@ -209,8 +209,8 @@ class Session:
             self._savepoints.clear()
         self._in_txn = in_txn
         self._query_failed = False
-        if in_txn or self.rds:
-            return None
+        if in_txn or self.rds or not self._checks and not self._unknown_done and not self.options.verify:
+            return None     # (the common case of _check_sql, without the call)
         return self._check_sql(server)
 
     def checked(self, row: list[str | None], server, protocol: str = "simple") -> None:
