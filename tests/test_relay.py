@@ -888,3 +888,84 @@ def test_verify_mode_still_sees_every_statement(registry, monkeypatch):
     _, _, _, fast = _run_plain("SELECT 42", [m.row_description(["a"]) + row(42) + cc("SELECT 1") + ZI],
                                False, monkeypatch, verify=True)
     assert fast == []       # the fast walk is not used: verify mode records the statement text
+
+
+DESCRIBE_PORTAL = m.message(b"D", b"P\x00")
+T_A = m.row_description(["a"])
+NO_DATA = m.message(b"n")
+
+BATCH_CASES = [
+    # (client bytes, server answer in reads, what each try of the fast walk gave)
+    (parse(b"", b"SELECT $1") + bind(b"", b"", (b"1",)) + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + T_A + row(1) + cc("SELECT 1") + ZI], [True]),
+    (parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + parse(b"", b"SELECT 2") + bind(b"", b"")
+     + execute() + SYNC, [P1 + B2 + row(1) + cc("SELECT 1") + P1 + B2 + row(2) + cc("SELECT 1") + ZI], [True]),
+    (parse(b"s1", b"SELECT 1") + bind(b"", b"s1") + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + T_A + m.notice_response("careful") + row(1) + cc("SELECT 1") + ZT], [True]),
+    (parse(b"", b"INSERT INTO t VALUES (1)") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + NO_DATA + cc("INSERT 0 1") + ZI], [True]),
+    (parse(b"", b"") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + m.message(b"I") + ZI], [True]),
+    # The answer in two reads: the general walk takes the first, the fast one the rest.
+    (parse(b"", b"SELECT 1") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + T_A + row(1), cc("SELECT 1") + ZI], [True]),
+    # Declined: an error, a parameter report, a statement with effects, a Describe of a statement.
+    (parse(b"", b"SELECT x") + bind(b"", b"") + execute() + SYNC, [err() + ZI], [False]),
+    (parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC,
+     [P1 + B2 + m.parameter_status("TimeZone", "UTC") + row(1) + cc("SELECT 1") + ZI], [False]),
+    (parse(b"", b"SET work_mem = '8MB'") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + cc("SET") + ZI],
+     [False]),
+    (parse(b"s2", b"SELECT 1") + describe_stmt(b"s2") + SYNC,
+     [P1 + m.message(b"t", b"\x00\x00") + T_A + ZI], [False]),
+]
+
+
+@pytest.mark.parametrize("client,reads,tries", BATCH_CASES)
+def test_fast_walk_of_a_batch_gives_what_the_general_walk_gives(client, reads, tries, monkeypatch):
+    runs = []
+    for general_only in (False, True):
+        relay = make_relay(StatementRegistry())
+        server = ServerState()
+        relay.attach(server)
+        taken = []
+        real = Relay._plain_batch
+
+        def walk(self, data):
+            out = None if general_only else real(self, data)
+            taken.append(out is not None)
+            return out
+        monkeypatch.setattr(Relay, "_plain_batch", walk)
+        to_server = relay.from_client(client)
+        out = drained(relay) + b"".join(relay.from_server(r) + drained(relay) for r in reads)
+        monkeypatch.undo()
+        runs.append((to_server, out, relay.status, relay.releasable, list(relay.queue),
+                     relay.session._query_failed, relay.session.params, sorted(relay.statements),
+                     list(server.prepared.names), taken))
+    assert runs[0][:-1] == runs[1][:-1]
+    assert runs[0][-1] == tries
+    assert split(runs[0][1])[-1][0] == b"Z"
+
+
+def test_fast_walk_of_a_batch_holds_ready_for_query_while_a_check_runs(monkeypatch):
+    from unpinned.effects import Reason
+    outs = []
+    for general_only in (False, True):
+        relay = new_relay(StatementRegistry())
+        taken = []
+        real = Relay._plain_batch
+
+        def walk(self, data):
+            out = None if general_only else real(self, data)
+            taken.append(out is not None)
+            return out
+        monkeypatch.setattr(Relay, "_plain_batch", walk)
+        relay.from_client(parse(b"", b"SELECT 2") + bind(b"", b"") + execute() + SYNC)
+        relay.session._checks[Reason.ADVISORY_LOCK] = (None, "extended")
+        out = relay.from_server(P1 + B2 + row(2) + cc("SELECT 1") + ZI)
+        assert types(out) == b"12DC" and b"pg_locks" in b"".join(relay.to_server)
+        relay.to_server.clear()
+        out2 = relay.from_server(m.row_description(["held"]) + row(1) + cc("SELECT 1") + ZI)
+        assert types(out2) == b"Z" and relay.session.pinned and not relay.releasable
+        assert taken[0] is not general_only
+        outs.append((out, out2))
+        monkeypatch.undo()
+    assert outs[0] == outs[1]

@@ -23,6 +23,7 @@ from itertools import count
 
 from .classifier import classify
 from .effects import Kind
+from .policy import STATEMENT_LIMIT
 from .protocol import messages as m
 from .statements import ServerPrepared, ServerStatement, StatementRegistry
 
@@ -52,6 +53,8 @@ _READY_HEAD = b"Z\x00\x00\x00\x05"
 # What the answer to a simple Query without effects may hold besides CommandComplete, for the
 # fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
 _PLAIN_ANSWER = frozenset(b"TDINA")
+# Requests whose answers the fast walk of a batch can settle (see _plain_batch).
+_PLAIN_KINDS = frozenset((R_PARSE, R_BIND, R_DESC_PORTAL, R_EXEC))
 _SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
 _OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 _server_ids = count(1)
@@ -147,7 +150,7 @@ class Relay:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk.
             c = classify(data[5:-1])
-            if not c.effects and c.byte_length <= 16384:
+            if not c.effects and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
                 self.queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
                 return data
@@ -175,7 +178,7 @@ class Relay:
                     fwd_start = pos = end
                     continue
                 c = classify(data[pos + 5:end - 1])
-                answer = self._simple_query(c) if c.effects or c.byte_length > 16384 else None
+                answer = self._simple_query(c) if c.effects or c.byte_length > STATEMENT_LIMIT else None
                 if answer is None:
                     if not (c.groups and self.session.startup):
                         queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
@@ -239,7 +242,8 @@ class Relay:
                 self.batch_open = True
                 portal = data[pos + 5:data.index(b"\x00", pos + 5)]
                 c = self.portal_c.get(portal)
-                refusal = self.session.statement(c, "extended", self.server) if c is not None else None
+                refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
+                    self.session.statement(c, "extended", self.server)
                 if refusal is None:
                     queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
                     if c is not None and c.groups and self.session.startup:
@@ -525,6 +529,12 @@ class Relay:
                 out = self._plain_answer(data, stmt)
                 if out is not None:
                     return out
+        elif len(queue) > 1 and queue[-1][0] == R_SYNC and not self.sbuf and data[-6:-1] == _READY_HEAD \
+                and self.session.seen is None:
+            # The same for the answer to a whole extended-protocol batch up to its Sync.
+            out = self._plain_batch(data)
+            if out is not None:
+                return out
         if self.sbuf:
             self.sbuf += data
             if len(self.sbuf) < self._need:
@@ -656,6 +666,48 @@ class Relay:
         if self._ready(data[-1:], FORWARD):
             # As in the general walk: the client's ReadyForQuery waits for the check's answer.
             self.queue.append([R_SYNTH, FORWARD, data[last:]])
+            data = data[:last]
+        self.releasable = self.can_release
+        return data
+
+    def _plain_batch(self, data: bytes) -> bytes | None:
+        """from_server for `data` ending with the ReadyForQuery of a batch whose every request
+        is forwarded as is, and whose Executes have no session effects: each answer message is
+        matched to its request without changing anything, and only if all match are the
+        requests settled. None: the general walk decides."""
+        queue = self.queue
+        last = len(data) - 6
+        nq = len(queue) - 1     # requests before the Sync
+        k = 0
+        execs = None
+        pos = 0
+        while pos < last:
+            t = data[pos]
+            if t != 68 and t != 78 and t != 65:     # DataRow, notices ride along
+                if k == nq:
+                    return None
+                entry = queue[k]
+                kind = entry[0]
+                if entry[1] != FORWARD or kind not in _PLAIN_KINDS or t not in TERMINALS[kind]:
+                    return None
+                if kind == R_EXEC:
+                    stmt = entry[2]
+                    if stmt is None or stmt[0].groups or not stmt[0].parsed:
+                        return None
+                    if t == 67:
+                        if execs is None:
+                            execs = []
+                        execs.append(stmt)
+                k += 1
+            pos += 1 + unpack_i32(data, pos + 1)[0]
+        if pos != last or k != nq or queue[nq][1] != FORWARD:
+            return None
+        queue.clear()
+        if execs is not None:
+            for stmt in execs:
+                stmt[1] += 1
+        if self._ready(data[-1:], FORWARD):
+            queue.append([R_SYNTH, FORWARD, data[last:]])
             data = data[:last]
         self.releasable = self.can_release
         return data
