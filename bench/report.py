@@ -135,12 +135,14 @@ def build_rows(res: dict) -> list[dict]:
                      "unpinned": _fmt(v, 2), "vs_pgbouncer": None, "vs_direct": None, "goal": "≤ 5 µs",
                      "result": _verdict(None if v is None else v <= 5.0), "values": {"unpinned": v}})
     po = cl.get("parsed_once")
-    rows.append({"key": "new_statement", "what": "classify, new SET: parse µs (new SELECT µs)", "unit": "µs",
+    rows.append({"key": "new_statement",
+                 "what": "classify, new SET: parse µs (new SELECT µs; new literal, known shape µs)", "unit": "µs",
                  "direct": "—", "pgbouncer": "—",
-                 "unpinned": "n/a" if not cl else f"{cl['new_set_parse_us']:.1f} ({cl['new_select_us']:.1f})",
+                 "unpinned": "n/a" if not cl else f"{cl['new_set_parse_us']:.1f} ({cl['new_select_us']:.1f}; "
+                                                  f"{cl.get('new_literal_us', float('nan')):.2f})",
                  "vs_pgbouncer": None, "vs_direct": None, "goal": "parsed once",
                  "result": _verdict(po), "values": {k: cl.get(k) for k in ("new_set_parse_us", "new_select_us",
-                                                                               "parsed_once")}})
+                                                                               "new_literal_us", "parsed_once")}})
     return rows
 
 

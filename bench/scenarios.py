@@ -145,12 +145,22 @@ def run_classifier(number: int) -> dict:
     start = time.perf_counter()
     firsts = [classifier.classify(s) for s in new_stmts]
     out["new_set_parse_us"] = round((time.perf_counter() - start) / len(new_stmts) * 1e6, 2)
-    new_selects = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {i} /* {nonce} */".encode()
-                   for i in range(2000)]
+    # New SELECT texts of new shapes (a different identifier each time): the pre-check runs.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    new_selects = [f"SELECT abalance FROM pgbench_accounts WHERE aid = 1 /* {nonce} {letters[i % 26]}"
+                   f"{letters[i // 26 % 26]}{letters[i // 676]} */".encode() for i in range(2000)]
     start = time.perf_counter()
     for s in new_selects:
         classifier.classify(s)
     out["new_select_us"] = round((time.perf_counter() - start) / len(new_selects) * 1e6, 2)
+    # New literals in a known shape (pgbench -S in simple mode): served by the shape.
+    new_literals = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {i} /* {nonce} */".encode()
+                    for i in range(100_000, 102_000)]
+    classifier.classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 999999 /* " + nonce.encode() + b" */")
+    start = time.perf_counter()
+    for s in new_literals:
+        classifier.classify(s)
+    out["new_literal_us"] = round((time.perf_counter() - start) / len(new_literals) * 1e6, 2)
     # "Parsed once": the second sight of each new statement returns the very same object.
     out["parsed_once"] = all(classifier.classify(bytes(s)) is c for s, c in zip(new_stmts[-500:], firsts[-500:]))
     out["errors"] = []
