@@ -50,6 +50,7 @@ READY_NOW = None   # a made-up response that is ReadyForQuery with the status of
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
+_MAX_LENGTH = m.MAX_MESSAGE_LENGTH
 # What the answer to a simple Query without effects may hold besides CommandComplete, for the
 # fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
 _PLAIN_ANSWER = frozenset(b"TDINA")
@@ -165,12 +166,57 @@ class Relay:
         while n - pos >= 5:
             t = data[pos]
             ln = unpack_i32(data, pos + 1)[0]
-            if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
+            if ln < 4 or ln > _MAX_LENGTH:
                 raise m.ProtocolError(f"invalid message length {ln}")
             end = pos + 1 + ln
             if end > n:
                 break
-            if t == 81:  # 'Q'
+            if self.skip_to_sync and t != 81 and t != 83 and t != 100 and t != 99 and t != 102:
+                # After an error the proxy made up, the server must not see the rest of the batch.
+                out.append(data[fwd_start:pos])
+                fwd_start = end
+            elif t == 66 and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
+                # Bind of the unnamed portal to the unnamed statement (most drivers' every query):
+                # nothing to rename, so no call into _extended.
+                self.batch_open = True
+                self.portal_c[b""] = self.unnamed_c
+                queue.append([R_BIND, FORWARD, None])
+            elif t == 69:  # 'E' Execute
+                self.batch_open = True
+                portal = data[pos + 5:data.index(b"\x00", pos + 5)]
+                c = self.portal_c.get(portal)
+                refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
+                    self.session.statement(c, "extended", self.server)
+                if refusal is None:
+                    queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
+                    if c is not None and c.groups and self.session.startup:
+                        sql = self.session.restore_sql(c.groups[0])
+                        if sql is not None:
+                            # Right behind it, before anything else of the batch runs.
+                            queue[-1][2].append((0,))
+                            out.append(data[fwd_start:end])
+                            out.append(self._run_own(sql))
+                            fwd_start = end
+                else:
+                    fields = m.parse_error_fields(refusal[5:])
+                    out.append(data[fwd_start:pos])
+                    out.append(self._fail(fields.get("C", "XX000").encode(), fields.get("M", ""), fields.get("H")))
+                    fwd_start = end
+            elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
+                self.batch_open = True
+                queue.append([R_DESC_PORTAL, FORWARD, None])
+            elif t == 80 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
+                    and not (c := classify(data[pos + 6:qend])).effects:
+                # Parse of the unnamed statement, without session effects: nothing to rewrite.
+                self.batch_open = True
+                self.unnamed_c = c
+                queue.append([R_PARSE, FORWARD, None])
+            elif t == 83:  # 'S' Sync
+                self.stats.query_requests += 1
+                self.skip_to_sync = False
+                self.batch_open = False
+                queue.append([R_SYNC, FORWARD, None])
+            elif t == 81:  # 'Q'
                 self.stats.query_requests += 1
                 if self.skip_to_sync:
                     # PostgreSQL ignores it too while it discards messages up to Sync.
@@ -207,57 +253,12 @@ class Relay:
                     fwd_start = end
                     self._synth(answer)
                     self._synth(READY_NOW)
-            elif t == 83:  # 'S' Sync
-                self.stats.query_requests += 1
-                self.skip_to_sync = False
-                self.batch_open = False
-                queue.append([R_SYNC, FORWARD, None])
-            elif self.skip_to_sync and t != 100 and t != 99 and t != 102:
-                # After an error the proxy made up, the server must not see the rest of the batch.
-                out.append(data[fwd_start:pos])
-                fwd_start = end
-            elif t == 66 and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
-                # Bind of the unnamed portal to the unnamed statement (most drivers' every query):
-                # nothing to rename, so no call into _extended.
-                self.batch_open = True
-                self.portal_c[b""] = self.unnamed_c
-                queue.append([R_BIND, FORWARD, None])
-            elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
-                self.batch_open = True
-                queue.append([R_DESC_PORTAL, FORWARD, None])
-            elif t == 80 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
-                    and not (c := classify(data[pos + 6:qend])).effects:
-                # Parse of the unnamed statement, without session effects: nothing to rewrite.
-                self.batch_open = True
-                self.unnamed_c = c
-                queue.append([R_PARSE, FORWARD, None])
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
                 self.batch_open = True
                 repl = self._extended(t, data, pos + 5, end)
                 if repl is not None:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
-                    fwd_start = end
-            elif t == 69:  # 'E' Execute
-                self.batch_open = True
-                portal = data[pos + 5:data.index(b"\x00", pos + 5)]
-                c = self.portal_c.get(portal)
-                refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
-                    self.session.statement(c, "extended", self.server)
-                if refusal is None:
-                    queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
-                    if c is not None and c.groups and self.session.startup:
-                        sql = self.session.restore_sql(c.groups[0])
-                        if sql is not None:
-                            # Right behind it, before anything else of the batch runs.
-                            queue[-1][2].append((0,))
-                            out.append(data[fwd_start:end])
-                            out.append(self._run_own(sql))
-                            fwd_start = end
-                else:
-                    fields = m.parse_error_fields(refusal[5:])
-                    out.append(data[fwd_start:pos])
-                    out.append(self._fail(fields.get("C", "XX000").encode(), fields.get("M", ""), fields.get("H")))
                     fwd_start = end
             elif t == 70:  # 'F' FunctionCall
                 queue.append([R_FUNC, FORWARD, None])
