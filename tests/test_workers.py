@@ -327,3 +327,22 @@ def test_max_client_connections_counts_every_workers_clients(pg, users_file, tmp
             c.close()
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
+
+
+def test_a_forked_worker_draws_its_own_cancel_secrets():
+    # Cancel keys come from a block of CSPRNG bytes; a worker forked after the block was drawn
+    # must not hand out the same secrets as its parent.
+    from unpinned import proxy as proxy_mod
+    proxy_mod._random64()                    # the parent has a block now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, proxy_mod._random64().to_bytes(8, "big"))
+        finally:
+            os._exit(0)
+    os.close(w)
+    child = int.from_bytes(os.read(r, 8), "big")
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child != proxy_mod._random64()

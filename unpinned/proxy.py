@@ -39,6 +39,20 @@ _NOT_GUCS = {"user", "database", "options", "replication"}
 TLS_HANDSHAKE = object()    # ClientConnection._auth while the TLS handshake runs
 
 
+# Cancel keys come from the operating system's CSPRNG, drawn in blocks (one system call per
+# 512 keys instead of one per login). A forked worker must not reuse its parent's block.
+_entropy = bytearray()
+os.register_at_fork(after_in_child=_entropy.clear)
+
+
+def _random64() -> int:
+    if not _entropy:
+        _entropy.extend(os.urandom(4096))
+    raw = int.from_bytes(_entropy[-8:], "big")
+    del _entropy[-8:]
+    return raw
+
+
 class Proxy:
     def __init__(self, config: Config, config_path: str | None = None, overrides: dict | None = None,
                  worker: WorkerInfo | None = None):
@@ -610,7 +624,7 @@ class ClientConnection(asyncio.Protocol):
     def _new_key(self) -> tuple[int, int]:
         worker = self.proxy.worker
         while True:
-            raw = int.from_bytes(os.urandom(8), "big")     # one system call for both halves
+            raw = _random64()
             key = (raw >> 33, raw & 0xFFFFFFFF)
             if worker is not None:   # the pid names the worker, so any worker can route a cancel
                 pid = key[0] - key[0] % worker.count + worker.index

@@ -196,14 +196,14 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
         # A well-formed list ends with an empty name; tolerate its absence like PostgreSQL does not.
         if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
             raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
-        parts = parts[:-2]
-        if len(parts) % 2:
+        if len(parts) % 2:      # (an even count here: the names and values, plus two empties)
             raise ProtocolError("invalid startup packet layout: missing value")
         try:
-            for i in range(0, len(parts), 2):
-                params[parts[i].decode()] = parts[i + 1].decode()
+            texts = body[4:-2].decode().split("\x00")
         except UnicodeDecodeError:
             raise ProtocolError("invalid startup packet: not UTF-8") from None
+        if len(texts) > 1:
+            params = dict(zip(texts[::2], texts[1::2]))
     return code, params
 
 
