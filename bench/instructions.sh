@@ -1,0 +1,32 @@
+#!/bin/bash
+# CPU instructions the proxy executes per transaction, counted by valgrind's callgrind: the
+# same count whatever else the machine is doing, so a small change to the hot path can be
+# measured where TPS on a shared 2-core machine is noise. Not part of `make bench`.
+#
+#   PGPORT=5432 bench/instructions.sh [pgbench args]      (default: -S -n -c 50 -j 2)
+#
+# PGPORT: a PostgreSQL with a `pgbench -i` database and trust authentication for postgres
+# (an embedded one started as bench/run.py does, or a system one).
+# Needs valgrind (apt-get install valgrind). One worker; warm-up 2,000 transactions, then
+# N x clients transactions are counted (N=100 by default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PGPORT:?set PGPORT to a PostgreSQL with a pgbench database}"
+PY=.venv/bin/python
+PGBENCH=${PGBENCH:-$($PY -c "from unpinned.embedded import install_dir; print(install_dir())")/bin/pgbench}
+ARGS=${*:--S -n -c 50 -j 2}
+PORT=${PROXY_PORT:-6499}
+OUT=$(mktemp -d)
+valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" $PY -m unpinned.cli serve --listen 127.0.0.1:$PORT \
+    --upstream "postgresql://postgres@127.0.0.1:$PGPORT/postgres" --auth trust --pool-size 20 2>"$OUT/serve.log" &
+VG=$!
+trap 'kill $VG 2>/dev/null || true' EXIT
+for _ in $(seq 120); do sleep 1; ss -ltn | grep -q ":$PORT " && break; done
+run() { PGPASSWORD=x "$PGBENCH" -h 127.0.0.1 -p "$PORT" -U postgres $ARGS -t "$1" postgres 2>&1; }
+run 40 >/dev/null
+callgrind_control -d "$VG" >/dev/null
+TX=$(run "${N:-100}" | awk '/actually processed/ {split($NF, a, "/"); print a[1]}')
+callgrind_control -d "$VG" >/dev/null
+sleep 1
+IR=$(callgrind_annotate --auto=no "$(ls "$OUT"/cg.*.2)" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "pgbench $ARGS: $TX transactions, $((IR / TX)) instructions per transaction"
