@@ -183,6 +183,7 @@ def test_garbage_after_login_is_fatal_08P01(tproxy):
     m.message(b"B", b"\x00no statement end"),                        # Bind, statement name not ended
     m.message(b"E", b"portal"),                                      # Execute, portal not ended
     m.message(b"D", b""),                                            # Describe without its kind
+    m.message(b"P", b""),                                            # Parse with nothing at all
 ])
 def test_malformed_message_body_gets_08P01_and_the_client_goes_on(tproxy, message):
     # PostgreSQL answers these with ERROR 08P01 and goes on; so does the proxy.

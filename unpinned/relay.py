@@ -205,7 +205,7 @@ class Relay:
             elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
                 self.batch_open = True
                 queue.append([R_DESC_PORTAL, FORWARD, None])
-            elif t == 80 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
+            elif t == 80 and ln > 4 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
                     and not (c := classify(data[pos + 6:qend])).effects:
                 # Parse of the unnamed statement, without session effects: nothing to rewrite.
                 self.batch_open = True

@@ -196,7 +196,7 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
         # A well-formed list ends with an empty name; tolerate its absence like PostgreSQL does not.
         if len(parts) < 2 or parts[-1] != b"" or parts[-2] != b"":
             raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
-        if len(parts) % 2:      # (an even count here: the names and values, plus two empties)
+        if len(parts) % 2:      # names and values in pairs (the two final empty strings keep the parity)
             raise ProtocolError("invalid startup packet layout: missing value")
         try:
             texts = body[4:-2].decode().split("\x00")
