@@ -824,19 +824,26 @@ PLAIN_CASES = [
 ]
 
 
+def _watch_fast_walk(monkeypatch, name: str, general_only: bool) -> list[bool]:
+    """Patch Relay.<name> (a fast walk) to record whether each try was taken; with
+    general_only it always declines, so the general walk does everything."""
+    taken: list[bool] = []
+    real = getattr(Relay, name)
+
+    def walk(self, *args):
+        out = None if general_only else real(self, *args)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(Relay, name, walk)
+    return taken
+
+
 def _run_plain(query, reads, general_only, monkeypatch=None, verify=False):
     relay = make_relay(StatementRegistry(), mode="smart")
     if verify:
         relay.session.seen = []
     relay.attach(ServerState())
-    fast = []
-    real = Relay._plain_answer
-
-    def spy(self, data, stmt):
-        out = None if general_only else real(self, data, stmt)
-        fast.append(out is not None)
-        return out
-    monkeypatch.setattr(Relay, "_plain_answer", spy)
+    fast = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
     to_server = relay.from_client(m.query(query))
     out = drained(relay) + b"".join(relay.from_server(r) + drained(relay) for r in reads)
     monkeypatch.undo()
@@ -862,14 +869,7 @@ def test_fast_walk_holds_ready_for_query_while_a_check_runs(registry, monkeypatc
     outs = []
     for general_only in (False, True):
         relay = new_relay(StatementRegistry())
-        taken = []
-        real = Relay._plain_answer
-
-        def walk(self, data, stmt):
-            out = None if general_only else real(self, data, stmt)
-            taken.append(out is not None)
-            return out
-        monkeypatch.setattr(Relay, "_plain_answer", walk)
+        taken = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
         relay.from_client(m.query("SELECT 2"))
         relay.session._checks[Reason.ADVISORY_LOCK] = (None, "simple")
         out = relay.from_server(m.row_description(["a"]) + row(2) + cc("SELECT 1") + ZI)
@@ -926,14 +926,7 @@ def test_fast_walk_of_a_batch_gives_what_the_general_walk_gives(client, reads, t
         relay = make_relay(StatementRegistry())
         server = ServerState()
         relay.attach(server)
-        taken = []
-        real = Relay._plain_batch
-
-        def walk(self, data):
-            out = None if general_only else real(self, data)
-            taken.append(out is not None)
-            return out
-        monkeypatch.setattr(Relay, "_plain_batch", walk)
+        taken = _watch_fast_walk(monkeypatch, "_plain_batch", general_only)
         to_server = relay.from_client(client)
         out = drained(relay) + b"".join(relay.from_server(r) + drained(relay) for r in reads)
         monkeypatch.undo()
@@ -950,14 +943,7 @@ def test_fast_walk_of_a_batch_holds_ready_for_query_while_a_check_runs(monkeypat
     outs = []
     for general_only in (False, True):
         relay = new_relay(StatementRegistry())
-        taken = []
-        real = Relay._plain_batch
-
-        def walk(self, data):
-            out = None if general_only else real(self, data)
-            taken.append(out is not None)
-            return out
-        monkeypatch.setattr(Relay, "_plain_batch", walk)
+        taken = _watch_fast_walk(monkeypatch, "_plain_batch", general_only)
         relay.from_client(parse(b"", b"SELECT 2") + bind(b"", b"") + execute() + SYNC)
         relay.session._checks[Reason.ADVISORY_LOCK] = (None, "extended")
         out = relay.from_server(P1 + B2 + row(2) + cc("SELECT 1") + ZI)
