@@ -72,6 +72,12 @@ class SessionOptions:
 class Session:
     """One client's session state across whatever server connections it borrows."""
 
+    # Slots: one per client (10,000 idle clients), created at every login.
+    __slots__ = ("options", "rds", "policy", "startup", "params", "client", "pinlog", "pins", "pinned_at",
+                 "_w_params", "_w_server", "_savepoints", "_query_failed", "_in_txn", "_checks", "_unknown",
+                 "_unknown_done", "_awaiting_check", "_seq_at", "currval_refusals", "_server_hint",
+                 "_lex_conforming", "_restored", "seen")
+
     def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
                  options: SessionOptions | None = None):
         self.options = options or SessionOptions()
