@@ -128,6 +128,8 @@ def test_many_clients_over_both_workers_never_exceed_the_pool(pg, workers):
         assert int(pools[0]["borrows"]) >= 24 * 15
         stats = _show(port, "STATS")[0]
         assert int(stats["query_requests"]) >= 24 * 45
+        assert float(stats["query_latency_p50_s"]) <= float(stats["query_latency_p99_s"])
+        assert not [k for k in stats if k.startswith("_")], "a merge-only column is shown"
     finally:
         for c in clients:
             c.close()
@@ -283,6 +285,25 @@ def test_merge_view_adds_pools_and_stats_and_keeps_clients_apart():
           "sample": "b"}]])
     assert reasons == [{"reason": "temp_table", "fingerprint": "f", "count": 5, "pins": 5,
                         "last_seen": "2026-01-01 00:00:02", "sample": "a"}]
+
+
+def test_merged_latency_quantiles_are_those_of_all_requests():
+    # Worker 0 answered 99 requests fast, worker 1 one request slowly: the proxy's median is
+    # fast (the slowest worker's median would say 1 s).
+    from unpinned.metrics import BUCKETS
+    fast = [0] * (len(BUCKETS) + 1)
+    fast[0] = 99
+    slow = [0] * (len(BUCKETS) + 1)
+    slow[BUCKETS.index(1.0)] = 1
+    rows = [[{"query_requests": 99, "query_latency_p50_s": BUCKETS[0], "query_latency_p99_s": BUCKETS[0],
+              "_query_latency_counts": fast}],
+            [{"query_requests": 1, "query_latency_p50_s": 1.0, "query_latency_p99_s": 1.0,
+              "_query_latency_counts": slow}]]
+    stats = admin.merge_view("STATS", rows)
+    assert stats == [{"query_requests": 100, "query_latency_p50_s": BUCKETS[0],
+                      "query_latency_p99_s": BUCKETS[0]}]
+    rows[0][0]["_query_latency_counts"][0] = 98
+    assert admin.merge_view("STATS", rows)[0]["query_latency_p99_s"] == 1.0
 
 
 def test_merge_metrics_adds_samples_with_the_same_labels():

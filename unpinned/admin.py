@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .metrics import quantile
 from .protocol import messages as m
 
 if TYPE_CHECKING:
@@ -102,10 +103,12 @@ def pin_reasons(proxy: "Proxy") -> list[dict]:
     return rows
 
 
-def stats(proxy: "Proxy") -> list[dict]:
+def stats(proxy: "Proxy", buckets: bool = False) -> list[dict]:
+    """The STATS row. buckets: with the latency histogram's counts (a hidden column, for
+    merge_view to add up several workers' and take the quantiles of the whole)."""
     st = proxy.stats
     q = st.query_latency
-    return [{
+    row = {
         "uptime_s": round(time.time() - proxy.started, 1),
         "clients_received": st.clients_received, "clients_closed": st.clients_closed,
         "clients_setup_succeeded": st.clients_setup_ok, "clients_failed_auth": st.clients_failed_auth,
@@ -116,7 +119,18 @@ def stats(proxy: "Proxy") -> list[dict]:
         "unpins": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "unpin"),
         "would_pin_rds": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "would_pin_rds"),
         "currval_guard": sum(n for (ev, _), n in proxy.pinlog.counts.items() if ev == "currval_guard"),
-    }]
+    }
+    if buckets:
+        row[_LATENCY_COUNTS] = list(q.counts)
+    return [row]
+
+
+_LATENCY_COUNTS = "_query_latency_counts"
+
+
+def worker_view(proxy: "Proxy", name: str) -> list[dict]:
+    """One view of this worker, as a peer asks for it to merge with the others'."""
+    return stats(proxy, buckets=True) if name == "STATS" else VIEWS[name](proxy)
 
 
 def config_rows(proxy: "Proxy") -> list[dict]:
@@ -268,9 +282,15 @@ def merge_view(name: str, per_worker: list[list[dict]]) -> list[dict]:
                                                               "digest": _first, "sample": _first})
         return sorted(merged, key=lambda r: -r["count"])
     if name == "STATS":
-        # Latency quantiles cannot be added: the slowest worker's is shown (an upper bound).
-        return _merge_by(rows, (), {**_SUMMED_STATS_KEEP, "query_latency_p50_s": _max_or_none,
-                                    "query_latency_p99_s": _max_or_none})
+        merged = _merge_by(rows, (), {**_SUMMED_STATS_KEEP, "query_latency_p50_s": _max_or_none,
+                                      "query_latency_p99_s": _max_or_none, _LATENCY_COUNTS: _add_lists})
+        for row in merged:
+            # Quantiles of the workers' histograms added up (without them: the slowest worker's).
+            counts = row.pop(_LATENCY_COUNTS, None)
+            if counts is not None:
+                row["query_latency_p50_s"] = quantile(counts, 0.5)
+                row["query_latency_p99_s"] = quantile(counts, 0.99)
+        return merged
     if name == "CONFIG":
         return per_worker[0] if per_worker else []
     key = "client_id" if name == "PINS" else "id"
@@ -279,6 +299,11 @@ def merge_view(name: str, per_worker: list[list[dict]]) -> list[dict]:
 
 def _first(values: list):
     return values[0]
+
+
+def _add_lists(values: list):
+    lists = [v for v in values if v is not None]
+    return [sum(col) for col in zip(*lists)] if lists else None
 
 
 def _max_or_none(values: list):

@@ -45,14 +45,21 @@ class Histogram:
         return out
 
     def quantile(self, q: float) -> float | None:
-        if not self.count:
-            return None
-        target, acc = q * self.count, 0
-        for bound, n in zip(BUCKETS + (float("inf"),), self.counts):
-            acc += n
-            if acc >= target:
-                return bound
+        return quantile(self.counts, q)
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """Upper bound of the bucket holding quantile q of a histogram's bucket counts (which
+    may be several processes' counts added up)."""
+    total = sum(counts)
+    if not total:
         return None
+    target, acc = q * total, 0
+    for bound, n in zip(BUCKETS + (float("inf"),), counts):
+        acc += n
+        if acc >= target:
+            return bound
+    return None
 
 
 class Stats:

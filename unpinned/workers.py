@@ -209,7 +209,7 @@ class Peers:
         proxy = self.proxy
         op = req.get("op")
         if op == "view":
-            return admin.VIEWS[req["name"]](proxy)
+            return admin.worker_view(proxy, req["name"])
         if op == "history":
             return list(proxy.history)
         if op == "metrics":
