@@ -17,8 +17,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/unpinned demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The live-page test renders the page in headless Chromium (Debian's package). Installed
+# here when missing and possible (root with apt-get); otherwise that one test is skipped.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  if apt-get install -y -q chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1); then \
+	    echo "installed chromium (Debian) for the live-page test"; \
+	  else echo "could not install chromium: the live-page test will be skipped"; fi; \
+	else echo "no chromium (root and apt-get needed to install it): the live-page test will be skipped"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
