@@ -403,6 +403,14 @@ SCRIPTS: dict[str, tuple[dict, list]] = {
         ("a", _p("SELECT set_config('work_mem', %s, false)", ("7MB",))), ("a", "SHOW work_mem"),
         ("a", Op("prepared", "SELECT set_config('work_mem', %s, false)", (None,))), ("b", "SELECT 1"),
         ("a", Op("prepared", "SELECT set_config('work_mem', %s, false)", ("5MB",))), ("a", "SHOW work_mem")]),
+    # A set_config that does not run (WHERE false, a CASE branch not taken) changes nothing.
+    "set_config_null_that_does_not_run": ({"a": dict(options="-c work_mem=32MB")}, [
+        ("a", "SET work_mem = '1MB'"), ("a", "SELECT set_config('work_mem', NULL, false) WHERE false"),
+        ("b", "SELECT 1"), ("a", "SHOW work_mem"),
+        ("a", "SELECT CASE WHEN false THEN set_config('work_mem', NULL, false) END"), ("b", "SELECT 1"),
+        ("a", "SHOW work_mem"), ("a", "SET lock_timeout = 1234"),
+        ("a", "SELECT set_config('lock_timeout', NULL, false) FROM generate_series(1, 0)"), ("b", "SHOW lock_timeout"),
+        ("a", "SHOW lock_timeout")]),
     # A RESET ALL in a pipeline inside a transaction, then a set_config of a startup parameter:
     # the proxy's resync at the end of the batch put the startup value back over it.
     "set_config_after_reset_all_in_a_pipeline": ({"a": dict(options="-c work_mem=32MB -c TimeZone=Asia/Tokyo")}, [

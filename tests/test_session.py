@@ -143,8 +143,16 @@ def test_set_config_is_read_back_and_set_default_resets():
     assert d.params == {"search_path": "a, b", "myapp.tenant": "42"}
     d.run("SET search_path TO DEFAULT")
     assert d.params == {"myapp.tenant": "42"}
-    d.run("SELECT set_config('myapp.tenant', NULL, false)")                  # NULL: a reset
+    # NULL resets when it runs; the read-back's source tells a reset from a SET.
+    d.run("SELECT set_config('myapp.tenant', NULL, false)")
+    assert "current_setting('myapp.tenant', true)" in d.check_sql
+    d.session.checked(["", None, "default"], d.server)
     assert d.params == {}
+    # ... and when it does not run (WHERE false), the value the client set stays.
+    d.run("SET work_mem = '12MB'")
+    d.run("SELECT set_config('work_mem', NULL, false) WHERE false")
+    d.session.checked(["12MB", "4MB", "session"], d.server)
+    assert d.params == {"work_mem": "12MB"}
 
 
 def test_session_authorization_resets_role_and_reset_all_keeps_both():

@@ -292,11 +292,10 @@ class Session:
                 self._pin(Reason.SET_CONFIG, c, protocol, server)
             elif e.flag is True or e.name in _TRANSACTION_GUCS:
                 return
-            elif e.flag is False and e.value is None:
-                self._reset(e.name.lower())     # set_config(name, NULL, false) is a RESET
             else:
                 # Even with literal arguments the call may not run (WHERE false, CASE, an
-                # error in another column...): the server says what the value is.
+                # error in another column...): the server says what the value is. A NULL value
+                # is a RESET when it runs, which the read-back tells apart by its source.
                 self._set_unknown(e.name.lower())
         elif k is Kind.RESET:
             if e.name is None:
