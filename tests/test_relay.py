@@ -118,6 +118,24 @@ def new_relay(registry, server: ServerState | None = None, params=None, mode: st
     return relay
 
 
+def prepared_then_detached(registry, server: ServerState, name: bytes, sql: bytes,
+                           types: tuple[int, ...] = ()) -> Relay:
+    """A relay whose client prepared `name` on `server`, then gave the connection back."""
+    relay = new_relay(registry, server)
+    relay.from_client(parse(name, sql, types) + SYNC)
+    relay.from_server(P1 + ZI)
+    relay.detach()
+    return relay
+
+
+def moved_relay(registry, sql: bytes, types: tuple[int, ...] = ()) -> Relay:
+    """A relay whose client prepared `q` (sql) on one server connection and now holds
+    another one that lacks it."""
+    relay = prepared_then_detached(registry, ServerState(), b"q", sql, types)
+    relay.attach(ServerState())
+    return relay
+
+
 def server_name(registry: StatementRegistry, sql: bytes, types: tuple[int, ...] = ()) -> bytes:
     """The server-side name the registry gives this statement (creating it if new)."""
     return registry.get(parse(b"", sql, types)[6:]).name
@@ -156,10 +174,7 @@ def test_same_text_and_types_share_one_server_name_different_types_do_not(regist
 
 def test_second_client_with_same_statement_gets_synthesized_parse_complete(registry):
     server = ServerState()
-    first = new_relay(registry, server)
-    first.from_client(parse(b"a", b"SELECT 42") + SYNC)
-    first.from_server(P1 + ZI)
-    first.detach()
+    prepared_then_detached(registry, server, b"a", b"SELECT 42")
 
     second = new_relay(registry, server)
     out = second.from_client(parse(b"b", b"SELECT 42") + SYNC)
@@ -190,17 +205,11 @@ def test_synthesized_parse_complete_waits_for_earlier_responses(registry):
 
 
 def test_bind_on_server_lacking_the_statement_injects_parse_and_swallows_its_reply(registry):
-    s1, s2 = ServerState(), ServerState()
-    relay = new_relay(registry, s1)
-    relay.from_client(parse(b"q", b"SELECT $1::text", (25,)) + SYNC)
-    relay.from_server(P1 + ZI)
-    relay.detach()
-
-    relay.attach(s2)
+    relay = moved_relay(registry, b"SELECT $1::text", (25,))
     name = server_name(registry, b"SELECT $1::text", (25,))
     out = relay.from_client(bind(b"", b"q", (b"hi",)) + execute() + SYNC)
     assert out == parse(name, b"SELECT $1::text", (25,)) + bind(b"", name, (b"hi",)) + execute() + SYNC
-    assert s2.prepared.has(name)
+    assert relay.server.prepared.has(name)
     seen = relay.from_server(P1 + B2 + row("hi") + cc("SELECT 1") + ZI)
     assert seen == B2 + row("hi") + cc("SELECT 1") + ZI   # the injected ParseComplete is not shown
     assert relay.releasable
@@ -211,12 +220,7 @@ def test_bind_on_server_lacking_the_statement_injects_parse_and_swallows_its_rep
 
 
 def test_describe_on_server_lacking_the_statement_injects_parse(registry):
-    s1, s2 = ServerState(), ServerState()
-    relay = new_relay(registry, s1)
-    relay.from_client(parse(b"q", b"SELECT 1 AS one") + SYNC)
-    relay.from_server(P1 + ZI)
-    relay.detach()
-    relay.attach(s2)
+    relay = moved_relay(registry, b"SELECT 1 AS one")
     name = server_name(registry, b"SELECT 1 AS one")
     out = relay.from_client(describe_stmt(b"q") + SYNC)
     assert out == parse(name, b"SELECT 1 AS one") + describe_stmt(name) + SYNC
@@ -422,17 +426,12 @@ def test_duplicate_parse_name_is_raised_by_the_server_as_42P05(registry):
 
 def test_injected_parse_failure_reaches_the_client(registry):
     # The statement was fine on the first server, but the table is gone on the second.
-    s1, s2 = ServerState(), ServerState()
-    relay = new_relay(registry, s1)
-    relay.from_client(parse(b"q", b"SELECT * FROM t") + SYNC)
-    relay.from_server(P1 + ZI)
-    relay.detach()
-    relay.attach(s2)
+    relay = moved_relay(registry, b"SELECT * FROM t")
     name = server_name(registry, b"SELECT * FROM t")
     relay.from_client(bind(b"", b"q") + execute() + SYNC)
     seen = relay.from_server(err("42P01", 'relation "t" does not exist') + ZI)
     assert types(seen) == b"EZ" and error_code(seen) == ["42P01"]
-    assert not s2.prepared.has(name)          # next time it is injected again
+    assert not relay.server.prepared.has(name)          # next time it is injected again
     out = relay.from_client(bind(b"", b"q") + execute() + SYNC)
     assert parse_names(out) == [name]
 
@@ -622,12 +621,7 @@ def test_password_message_after_login_raises_protocol_error(registry):
 
 def _scenario(registry):
     """A relay on a server lacking its statement, plus the client and server byte streams."""
-    s1, s2 = ServerState(), ServerState()
-    relay = new_relay(registry, s1)
-    relay.from_client(parse(b"q", b"SELECT generate_series(1, $1::int)") + SYNC)
-    relay.from_server(P1 + ZI)
-    relay.detach()
-    relay.attach(s2)
+    relay = moved_relay(registry, b"SELECT generate_series(1, $1::int)")
     client = (bind(b"", b"q", (b"3",)) + execute() + m.close_statement(b"q") + SYNC
               + m.query("SELECT 'x'") + parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC)
     server = (P1 + B2 + row(1) + m.notice_response("careful") + row(2) + row("three" * 1000) + cc("SELECT 3")
@@ -775,10 +769,7 @@ def test_statement_with_a_backslash_is_not_shared_and_its_reprepare_notices_are_
     # Its text is lexed by standard_conforming_strings of the moment, and warned about when
     # that is off: each client's Parse reaches the server.
     s1, s2 = ServerState(), ServerState()
-    a = new_relay(registry, s1)
-    a.from_client(parse(b"x", b"SET application_name = 'a\\b'") + SYNC)
-    a.from_server(P1 + ZI)
-    a.detach()
+    a = prepared_then_detached(registry, s1, b"x", b"SET application_name = 'a\\b'")
     b = new_relay(registry, s1)
     out = b.from_client(parse(b"y", b"SET application_name = 'a\\b'") + SYNC)
     assert types(out) == b"PS" and parse_names(out) != parse_names(a.statements[b"x"].parse_msg)

@@ -81,19 +81,6 @@ class Stats:
         self.query_latency = Histogram()
         self.db_latency = Histogram()
 
-    def answered(self, now: float, t_req: float, t_sent: float) -> None:
-        """A request is answered: both latencies in one call (this runs every transaction)."""
-        h = self.query_latency
-        d = now - t_req
-        h.counts[bisect_left(BUCKETS, d)] += 1
-        h.sum += d
-        h.count += 1
-        if t_sent:
-            h = self.db_latency
-            d = now - t_sent
-            h.counts[bisect_left(BUCKETS, d)] += 1
-            h.sum += d
-            h.count += 1
 
 
 def _hist(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:

@@ -765,7 +765,11 @@ class ClientConnection(asyncio.Protocol):
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
         if not relay.queue and self._t_req:
-            self.proxy.stats.answered(time.monotonic(), self._t_req, self._t_sent)
+            now = time.monotonic()
+            st = self.proxy.stats
+            st.query_latency.observe(now - self._t_req)
+            if self._t_sent:
+                st.db_latency.observe(now - self._t_sent)
             self._t_req = self._t_sent = 0.0
         if relay.fatal is not None:
             self.shutdown(relay.fatal)

@@ -664,12 +664,7 @@ class Relay:
             return None     # the tail only looked like a ReadyForQuery
         self.queue.popleft()
         stmt[1] += completes
-        if self._ready(data[-1:], FORWARD):
-            # As in the general walk: the client's ReadyForQuery waits for the check's answer.
-            self.queue.append([R_SYNTH, FORWARD, data[last:]])
-            data = data[:last]
-        self.releasable = self.can_release
-        return data
+        return self._settled(data, last)
 
     def _plain_batch(self, data: bytes) -> bytes | None:
         """from_server for `data` ending with the ReadyForQuery of a batch whose every request
@@ -707,8 +702,13 @@ class Relay:
         if execs is not None:
             for stmt in execs:
                 stmt[1] += 1
+        return self._settled(data, last)
+
+    def _settled(self, data: bytes, last: int) -> bytes:
+        """The end of a fast walk: the ReadyForQuery at `last` settles the session. As in the
+        general walk, the client's ReadyForQuery waits while a check of the server runs."""
         if self._ready(data[-1:], FORWARD):
-            queue.append([R_SYNTH, FORWARD, data[last:]])
+            self.queue.append([R_SYNTH, FORWARD, data[last:]])
             data = data[:last]
         self.releasable = self.can_release
         return data
