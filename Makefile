@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/unpinned demo
 
 test: $(STAMP) browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The live-page test renders the page in headless Chromium (Debian's package). Installed

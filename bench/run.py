@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"that row may show failed connections")
 
     from unpinned import __version__ as unpinned_version
-    from unpinned.embedded import EmbeddedPostgres
+    from unpinned.dev.embedded import EmbeddedPostgres
 
     if args.no_pgbouncer:
         pgbouncer_path, why = None, "PgBouncer left out (--no-pgbouncer): its columns show n/a"

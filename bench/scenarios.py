@@ -128,7 +128,7 @@ def run_idle(port: int, pid: int, count: int) -> dict:
 
 def run_classifier(number: int) -> dict:
     """µs per classify() call of a statement seen before; a new statement's parse time."""
-    from unpinned import classifier
+    from unpinned.sql import classifier
 
     select = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
     select_simple = b"SELECT abalance FROM pgbench_accounts WHERE aid = 4711;"

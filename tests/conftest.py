@@ -7,7 +7,6 @@ both talk to it, and the test can look at the proxy's state directly.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import tempfile
 import threading
@@ -17,7 +16,7 @@ import pytest
 import uvloop
 
 from unpinned.config import load
-from unpinned.embedded import EmbeddedPostgres
+from unpinned.dev.embedded import EmbeddedPostgres
 from unpinned.proxy import Proxy
 
 SUPERUSER_PASSWORD = "postgres-pw"

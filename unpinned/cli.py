@@ -2,26 +2,27 @@
 from __future__ import annotations
 
 import asyncio
+import json as _json
 import logging
 import sys
 
 import click
+from rich.console import Console
+from rich.table import Table
 
-from . import __version__
-from .config import ConfigError, load
+from unpinned import __version__
+from unpinned.config import ConfigError, effective_workers, load
+from unpinned.dev.demo import run_demo
+from unpinned.kit.audit import AuditError, exit_status, render_json, render_markdown, render_table, run_audit
+from unpinned.ops.workers import supervise
+from unpinned.proxy import install_uvloop, run, run_worker
+from unpinned.sql.classifier import classify, digest, fingerprint
+from unpinned.state.policy import PolicyOptions, describe, rds_reasons, static_smart_reasons
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,11 +58,9 @@ def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, http
         cfg = load(config_path, **overrides)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    from .workers import effective_workers, run_worker, supervise
     if effective_workers(cfg) > 1:
         sys.exit(supervise(cfg, config_path, overrides,
                            lambda info: run_worker(cfg, config_path, overrides, info)))
-    from .proxy import run
     install_uvloop()
     try:
         asyncio.run(run(cfg, config_path, overrides))
@@ -81,11 +80,6 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
 
     Exit status: 0 no pin in the chosen mode(s), 1 it pins, 2 usage error.
     """
-    import json as _json
-    from rich.console import Console
-    from rich.table import Table
-    from .classifier import classify, digest, fingerprint
-    from .policy import PolicyOptions, describe, rds_reasons, static_smart_reasons
 
     c = classify(sql)
     opts = PolicyOptions(set_local_pins=set_local_pins, sequences=sequences)
@@ -147,8 +141,6 @@ def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequen
 
     Exit status: 0 nothing pins in the chosen mode(s), 1 something pins, 2 usage error.
     """
-    from .audit import AuditError, exit_status, render_json, render_markdown, render_table, run_audit
-    from .policy import PolicyOptions
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -181,7 +173,6 @@ def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequen
 def demo(clients, pool_size, seconds, keep) -> None:
     """Embedded PostgreSQL, an rds-mode and a smart-mode proxy, the seeds' cases side by side,
     then many clients over few server connections. Exits clean."""
-    from .demo import run_demo
     install_uvloop()
     sys.exit(run_demo(clients=clients, pool_size=pool_size, seconds=seconds, keep=keep))
 

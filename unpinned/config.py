@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, parse_qs
 
-from .auth import UserSecret
+from unpinned.wire.auth import UserSecret, parse_scram_verifier
 
 
 class ConfigError(Exception):
@@ -64,7 +65,6 @@ class Upstream:
 
     def tls_context(self):
         """The client-side TLS context for server connections (after the server said 'S')."""
-        import ssl
         if self.sslmode in ("verify-ca", "verify-full"):
             ctx = ssl.create_default_context(cafile=self.sslrootcert or None)
             ctx.check_hostname = self.sslmode == "verify-full"
@@ -160,7 +160,6 @@ class Config:
         """The server-side TLS context for clients, or None without a certificate."""
         if not self.tls_cert_file:
             return None
-        import ssl
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
@@ -325,7 +324,6 @@ def _users(raw: dict) -> dict[str, UserSecret]:
                             server_user=entry.get("server_user"), server_password=entry.get("server_password"),
                             admin=bool(entry.get("admin", False)))
         if secret.scram_verifier:
-            from .auth import parse_scram_verifier
             try:
                 parse_scram_verifier(secret.scram_verifier)
             except ValueError as e:
@@ -334,3 +332,34 @@ def _users(raw: dict) -> dict[str, UserSecret]:
             raise ConfigError(f"users.{name} needs a password, scram_verifier or md5")
         out[name] = secret
     return out
+
+
+# ------------------------------------------------------------------ several processes (ops/workers.py)
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    index: int
+    count: int
+    supervisor: int          # pid of the supervisor: names the peer sockets of this run
+    # Connected clients per worker, in memory shared by all of them (each writes its own
+    # slot), so max_client_connections holds for the whole proxy however the kernel spreads
+    # clients over the workers.
+    clients: object = field(default=None, compare=False)
+
+    def address(self, index: int) -> str:
+        return f"\0unpinned-{self.supervisor}-worker-{index}"
+
+    def total_clients(self) -> int:
+        return sum(self.clients) if self.clients is not None else 0
+
+
+def effective_workers(cfg: Config) -> int:
+    return cfg.workers or os.cpu_count() or 1
+
+
+def share(cfg: Config, info: WorkerInfo) -> Config:
+    """This worker's part of the pool limits (totals across workers). max_client_connections
+    is checked against the count of all workers' clients (WorkerInfo.clients) instead."""
+    def part(total: int) -> int:
+        return total // info.count + (1 if info.index < total % info.count else 0)
+    return replace(cfg, pool_size=max(1, part(cfg.pool_size)), max_idle=part(cfg.max_idle))

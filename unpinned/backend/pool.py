@@ -1,0 +1,298 @@
+"""A pool of server connections for one (database, user): limits, waiting, idling."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from unpinned.backend import server as server_mod
+from unpinned.config import Config
+from unpinned.backend.server import ServerConnection, ServerError
+
+log = logging.getLogger("unpinned.backend.pool")
+
+
+class BorrowTimeout(Exception):
+    pass
+
+
+class Borrower:
+    """What waits for a server connection: the pool calls `borrowed(conn)` or
+    `borrow_failed(exc)` exactly once, unless `closing` is true by then."""
+    closing = False
+
+    def borrowed(self, conn: ServerConnection) -> None: ...
+
+    def borrow_failed(self, exc: Exception) -> None: ...
+
+
+class _FutureBorrower(Borrower):
+    """Adapter for the few places that want `await pool.acquire()` (login, checks)."""
+
+    def __init__(self, fut: asyncio.Future):
+        self.fut = fut
+
+    @property
+    def closing(self) -> bool:
+        return self.fut.done()
+
+    def borrowed(self, conn) -> None:
+        self.fut.set_result(conn)
+
+    def borrow_failed(self, exc) -> None:
+        self.fut.set_exception(exc)
+
+
+class Pool:
+    """Server connections for one (database, user).
+
+    Borrowing is callback-based on purpose: a client waiting for a connection is handed
+    one directly from `release()`, with no task, future or timer per borrow (these cost
+    more than the forwarding itself under contention). One timer per pool enforces the
+    borrow timeout of the oldest waiter.
+    """
+
+    def __init__(self, config: Config, database: str, user: str, server_user: str, server_password: str | None,
+                 stats=None):
+        self.config = config
+        self.stats = stats
+        self.database = database
+        self.user = user
+        self.server_user = server_user
+        self.server_password = server_password
+        self.idle: deque[ServerConnection] = deque()   # right end = most recently used
+        self.busy: set[ServerConnection] = set()
+        self.opening = 0
+        self.checking = 0
+        self.waiters: deque[list] = deque()            # [borrower, deadline, start]
+        self._timer: asyncio.TimerHandle | None = None
+        self.reported: dict[str, str] | None = None    # ParameterStatus of a fresh server connection
+        self.checked_params: dict[frozenset, dict[str, str]] = {}
+        self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
+        self.paused = False
+        self._tasks: set[asyncio.Task] = set()
+        # Counters (SHOW POOLS / metrics).
+        self.borrows = 0
+        self.borrow_wait_total = 0.0
+        self.connects = 0
+        self.connect_failures = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.busy) + self.opening
+
+    # ------------------------------------------------------------------ borrowing
+
+    def _stale(self, conn: ServerConnection, now: float) -> bool:
+        after = self.config.health_check_after
+        return bool(after) and now - conn.last_used > after
+
+    def borrow(self, borrower: Borrower) -> ServerConnection | None:
+        """A connection now, or None: then `borrower` is called back later."""
+        idle = self.idle
+        if idle and not self.paused and not self.waiters:
+            now = time.monotonic()
+            after = self.config.health_check_after
+            while idle:
+                conn = idle[-1]
+                if conn.closed:
+                    idle.pop()
+                    continue
+                if after and now - conn.last_used > after:
+                    break       # stale: checked first, below
+                idle.pop()
+                self.busy.add(conn)
+                self.borrows += 1
+                if self.stats is not None:
+                    h = self.stats.borrow_latency      # observe(0.0), inlined: this is every transaction
+                    h.counts[0] += 1
+                    h.count += 1
+                return conn
+        now = time.monotonic()
+        timeout = self.config.borrow_timeout
+        self.waiters.append([borrower, now + timeout if timeout else None, now])
+        if self._timer is None and timeout:
+            self._arm_timer()
+        self._supply()
+        return None
+
+    def withdraw(self, borrower: Borrower) -> None:
+        """`borrower` no longer wants a connection (its request was canceled)."""
+        self.waiters = deque(w for w in self.waiters if w[0] is not borrower)
+
+    async def acquire(self) -> ServerConnection:
+        fut = asyncio.get_running_loop().create_future()
+        conn = self.borrow(_FutureBorrower(fut))
+        return conn if conn is not None else await fut
+
+    def _supply(self) -> None:
+        """Find connections for waiters: idle ones (checked first if stale), or new ones."""
+        if self.paused:
+            return
+        now = time.monotonic()
+        while self.waiters and self.idle:
+            conn = self.idle.pop()
+            if conn.closed:
+                continue
+            self.busy.add(conn)
+            if self._stale(conn, now):
+                self.checking += 1
+                self._spawn(self._check_then_hand(conn))
+            else:
+                self._hand(conn)
+        # Open only as many as there are waiters not already covered by openings in flight.
+        while self.waiters and self.size < self.config.pool_size and \
+                self.opening + self.checking < len(self.waiters):
+            self.opening += 1
+            self._spawn(self._open())
+
+    def _hand(self, conn: ServerConnection) -> None:
+        """Give a busy-booked connection to the first live waiter, or put it back."""
+        waiters = self.waiters
+        while waiters:
+            borrower, _, start = waiters.popleft()
+            if borrower.closing:
+                continue
+            self.borrows += 1
+            waited = time.monotonic() - start
+            self.borrow_wait_total += waited
+            if self.stats is not None:
+                self.stats.borrow_latency.observe(waited)
+            borrower.borrowed(conn)
+            return
+        self.busy.discard(conn)
+        conn.last_used = time.monotonic()
+        self.idle.append(conn)
+
+    def _fail_one(self, exc: Exception) -> None:
+        while self.waiters:
+            borrower = self.waiters.popleft()[0]
+            if not borrower.closing:
+                borrower.borrow_failed(exc)
+                return
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self) -> None:
+        try:
+            conn = await server_mod.connect(self.config, self.server_user, self.server_password, self.database,
+                                            self.forget)
+        except Exception as e:
+            self.connect_failures += 1
+            self.opening -= 1
+            # The waiter that caused this attempt hears why; the others try again.
+            self._fail_one(e if isinstance(e, ServerError) else
+                           ServerError({"S": "FATAL", "C": "08006", "M": f"could not connect to the server: {e}"}))
+            self._supply()
+            return
+        except BaseException:
+            self.opening -= 1
+            raise
+        self.opening -= 1
+        self.connects += 1
+        if self.reported is None:
+            self.reported = dict(conn.state.reported)
+        self.busy.add(conn)
+        self._hand(conn)
+
+    async def _check_then_hand(self, conn: ServerConnection) -> None:
+        try:
+            healthy = await self._healthy(conn)
+        finally:
+            self.checking -= 1
+        if healthy:
+            self._hand(conn)
+        else:
+            self._supply()
+
+    async def _healthy(self, conn: ServerConnection) -> bool:
+        try:
+            async with asyncio.timeout(self.config.connect_timeout or 10):
+                _, error = await conn.simple_query("")
+            if error is None and conn.state.status == b"I":
+                return True
+        except (ConnectionError, TimeoutError, OSError):
+            pass
+        log.info("server connection %d failed its health check; closing it", conn.id)
+        self.discard(conn)
+        return False
+
+    def _arm_timer(self) -> None:
+        head = next((w for w in self.waiters if w[1] is not None), None)
+        if head is None:
+            self._timer = None
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + max(0.0, head[1] - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self.waiters and self.waiters[0][1] is not None and self.waiters[0][1] <= now:
+            borrower = self.waiters.popleft()[0]
+            if not borrower.closing:
+                borrower.borrow_failed(BorrowTimeout("Timed-out waiting to acquire database connection."))
+        self._arm_timer()
+
+    # ------------------------------------------------------------------ giving back
+
+    def release(self, conn: ServerConnection) -> None:
+        """Return a clean, idle connection (status I, nothing in flight)."""
+        conn.client = None
+        conn.last_used = time.monotonic()
+        if conn.closed:
+            self.forget(conn)
+            return
+        if self.waiters and not self.paused:
+            self._hand(conn)
+            return
+        self.busy.discard(conn)
+        self.idle.append(conn)
+
+    def discard(self, conn: ServerConnection) -> None:
+        """Close a connection whose state cannot be trusted, and make room for a new one."""
+        conn.close()
+        self.forget(conn)
+
+    def forget(self, conn: ServerConnection) -> None:
+        """Drop a connection from the books (it closed); waiters may now get a new one."""
+        was_known = conn in self.busy or conn in self.idle
+        self.busy.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        if was_known and self.waiters:
+            self._supply()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def reap(self, now: float) -> None:
+        """Close idle connections beyond max_idle or idle longer than server_idle_timeout."""
+        cfg = self.config
+        while self.idle and (len(self.idle) > cfg.max_idle or
+                             (cfg.server_idle_timeout and now - self.idle[0].last_used > cfg.server_idle_timeout)):
+            conn = self.idle.popleft()
+            conn.close()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._supply()
+
+    def close_all(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for conn in list(self.idle) + list(self.busy):
+            conn.close()
+        self.idle.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+__all__ = ["Pool", "Borrower", "BorrowTimeout", "ServerError"]

@@ -1,0 +1,248 @@
+"""A logged-in client on the data path: it borrows a server connection for each
+transaction and moves bytes through its relay (relay/relay.py decides everything
+protocol-shaped; this class only moves bytes, waits for the pool, and cleans up)."""
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+from unpinned.backend.pool import BorrowTimeout
+from unpinned.backend.server import ServerConnection, ServerError, send_cancel
+from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.shared import Shared
+from unpinned.sql.effects import Reason
+from unpinned.wire import messages as m
+
+
+class PooledClient(ClientConnection):
+    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server")
+
+    active = True
+
+    def __init__(self, shared: Shared):
+        super().__init__(shared)
+        self.pending: list[bytes] = []  # client bytes waiting for a server connection
+        self.acquiring = False
+        self._t_req = 0.0              # when the oldest unanswered request arrived
+        self._t_sent = 0.0             # when it went to the server
+        self._paused_server = False
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = now = time.monotonic()
+        if not self._t_req:
+            self._t_req = now
+        if self.server is not None:
+            self._to_server(data, now)
+        elif self.pending or self.acquiring:
+            self.pending.append(data)
+            if not self.acquiring:
+                self._acquire()
+        elif data[:1] == b"X":
+            self.shutdown(None)
+        else:
+            # The common case: a request with no server connection yet, and one idle.
+            conn = self.pool.borrow(self)
+            if conn is None:
+                self.pending.append(data)
+                self.acquiring = True
+            else:
+                self._attach(conn, data, now)
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.shared.stats.clients_closed += 1
+        conn = self.server
+        if conn is not None:
+            self.server = None
+            self._give_back(conn)
+
+    def pause_writing(self) -> None:
+        if self.server is not None and not self._paused_server:
+            self._paused_server = True
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._paused_server:
+            self._paused_server = False
+            if self.server is not None:
+                self.server.transport.resume_reading()
+
+    def _acquire(self) -> None:
+        conn = self.pool.borrow(self)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.acquiring = True
+
+    def borrowed(self, conn: ServerConnection) -> None:
+        self.acquiring = False
+        self._attach(conn)
+
+    def borrow_failed(self, exc: Exception) -> None:
+        self.acquiring = False
+        if isinstance(exc, ServerError):
+            self._fatal(exc.sqlstate, exc.fields.get("M", "could not connect to the server"))
+        elif isinstance(exc, BorrowTimeout):
+            self._fatal("53300", str(exc))
+        else:
+            self._fatal("08006", f"could not connect to the server: {exc}")
+
+    def cancel(self) -> None:
+        """A CancelRequest with this client's key reaches the server connection it uses now."""
+        if self.server is None:
+            self.cancel_waiting()
+        else:
+            self.shared.spawn(send_cancel(self.config.upstream, self.server))
+
+    def cancel_waiting(self) -> None:
+        """A cancel for a client still waiting for a server connection: its first request never
+        reached PostgreSQL, so it fails here as a canceled statement would, and the client
+        leaves the queue unless more requests wait behind it."""
+        if not self.acquiring or not self.pending:
+            return
+        data = b"".join(self.pending)
+        end = m.first_request_end(data)
+        if end is None:         # an extended batch still without its Sync: nothing to answer yet
+            return
+        rest = data[end:]
+        self.pending = [rest] if rest else []
+        self.transport.write(m.error_response("57014", "canceling statement due to user request") +
+                             m.ready_for_query(self.relay.status))
+        if not self.pending:
+            self.acquiring = False
+            self.pool.withdraw(self)
+
+    def _attach(self, conn: ServerConnection, data: bytes | None = None, now: float = 0.0) -> None:
+        conn.client = self
+        self.server = conn
+        prelude = self.relay.attach(conn.state)
+        if data is None:
+            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+            self.pending.clear()
+        self._to_server(data, now, prelude)
+
+    def _to_server(self, data: bytes, now: float = 0.0, prelude: bytes = b"") -> None:
+        relay = self.relay
+        try:
+            out = relay.from_client(data)
+        except m.ProtocolError as e:
+            self._fatal(e.sqlstate, str(e))
+            return
+        except (ValueError, IndexError, struct.error):
+            # A message whose body does not hold what its type needs (a name without its
+            # terminating zero byte, ...): PostgreSQL's answer to it.
+            self._fatal("08P01", "invalid message format")
+            return
+        if prelude:
+            out = prelude + out     # the parameter sync goes in the same write as the request
+        if out:
+            self.server.transport.write(out)
+            if not self._t_sent:
+                self._t_sent = now or time.monotonic()
+        if relay.to_client:
+            self.transport.write(b"".join(relay.to_client))
+            relay.to_client.clear()
+        if relay.terminated:
+            self.shutdown(None)
+        elif not out and relay.can_release:
+            # Nothing reached the server (e.g. only a Close the proxy answered): give it back.
+            self._release()
+
+    def server_data(self, data: bytes) -> None:
+        relay = self.relay
+        out = relay.from_server(data)
+        if out:
+            self.transport.write(out)
+        if relay.to_server:
+            self.server.transport.write(b"".join(relay.to_server))
+            relay.to_server.clear()
+        if not relay.queue and self._t_req:
+            now = time.monotonic()
+            st = self.shared.stats
+            st.query_latency.observe(now - self._t_req)
+            if self._t_sent:
+                st.db_latency.observe(now - self._t_sent)
+            self._t_req = self._t_sent = 0.0
+        if relay.fatal is not None:
+            self.shutdown(relay.fatal)
+        elif relay.releasable:
+            self._release()
+
+    def _release(self) -> None:
+        conn = self.server
+        self.server = None
+        self.relay.detach()
+        if self._paused_server:
+            self._paused_server = False
+            conn.transport.resume_reading()
+        self.pool.release(conn)
+
+    def server_lost(self, conn: ServerConnection) -> None:
+        if self.server is conn:
+            self.server = None
+            self.relay.detach()
+            self.relay.queue.clear()
+            self.shutdown(m.fatal("08006", "the server connection was lost; the transaction, if any, is gone",
+                                  detail=f"server connection {conn.id} closed unexpectedly"))
+
+    def _give_back(self, conn: ServerConnection) -> None:
+        """The client is gone: return its server connection clean, or close it."""
+        relay = self.relay
+        conn.client = None
+        if relay is not None and relay.queue:
+            # A request is still running on the server: stop it, and keep counting the
+            # connection against the pool until its backend has really gone.
+            self.shared.spawn(_cancel_and_close(self.config, conn))
+            return
+        if relay is None or relay.batch_open or conn.state.dirty or \
+                (relay.pinned and not _DISCARDABLE.issuperset(relay.session.pins)):
+            # Session state we cannot vouch for (a LOADed library, a statement we could not
+            # read), or an extended batch left without its Sync.
+            self.pool.discard(conn)
+            return
+        relay.detach()
+        if relay.status == b"I" and not relay.pinned:
+            self.pool.release(conn)
+        else:
+            # Mid-transaction, or pinned: a rollback leaves session advisory locks and SQL
+            # PREPAREs made in it, and the pinned state outlives any transaction, so the
+            # connection is reset (DISCARD ALL) before anyone else gets it; cheaper than a new one.
+            self.shared.spawn(_rollback_and_release(self.pool, conn))
+
+
+async def _cancel_and_close(config, conn: ServerConnection) -> None:
+    """Cancel what `conn` runs and ask its backend to exit; it stays in the pool's books (busy)
+    until the server hangs up, when `connection_lost` forgets it and wakes a waiter."""
+    try:
+        await send_cancel(config.upstream, conn)
+        if not conn.closed:
+            conn.transport.write(m.TERMINATE_MSG)
+            async with asyncio.timeout(10):
+                await conn.wait_closed()
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    finally:
+        if not conn.closed:
+            conn.transport.abort()
+
+
+# Pins whose state DISCARD ALL removes (temp objects, cursors, LISTEN, advisory locks,
+# SQL PREPAREs, sequence values, settings, role): the server connection is reset and reused.
+_DISCARDABLE = frozenset(r for r in Reason if r not in (Reason.LOAD, Reason.UNPARSED, Reason.STATEMENT_TOO_LONG))
+
+
+async def _rollback_and_release(pool, conn: ServerConnection) -> None:
+    try:
+        async with asyncio.timeout(5):
+            _, error = await conn.simple_query("ROLLBACK")
+            if error is None:
+                _, error = await conn.simple_query("DISCARD ALL")
+        if error is None and conn.state.status == b"I":
+            conn.state.params = {}
+            conn.state.prepared.clear()
+            pool.release(conn)
+            return
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    pool.discard(conn)

@@ -1,0 +1,73 @@
+"""What a client connection may use of the proxy: a narrow shared state, not the proxy.
+
+The proxy (unpinned/proxy.py) fills it and plugs in what lives above the frontend
+(admin commands, cancel routing across workers) as callables, so connections never
+import the layers that serve the operator.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+from unpinned.backend.pool import Pool
+from unpinned.config import Config, WorkerInfo
+from unpinned.relay.statements import StatementRegistry
+from unpinned.state.session import SessionOptions
+from unpinned.telemetry.counters import Stats
+from unpinned.telemetry.pinlog import PinLog
+
+
+class Shared:
+    __slots__ = ("config", "stats", "tls_context", "registry", "pinlog", "session_options", "clients", "by_key",
+                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client")
+
+    def __init__(self, config: Config, worker: WorkerInfo | None, pinlog: PinLog):
+        self.config = config
+        self.worker = worker                        # one of several processes, or None
+        self.stats = Stats()
+        self.tls_context = config.tls_context()
+        self.registry = StatementRegistry()
+        self.pinlog = pinlog
+        self.session_options = SessionOptions(mode=config.mode, set_local_pins=config.set_local_pins,
+                                              sequences=config.sequences, verify=config.verify)
+        self.clients: set = set()                   # every client connection, logging in or logged in
+        self.by_key: dict[tuple[int, int], Any] = {}    # cancel key -> client
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self._next_client = 0
+        # Plugged in by the proxy: an admin console query -> its answer (bytes, or a task
+        # when several workers answer), and a cancel request -> routed to its client.
+        self.admin_command: Callable[[str, Any], bytes | asyncio.Future] = lambda sql, client: b""
+        self.cancel: Callable[[int, int], Awaitable[None]] = _no_cancel
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def pool_for(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        pool = self.pools.get(key)
+        if pool is None:
+            server_user, password = self.config.server_credentials(user)
+            pool = self.pools[key] = Pool(self.config, database, user, server_user, password, self.stats)
+        return pool
+
+    def new_client_id(self) -> int:
+        self._next_client += 1
+        if self.worker is None:
+            return self._next_client
+        return self._next_client * self.worker.count + self.worker.index   # unique across workers
+
+    def client_count(self) -> int:
+        """Clients of the whole proxy (all workers)."""
+        return self.worker.total_clients() if self.worker else len(self.clients)
+
+    def count_changed(self) -> None:
+        if self.worker is not None:
+            self.worker.clients[self.worker.index] = len(self.clients)
+
+
+async def _no_cancel(pid: int, secret: int) -> None:
+    return None

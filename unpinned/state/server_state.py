@@ -1,0 +1,60 @@
+"""What the proxy knows about one server connection's session (pure data)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
+
+_server_ids = count(1)
+
+
+def number_servers_from(start: int, step: int) -> None:
+    """Server connection ids as start, start+step, ...: several workers' ids never collide."""
+    global _server_ids
+    _server_ids = count(start, step)
+
+
+@dataclass(slots=True)
+class ServerPrepared:
+    """Which server-side statements one server connection holds, least recently used first."""
+    limit: int = 1000
+    names: OrderedDict = field(default_factory=OrderedDict)
+
+    def has(self, name: bytes) -> bool:
+        if name in self.names:
+            self.names.move_to_end(name)
+            return True
+        return False
+
+    def add(self, name: bytes) -> bytes | None:
+        """Record `name`; return a name evicted to stay within the limit, if any."""
+        self.names[name] = None
+        self.names.move_to_end(name)
+        if len(self.names) > self.limit:
+            return self.names.popitem(last=False)[0]
+        return None
+
+    def discard(self, name: bytes) -> None:
+        self.names.pop(name, None)
+
+    def clear(self) -> None:
+        self.names.clear()
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the proxy knows about one server connection's session."""
+    id: int = field(default_factory=lambda: next(_server_ids))
+    pid: int = 0
+    secret: int = 0
+    # Session parameters this connection has been given beyond its own defaults: name -> value text.
+    params: dict = field(default_factory=dict)
+    prepared: ServerPrepared = field(default_factory=ServerPrepared)
+    status: bytes = b"I"
+    # ParameterStatus values reported at login (server_version, TimeZone, ...).
+    reported: dict = field(default_factory=dict)
+    # Bumped whenever a different client borrows it (currval guard: "no other client since").
+    epoch: int = 0
+    last_client: object = None
+    # The proxy's own parameter sync failed on it: `params` is not what it has. Never pool it.
+    dirty: bool = False
