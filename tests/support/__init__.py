@@ -1,0 +1,1 @@
+"""Helpers shared by tests: processes the tests start (HAProxy, ...)."""

