@@ -227,6 +227,14 @@ async def test_failover_promote_follow_and_split_brain() -> None:
             assert topo.writer() == host(r1)
             assert any(k == "writer_conflict" and "following " + str(host(r1)) in d for _, k, d in seen)
             assert fetch(p, "SELECT count(*) FROM t") == [(1,)]     # it never saw the promoted write
+
+            # Rejoined as a replica of the new primary: a reader again, with the promoted write.
+            await asyncio.to_thread(p.rejoin, r1)
+            assert p.in_recovery() and p.port == c.nodes[0].port
+            await asyncio.to_thread(p.wait_replayed, r1.current_lsn())
+            assert fetch(p, "SELECT origin FROM t ORDER BY id") == [("old primary",), ("promoted",)]
+            await until(lambda: topo.readers() == [host(p), host(r2)], "old primary a reader")
+            assert ("role", "writer -> reader") in [(k, d) for _, k, d in seen]
         finally:
             await checker.stop()
 

@@ -129,6 +129,17 @@ class ClusterNode(EmbeddedPostgres):
         self.psql("SELECT pg_reload_conf()")
         self.primary = primary
 
+    def rejoin(self, primary: ClusterNode) -> float:
+        """Become a replica of `primary` (an old primary after a failover): the data is
+        thrown away and cloned again, as the simplest sure way; returns the seconds taken."""
+        t0 = time.monotonic()
+        with self._lock:
+            self.halt("fast")
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.primary = primary
+            self.start()
+        return time.monotonic() - t0
+
     # -- replication state ------------------------------------------------------
 
     def in_recovery(self) -> bool:
