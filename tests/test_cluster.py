@@ -83,6 +83,10 @@ async def test_probe_failures_are_quick_and_clear(cluster: PostgresCluster) -> N
     assert "password authentication failed" in bad.error and "28P01" in bad.error
     nodb = await probe(host(p), p.superuser, p.password, "no_such_db")
     assert not nodb.ok and 'database "no_such_db" does not exist' in nodb.error
+    # The embedded server has no TLS: "prefer" goes on in plain text, "require" says why not.
+    assert (await check(p, sslmode="prefer")).ok
+    tls = await check(p, sslmode="require")
+    assert not tls.ok and "does not support TLS, and upstream sslmode is require" in tls.error
     # Nothing listening: refused at once.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
