@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, parse_qs
 
+from unpinned.hosts import Host, parse_host_list, split_hosts_url
 from unpinned.wire.auth import UserSecret, parse_scram_verifier
 
 
@@ -38,7 +39,6 @@ class Upstream:
     @classmethod
     def from_url(cls, url: str) -> "Upstream":
         shown = redact_url(url)   # error messages must never carry the password
-        from .backend.topology import split_hosts_url
         try:
             # libpq's multi-host form (h1:p1,h2:p2 or ?host=h1,h2): the rest is read from the first.
             hosts, url = split_hosts_url(url) if "://" in url else (None, url)
@@ -73,7 +73,6 @@ class Upstream:
 
     @property
     def all_hosts(self) -> list:
-        from .backend.topology import Host
         return self.hosts or [Host(self.host, self.port)]
 
     def check(self) -> None:
@@ -318,7 +317,6 @@ def load(path: str | None = None, **overrides) -> Config:
     if "hosts" in up:
         if len(cfg.upstream.hosts) > 1 or "host" in up or "port" in up:
             raise ConfigError("[upstream] hosts replaces host, port and the hosts of url: give only one of them")
-        from .backend.topology import parse_host_list
         try:
             cfg.upstream.set_hosts(parse_host_list(up["hosts"]))
         except ValueError as e:

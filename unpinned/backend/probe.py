@@ -27,9 +27,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
-from ..auth import AuthFailed, ServerAuth
-from ..protocol import messages as m
-from .topology import Event, Host, ProbeResult, Topology, parse_lsn
+from unpinned.backend.topology import Event, Host, ProbeResult, Topology, parse_lsn
+from unpinned.wire import messages as m
+from unpinned.wire.auth import AuthFailed, ServerAuth
 
 log = logging.getLogger("unpinned.probe")
 

@@ -23,9 +23,10 @@ import re
 import shutil
 import subprocess
 import time
+from urllib.parse import quote
 from pathlib import Path
 
-from .embedded import EmbeddedPostgres, _literal
+from unpinned.dev.embedded import EmbeddedPostgres, _literal
 
 REPLICATION_SETTINGS = {
     # PostgreSQL 17's defaults already allow streaming (wal_level replica, 10 senders);
@@ -256,7 +257,6 @@ class PostgresCluster:
         user = user or self.primary.superuser
         password = self.primary.password if password is None else password
         hosts = ",".join(f"{n.host}:{n.port}" for n in self.nodes)
-        from urllib.parse import quote
         return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{hosts}/{quote(dbname, safe='')}"
 
     def __enter__(self) -> PostgresCluster:

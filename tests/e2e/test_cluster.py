@@ -13,7 +13,7 @@ import pytest
 
 from unpinned.backend.probe import HealthChecker, probe, probe_for
 from unpinned.backend.topology import Host, Role, Topology, parse_lsn
-from unpinned.cluster import ClusterNode, PostgresCluster
+from unpinned.dev.cluster import ClusterNode, PostgresCluster
 
 
 @pytest.fixture(scope="module")
