@@ -138,6 +138,7 @@ class Listed:
     name: str
     reason: str
     bug: bool = False
+    intermittent: bool = False      # seen in some runs only: its absence says nothing
     normalise: list[Rule] = field(default_factory=list)
     hunks: list[Hunk] = field(default_factory=list)
 
@@ -156,12 +157,12 @@ def load_expectations(path: Path = EXPECTED_FILE) -> Expectations:
             skip[name] = entry["reason"]
     scripts = {}
     for name, e in raw.get("scripts", {}).items():
-        unknown = set(e) - {"reason", "bug", "normalise", "hunks"}
+        unknown = set(e) - {"reason", "bug", "intermittent", "normalise", "hunks"}
         unknown |= {f"hunks.{k}" for h in e.get("hunks", []) for k in set(h) - {"direct", "proxy", "bug", "context", "why"}}
         if unknown or "reason" not in e:
-            raise ValueError(f"{path}: [scripts.{name}] needs a reason and may have bug, normalise, "
-                             f"hunks (got {sorted(e)})")
-        listed = Listed(name, e["reason"].strip(), bool(e.get("bug", False)))
+            raise ValueError(f"{path}: [scripts.{name}] needs a reason and may have bug, intermittent, "
+                             f"normalise, hunks (got {sorted(e)})")
+        listed = Listed(name, e["reason"].strip(), bool(e.get("bug", False)), bool(e.get("intermittent", False)))
         for rule in e.get("normalise", []):
             lines = re.compile(rule["lines"]) if rule.get("lines") else None
             listed.normalise.append(Rule(re.compile(rule["pattern"]), rule["replace"], lines))
@@ -207,7 +208,10 @@ def compare(name: str, direct: str, proxy: str, listed: Listed | None) -> tuple[
     """(status, note, unified diff of the raw outputs)."""
     diff = unified(name, direct, proxy)
     if not diff:
-        return IDENTICAL, ("listed difference not seen: fixed? then drop its entry" if listed else ""), ""
+        if listed is None:
+            return IDENTICAL, "", ""
+        return IDENTICAL, ("listed difference not seen this run (intermittent)" if listed.intermittent
+                           else "listed difference not seen: fixed? then drop its entry"), ""
     if listed is None:
         return UNEXPECTED, "not listed", diff
     for rule in listed.normalise:
@@ -417,13 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-regress-so", action="store_true",
                    help="also run the scripts that need regress.so (they fail the same way on both sides)")
     p.add_argument("--only-differences", action="store_true", help="leave identical scripts out of the table")
+    p.add_argument("--expected", default=str(EXPECTED_FILE), help="the list of accepted differences "
+                                                                    "[compat/expected_differences.toml]")
     a = p.parse_args(argv)
     if a.pool_size < 1:
         p.error("--pool-size must be at least 1")
     source = find_source(a.source)
     if source is None:
         p.error(f"no pg_regress folder: set ${ENV_SOURCE} or --source (looked in {REPO.parent / 'shared'})")
-    expectations = load_expectations()
+    expectations = load_expectations(Path(a.expected))
     known = schedule(source)
     names = a.scripts or known
     missing = [n for n in names if not (source / "sql" / f"{n}.sql").is_file()]

@@ -87,7 +87,10 @@ def test_unlisted_script_fails_and_identical_passes(listed):
     assert status("other", "a\n", "b\n", listed) == compat.UNEXPECTED
     assert status("other", "a\n", "a\n", listed) == compat.IDENTICAL
     st, note, _ = compat.compare("seq", DIRECT, DIRECT, listed.scripts["seq"])
-    assert (st, "not seen" in note) == (compat.IDENTICAL, True)
+    assert (st, "fixed?" in note) == (compat.IDENTICAL, True)
+    listed.scripts["seq"].intermittent = True
+    st, note, _ = compat.compare("seq", DIRECT, DIRECT, listed.scripts["seq"])
+    assert (st, "intermittent" in note) == (compat.IDENTICAL, True)
 
 
 def test_normalisation_only_on_its_lines(listed):
