@@ -44,3 +44,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	UNPINNED_BENCH_VIA="make bench-quick" $(PY) bench/run.py --quick $(BENCH_ARGS)
+
+# PostgreSQL's regression scripts run directly and through the proxy, diffed per script;
+# fails on any difference compat/expected_differences.toml does not list (see docs/compat.md).
+# Needs ../shared/compat/pg_regress or UNPINNED_PG_REGRESS. Extra flags: COMPAT_ARGS="--pool-size 5 guc".
+.PHONY: compat
+compat: $(STAMP)
+	$(PY) compat/run.py $(COMPAT_ARGS)
