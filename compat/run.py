@@ -252,7 +252,7 @@ class Side:
         self.builddir = Path(tempfile.mkdtemp(prefix=f"unpinned-compat-{label}-"))
 
     def start(self) -> None:
-        from unpinned.embedded import EmbeddedPostgres
+        from unpinned.dev.embedded import EmbeddedPostgres
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for old in self.out_dir.glob("*.out"):
             old.unlink()

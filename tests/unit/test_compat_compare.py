@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # compat/ sits beside the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # compat/ sits beside the package
 from compat import run as compat  # noqa: E402
 
 LISTED = r"""
