@@ -16,6 +16,7 @@ import time
 from collections import deque
 
 from unpinned import __version__
+from unpinned.backend.cluster_pools import Cluster, needs_cluster
 from unpinned.config import Config, WorkerInfo, load, parse_hostport, share
 from unpinned.frontend.login import Login
 from unpinned.frontend.shared import Shared
@@ -47,6 +48,7 @@ class Proxy:
         self.history: deque = deque(maxlen=600)   # one sample a second for the live page
         self.http: HttpServer | None = None
         self.listeners: list[asyncio.base_events.Server] = []
+        self.endpoint_ports: dict[str, int] = {}    # endpoint name -> the port it listens on
         self._housekeeper: asyncio.Task | None = None
         self.started = time.time()
 
@@ -75,6 +77,10 @@ class Proxy:
     def registry(self):
         return self.shared.registry
 
+    @property
+    def cluster(self) -> Cluster | None:
+        return self.shared.cluster
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -84,9 +90,20 @@ class Proxy:
             self.peers = Peers(self, self.worker)
             await self.peers.start()
         shared = self.shared
+        if needs_cluster(self.config):
+            shared.cluster = Cluster(self.config, shared.stats)
+            await shared.cluster.start()
         srv = await loop.create_server(lambda: Login(shared), host, port, reuse_address=True,
                                        reuse_port=self.worker is not None, backlog=4096)
         self.listeners.append(srv)
+        self.endpoint_ports["default"] = srv.sockets[0].getsockname()[1]
+        for ep in self.config.all_endpoints()[1:]:
+            ep_host, ep_port = parse_hostport(ep.listen, f"endpoint {ep.name} listen")
+            ep_srv = await loop.create_server(lambda role=ep.role: Login(shared, role), ep_host, ep_port,
+                                              reuse_address=True, reuse_port=self.worker is not None, backlog=4096)
+            self.listeners.append(ep_srv)
+            self.endpoint_ports[ep.name] = ep_srv.sockets[0].getsockname()[1]
+            log.info("endpoint %s (%s) listening on %s", ep.name, ep.role, ep.listen)
         if self.config.http_listen:
             self.http = HttpServer(self)
             http_host, http_port = parse_hostport(self.config.http_listen, "http_listen")
@@ -118,6 +135,8 @@ class Proxy:
             client.shutdown(m.fatal("57P01", "terminating connection because the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close_all()
+        if self.cluster is not None:
+            await self.cluster.stop()
         for t in list(self.shared.tasks):
             t.cancel()
         await asyncio.sleep(0)
@@ -131,6 +150,8 @@ class Proxy:
             now = time.monotonic()
             for pool in self.pools.values():
                 pool.reap(now)
+            if self.cluster is not None:
+                self.cluster.reap(now)
             limit = self.config.client_idle_timeout
             login_limit = self.config.login_timeout
             for client in list(self.clients):
@@ -161,9 +182,13 @@ class Proxy:
         for pool in self.pools.values():
             pool.config = new
             pool.server_user, pool.server_password = new.server_credentials(pool.user)
+        if self.cluster is not None:
+            self.cluster.reload(new)
         log.info("configuration reloaded")
 
     def _admin_command(self, sql: str, client):
+        if admin.is_switchover(sql):
+            return self.spawn(admin.switchover(self, sql))
         if self.peers is not None:
             # Several workers: the answer is gathered from all of them, in order.
             return self.spawn(admin.execute_everywhere(self, sql, client))

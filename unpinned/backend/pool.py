@@ -72,6 +72,16 @@ class Pool:
         self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
         self.paused = False
         self._tasks: set[asyncio.Task] = set()
+        # Where new connections go (backend/cluster_pools.py moves it on a failover); None = the
+        # configured upstream. `hold`: no host to go to now, waiters wait (a failover under way).
+        self.host = None
+        self.hold = False
+        # Told when a connect fails as an unreachable or restarting server does (not a refused
+        # login); returns whether the waiters should keep waiting (retried with backoff) rather
+        # than hear the error. Unset: they keep waiting, up to the borrow timeout (an outage).
+        self.on_unreachable = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = 0.0
         # Counters (SHOW POOLS / metrics).
         self.borrows = 0
         self.borrow_wait_total = 0.0
@@ -142,7 +152,7 @@ class Pool:
             else:
                 self._hand(conn)
         # Open only as many as there are waiters not already covered by openings in flight.
-        while self.waiters and self.size < self.config.pool_size and \
+        while self.waiters and self.size < self.config.pool_size and not self.hold and self._retry is None and \
                 self.opening + self.checking < len(self.waiters):
             self.opening += 1
             self._spawn(self._open())
@@ -180,10 +190,12 @@ class Pool:
     async def _open(self) -> None:
         try:
             conn = await server_mod.connect(self.config, self.server_user, self.server_password, self.database,
-                                            self.forget)
+                                            self.forget, self.host)
         except Exception as e:
             self.connect_failures += 1
             self.opening -= 1
+            if _unreachable(e) and self._keep_waiting(e):
+                return
             # The waiter that caused this attempt hears why; the others try again.
             self._fail_one(e if isinstance(e, ServerError) else
                            ServerError({"S": "FATAL", "C": "08006", "M": f"could not connect to the server: {e}"}))
@@ -194,10 +206,26 @@ class Pool:
             raise
         self.opening -= 1
         self.connects += 1
+        self._backoff = 0.0
         if self.reported is None:
             self.reported = dict(conn.state.reported)
         self.busy.add(conn)
         self._hand(conn)
+
+    def _keep_waiting(self, e: Exception) -> bool:
+        """A connect failed because the server is down or restarting: waiters stay queued (their
+        borrow timeout still runs) and the pool tries again after a growing pause."""
+        hook = self.on_unreachable
+        if hook is not None and not hook(self, e):
+            return False
+        if self._retry is None:
+            self._backoff = min(1.0, self._backoff * 2) if self._backoff else 0.05
+            self._retry = asyncio.get_running_loop().call_later(self._backoff, self._retry_now)
+        return True
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._supply()
 
     async def _check_then_hand(self, conn: ServerConnection) -> None:
         try:
@@ -246,6 +274,9 @@ class Pool:
         if conn.closed:
             self.forget(conn)
             return
+        if conn.host is not self.host:     # opened to a host that is no longer this pool's (failover)
+            self.discard(conn)
+            return
         if self.waiters and not self.paused:
             self._hand(conn)
             return
@@ -288,11 +319,23 @@ class Pool:
     def close_all(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._retry is not None:
+            self._retry.cancel()
         for conn in list(self.idle) + list(self.busy):
             conn.close()
         self.idle.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+# What an unreachable, starting or stopping server answers (not a refused login or database).
+_OUTAGE_STATES = frozenset(("08006", "08001", "08004", "57P01", "57P02", "57P03"))
+
+
+def _unreachable(e: Exception) -> bool:
+    if isinstance(e, ServerError):
+        return e.sqlstate in _OUTAGE_STATES
+    return isinstance(e, (ConnectionError, OSError, TimeoutError))   # the server hung up during login
 
 
 __all__ = ["Pool", "Borrower", "BorrowTimeout", "ServerError"]

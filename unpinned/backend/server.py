@@ -38,6 +38,7 @@ class ServerConnection(asyncio.Protocol):
         self.state = ServerState(prepared=ServerPrepared(limit=prepared_limit))
         self.transport: asyncio.Transport | None = None
         self.client = None                # the ClientConnection holding it, if any
+        self.host = None                  # the upstream Host it was opened to (None: config.upstream)
         self.closed = False
         self.tls = False
         self.last_used = time.monotonic()
@@ -125,7 +126,7 @@ class ServerConnection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    async def start_tls(self, up) -> None:
+    async def start_tls(self, up, hostname: str | None = None) -> None:
         """SSLRequest; on 'S' the TLS handshake (verified as `up.sslmode` says), on 'N' plain
         text unless the mode requires TLS."""
         self.transport.write(m.pack_i32(8) + m.pack_i32(m.SSL_REQUEST))
@@ -147,7 +148,7 @@ class ServerConnection(asyncio.Protocol):
         try:
             self.transport = await loop.start_tls(
                 self.transport, self, up.tls_context(),
-                server_hostname=up.host if up.sslmode == "verify-full" else None)
+                server_hostname=(hostname or up.host) if up.sslmode == "verify-full" else None)
         except ssl.SSLError as e:
             raise ServerError({"S": "FATAL", "C": "08006", "M": f"TLS with the server failed: {e}"}) from None
         self.tls = True
@@ -205,11 +206,12 @@ class ServerConnection(asyncio.Protocol):
 
 async def send_cancel(up: Upstream, conn: ServerConnection) -> None:
     """Ask PostgreSQL to cancel whatever `conn` is running (a CancelRequest on a new socket)."""
+    host, port = (conn.host.host, conn.host.port) if conn.host is not None else (up.host, up.port)
     try:
-        if up.is_unix:
-            _, w = await asyncio.open_unix_connection(f"{up.host}/.s.PGSQL.{up.port}")
+        if host.startswith("/"):
+            _, w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
         else:
-            _, w = await asyncio.open_connection(up.host, up.port)
+            _, w = await asyncio.open_connection(host, port)
         w.write(m.cancel_request(conn.state.pid, conn.state.secret))
         await w.drain()
         w.close()
@@ -218,20 +220,22 @@ async def send_cancel(up: Upstream, conn: ServerConnection) -> None:
 
 
 async def connect(cfg: Config, user: str, password: str | None, database: str,
-                  on_lost: Callable[[ServerConnection], None]) -> ServerConnection:
+                  on_lost: Callable[[ServerConnection], None], host=None) -> ServerConnection:
     """Open, authenticate and prepare a new server connection (for a pool, which `on_lost` tells
-    when it closes)."""
+    when it closes), to `host` (a hosts.Host of a cluster) or else the configured upstream."""
     up = cfg.upstream
+    addr, port = (host.host, host.port) if host is not None else (up.host, up.port)
     loop = asyncio.get_running_loop()
     conn = ServerConnection(on_lost, cfg.max_prepared_statements)
+    conn.host = host
     try:
         async with asyncio.timeout(cfg.connect_timeout or None):
-            if up.is_unix:
-                await loop.create_unix_connection(lambda: conn, f"{up.host}/.s.PGSQL.{up.port}")
+            if addr.startswith("/"):
+                await loop.create_unix_connection(lambda: conn, f"{addr}/.s.PGSQL.{port}")
             else:
-                await loop.create_connection(lambda: conn, up.host, up.port)
+                await loop.create_connection(lambda: conn, addr, port)
                 if up.sslmode != "disable":
-                    await conn.start_tls(up)
+                    await conn.start_tls(up, addr)
             await conn.login(user, password, database)
             if cfg.init_query:
                 _, error = await conn.simple_query(cfg.init_query)
@@ -240,7 +244,7 @@ async def connect(cfg: Config, user: str, password: str | None, database: str,
     except (OSError, TimeoutError) as e:
         conn.close()
         raise ServerError({"S": "FATAL", "C": "08006",
-                           "M": f"could not connect to the database server at {up.host}:{up.port}: {e or 'timeout'}"}) from None
+                           "M": f"could not connect to the database server at {addr}:{port}: {e or 'timeout'}"}) from None
     except AuthFailed as e:
         conn.close()
         raise ServerError({"S": "FATAL", "C": e.sqlstate, "M": str(e)}) from None

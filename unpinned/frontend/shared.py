@@ -19,7 +19,7 @@ from unpinned.telemetry.pinlog import PinLog
 
 class Shared:
     __slots__ = ("config", "stats", "tls_context", "registry", "pinlog", "session_options", "clients", "by_key",
-                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client")
+                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "cluster")
 
     def __init__(self, config: Config, worker: WorkerInfo | None, pinlog: PinLog):
         self.config = config
@@ -35,6 +35,8 @@ class Shared:
         self.pools: dict[tuple[str, str], Pool] = {}
         self.tasks: set[asyncio.Task] = set()
         self._next_client = 0
+        # Several upstream hosts or a reader endpoint (backend/cluster_pools.py); None = one host as before.
+        self.cluster = None
         # Plugged in by the proxy: an admin console query -> its answer (bytes, or a task
         # when several workers answer), and a cancel request -> routed to its client.
         self.admin_command: Callable[[str, Any], bytes | asyncio.Future] = lambda sql, client: b""
@@ -46,12 +48,16 @@ class Shared:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def pool_for(self, database: str, user: str) -> Pool:
+    def pool_for(self, database: str, user: str, role: str = "read_write") -> Pool:
+        if role == "read_only":
+            return self.cluster.reader_pool(database, user)
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
             server_user, password = self.config.server_credentials(user)
             pool = self.pools[key] = Pool(self.config, database, user, server_user, password, self.stats)
+            if self.cluster is not None:
+                self.cluster.adopt_writer_pool(pool)
         return pool
 
     def new_client_id(self) -> int:

@@ -14,6 +14,7 @@ from unpinned.state.policy import describe
 from unpinned.telemetry.counters import quantile
 from unpinned.wire import messages as m
 from unpinned.ops.live_state import ProxyView, event_totals, is_pinned, server_connections
+from unpinned.ops.cluster_ops import HOSTS_COLUMNS, hosts, is_switchover, switchover  # noqa: F401 (proxy uses them)
 
 
 
@@ -142,7 +143,7 @@ def config_rows(proxy: ProxyView) -> list[dict]:
 
 
 VIEWS = {"POOLS": pools, "CLIENTS": clients, "SERVERS": servers, "PINS": pins, "PIN_REASONS": pin_reasons,
-         "STATS": stats, "CONFIG": config_rows}
+         "STATS": stats, "CONFIG": config_rows, "HOSTS": hosts}
 
 
 # ------------------------------------------------------------------ the console
@@ -258,8 +259,8 @@ def _other(verb: str, arg: str, sql: str) -> bytes:
         return _table([{"version": f"unpinned {__version__}"}])
     if verb == "SHOW" and arg.upper() == "HELP" or verb == "HELP":
         return _table([{"command": c} for c in (
-            "SHOW POOLS | CLIENTS | SERVERS | PINS | PIN_REASONS | STATS | CONFIG | VERSION",
-            "PAUSE [db]", "RESUME [db]", "RELOAD", "KILL client_id | db")])
+            "SHOW POOLS | CLIENTS | SERVERS | PINS | PIN_REASONS | STATS | CONFIG | HOSTS | VERSION",
+            "SWITCHOVER host:port [timeout_seconds]", "PAUSE [db]", "RESUME [db]", "RELOAD", "KILL client_id | db")])
     return m.error_response("42601", f"unknown admin command {sql.strip()[:80]!r}; try SHOW HELP")
 
 

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from unpinned.telemetry.counters import Histogram
 from unpinned.ops.live_state import ProxyView, is_pinned, logged_in, server_connections
+from unpinned.ops.cluster_ops import cluster_metrics
 
 
 def _hist(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -87,6 +88,8 @@ class ProxyCollector:
             counters["unpinned_database_connections_setup_failed"].add_metric(lv, pool.connect_failures)
         yield from fams.values()
         yield from counters.values()
+        if getattr(p, "cluster", None) is not None:
+            yield from cluster_metrics(p.cluster, GaugeMetricFamily, CounterMetricFamily)
         yield GaugeMetricFamily("unpinned_clients_pinned", "Clients pinned to a server connection now.",
                                 value=sum(1 for c in clients if is_pinned(c)))
         by_event = {ev: CounterMetricFamily(name, doc, labels=["reason"]) for ev, name, doc in (

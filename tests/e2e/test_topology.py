@@ -1,0 +1,400 @@
+"""Writer and reader endpoints over a real primary and streaming replicas (issue 11, SPEC 3.4):
+routing, monotonic reads, lag ejection, writer failover, a one-host outage, a switchover.
+
+The proxy is started in-process (conftest.start_proxy) with a multi-host --upstream URL and
+trust client auth: clients log in as the cluster's superuser, whose password the proxy has.
+"""
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+
+from conftest import start_proxy
+from unpinned.dev.cluster import ClusterNode, PostgresCluster
+
+FAST = dict(health_check_interval=0.2, borrow_timeout=30)
+
+
+class _NoPg:
+    """start_proxy's `pg`, when every test here gives its own upstream."""
+    def dsn(self, *args) -> str:
+        return ""
+
+
+NO_PG = _NoPg()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect(port: int, node: ClusterNode, **kw):
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user=node.superuser, password=node.password,
+                            dbname="postgres", connect_timeout=10, **kw)
+    return conn
+
+
+def one(conn, sql: str, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()[0] if cur.description else None
+
+
+def admin(handle, node: ClusterNode, sql: str) -> list[tuple]:
+    conn = psycopg2.connect(host="127.0.0.1", port=handle.port, user=node.superuser, password=node.password,
+                            dbname="unpinned")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return [dict(zip(cols, row)) for row in cur.fetchall()] if cols else []
+    finally:
+        conn.close()
+
+
+def hosts(handle, node) -> dict[int, dict]:
+    return {int(r["host"].rsplit(":", 1)[1]): r for r in admin(handle, node, "SHOW HOSTS")}
+
+
+def wait_for(pred, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PostgresCluster]:
+    with PostgresCluster(replicas=2, name="topo", password="topo-pw") as c:
+        c.primary.psql("CREATE TABLE items (id int PRIMARY KEY, note text)")
+        yield c
+
+
+@pytest.fixture(scope="module")
+def proxy(cluster):
+    reader = free_port()
+    h = start_proxy(NO_PG, upstream=cluster.url(), auth="trust", reader_listen=f"127.0.0.1:{reader}",
+                    max_replica_lag=1.0, **FAST)
+    h.reader_port = h.proxy.endpoint_ports["reader"]
+    yield h
+    h.stop()
+
+
+def test_reader_endpoint_reads_replicas_and_writer_endpoint_writes_the_primary(cluster, proxy) -> None:
+    p, r1, r2 = cluster.primary, *cluster.replicas
+    w = connect(proxy.port, p)
+    w.autocommit = True
+    assert one(w, "SELECT pg_is_in_recovery()") is False
+    assert one(w, "SELECT inet_server_port()") == p.port
+    one(w, "INSERT INTO items VALUES (1, 'through the writer endpoint')")
+    assert p.psql("SELECT note FROM items WHERE id = 1") == "through the writer endpoint"
+    readers = [connect(proxy.reader_port, p) for _ in range(6)]
+    try:
+        ports = set()
+        for rc in readers:
+            rc.autocommit = True
+            assert one(rc, "SELECT pg_is_in_recovery()") is True
+            ports.add(one(rc, "SELECT inet_server_port()"))
+            # Replicated rows are read (replication is asynchronous: they arrive shortly).
+            wait_for(lambda: one(rc, "SELECT note FROM items WHERE id = 1"), what="the row on a replica")
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+                one(rc, "INSERT INTO items VALUES (2, 'no')")
+        # Balanced by load: six clients at once land on both replicas.
+        assert ports == {r1.port, r2.port}
+        rows = hosts(proxy, p)
+        assert rows[p.port]["role"] == "writer" and rows[p.port]["writer"] in (True, "True", "t")
+        assert rows[r1.port]["role"] == rows[r2.port]["role"] == "reader"
+    finally:
+        for rc in readers:
+            rc.close()
+        w.close()
+
+
+def test_reader_never_reads_from_a_replica_older_than_it_has_read(cluster, proxy) -> None:
+    """Monotonic reads: a client that read a row on one replica is not sent to a replica that
+    has not replayed it yet, even when its replica goes away; it waits for one that has."""
+    p, r1, r2 = cluster.primary, *cluster.replicas
+    rc = connect(proxy.reader_port, p)
+    rc.autocommit = True
+    try:
+        on = one(rc, "SELECT inet_server_port()")
+        mine, other = (r1, r2) if on == r1.port else (r2, r1)
+        other.pause_replay()
+        one_w = connect(proxy.port, p)
+        one_w.autocommit = True
+        one(one_w, "INSERT INTO items VALUES (10, 'monotonic')")
+        one_w.close()
+        mine.wait_replayed(p.current_lsn())
+        assert one(rc, "SELECT note FROM items WHERE id = 10") == "monotonic"
+        assert other.psql("SELECT count(*) FROM items WHERE id = 10") == "0"
+        mine.halt("immediate")
+        try:
+            # Its replica is gone and the other one is behind what it read: it waits...
+            threading.Timer(1.5, other.resume_replay).start()
+            t0 = time.monotonic()
+            assert one(rc, "SELECT note FROM items WHERE id = 10") == "monotonic"
+            assert time.monotonic() - t0 >= 1.0
+            assert one(rc, "SELECT inet_server_port()") == other.port
+        finally:
+            mine.start()
+            wait_for(lambda: hosts(proxy, p)[mine.port]["healthy"] in (True, "True"), what="replica back")
+    finally:
+        rc.close()
+
+
+def test_a_lagging_replica_leaves_the_rotation_and_comes_back(cluster, proxy) -> None:
+    p, r1, r2 = cluster.primary, *cluster.replicas
+    wait_for(lambda: all(r["healthy"] == "True" for r in hosts(proxy, p).values()), what="all healthy")
+    r2.pause_replay()
+    try:
+        w = connect(proxy.port, p)
+        w.autocommit = True
+        # Lag counts while the replica has WAL it has not replayed: keep writing.
+        for i in range(40):
+            one(w, "INSERT INTO items VALUES (%s, 'lag') ON CONFLICT DO NOTHING", (100 + i,))
+            time.sleep(0.05)
+            if hosts(proxy, p)[r2.port]["ejected_for_lag"] == "True":
+                break
+        rows = hosts(proxy, p)
+        assert rows[r2.port]["ejected_for_lag"] == "True", rows[r2.port]
+        assert float(rows[r2.port]["lag_s"]) > 1.0
+        # New readers all go to the replica in rotation.
+        conns = [connect(proxy.reader_port, p) for _ in range(4)]
+        for c in conns:
+            c.autocommit = True
+            assert one(c, "SELECT inet_server_port()") == r1.port
+            c.close()
+        w.close()
+    finally:
+        r2.resume_replay()
+    wait_for(lambda: hosts(proxy, p)[r2.port]["ejected_for_lag"] == "False", what="readmitted")
+    stats = admin(proxy, p, "SHOW HOSTS")
+    assert all(r["healthy"] == "True" for r in stats)
+
+
+def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:
+    """Only the primary behind the reader endpoint: RDS Proxy's rule, fail at once."""
+    p = cluster.primary
+    url = f"postgresql://{p.superuser}:{p.password}@127.0.0.1:{p.port}/postgres"
+    h = start_proxy(NO_PG, upstream=url, auth="trust", reader_listen=f"127.0.0.1:{free_port()}", **FAST)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg2.OperationalError, match="no reader instance is available"):
+            c = connect(h.proxy.endpoint_ports["reader"], p)
+            one(c, "SELECT 1")
+        assert time.monotonic() - t0 < 2
+    finally:
+        h.stop()
+
+
+# ---------------------------------------------------------------------- failover
+
+
+def test_failover_keeps_idle_clients_and_their_session_state() -> None:
+    with PostgresCluster(replicas=1, name="fo", password="fo-pw") as c:
+        p, r = c.primary, c.replicas[0]
+        p.psql("CREATE TABLE log (client int, port int)")
+        h = start_proxy(NO_PG, upstream=c.url(), auth="trust", **FAST)
+        try:
+            idle = []
+            for i in range(20):
+                conn = connect(h.port, p)
+                conn.autocommit = True
+                one(conn, f"SET application_name = 'client-{i}'")
+                one(conn, "SET statement_timeout = %s", (f"{10001 + i}ms",))
+                idle.append(conn)
+            mid = connect(h.port, p)
+            one(mid, "INSERT INTO log VALUES (-1, 0)")       # a transaction left open
+            r.wait_replayed(p.current_lsn())
+            p.halt("immediate")
+            t_promote = time.monotonic()
+            r.promote()
+            promoted = time.monotonic()
+            # The first write after the promotion, through an idle client's same connection.
+            one(idle[0], "INSERT INTO log VALUES (0, inet_server_port())")
+            first_write = time.monotonic() - promoted
+            for i, conn in enumerate(idle[1:], 1):
+                one(conn, "INSERT INTO log VALUES (%s, inet_server_port())", (i,))
+            for i, conn in enumerate(idle):
+                assert one(conn, "SHOW application_name") == f"client-{i}"
+                assert one(conn, "SHOW statement_timeout") == f"{10001 + i}ms"
+                assert one(conn, "SELECT inet_server_port()") == r.port
+                assert one(conn, "SELECT pg_is_in_recovery()") is False
+            # The transaction in flight on the lost primary fails, once, and is not replayed.
+            with pytest.raises(psycopg2.Error):
+                mid.commit()
+            assert r.psql("SELECT count(*) FROM log WHERE client = -1") == "0"
+            assert r.psql(f"SELECT count(*) FROM log WHERE port = {r.port}") == "20"
+            rows = admin(h, r, "SHOW HOSTS")
+            assert [x["writer"] for x in rows if x["host"].endswith(f":{r.port}")] == ["True"]
+            fo = h.proxy.cluster.last_failover
+            print(f"\nfailover: promote took {promoted - t_promote:.2f} s; first write through the proxy "
+                  f"{first_write:.3f} s after promotion; proxy without a writer {fo['seconds']:.2f} s")
+            assert first_write < 5
+            assert h.proxy.cluster.counts["failover"] == 1
+            for conn in idle:
+                conn.close()
+        finally:
+            h.stop()
+
+
+# ---------------------------------------------------------------------- outage and switchover
+
+
+class Transfers:
+    """A money-transfer workload: `n` clients moving amounts between accounts, one
+    transaction each time, counting errors and the longest wait."""
+
+    def __init__(self, port: int, node: ClusterNode, n: int, accounts: int = 20):
+        self.port, self.node, self.n, self.accounts = port, node, n, accounts
+        self.errors: list[str] = []
+        self.done = 0
+        self.longest = 0.0
+        self.stop = threading.Event()
+        self.gate = threading.Condition()    # the outage test stops the server between transactions
+        self.in_flight = 0
+        self.closed = False
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def start(self) -> "Transfers":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, i: int) -> None:
+        rnd = random.Random(i)
+        try:
+            conn = connect(self.port, self.node)
+        except psycopg2.Error as e:
+            self.errors.append(f"connect: {e}")
+            return
+        try:
+            while not self.stop.is_set():
+                a, b = rnd.sample(range(self.accounts), 2)
+                with self.gate:
+                    while self.closed:
+                        self.gate.wait()
+                    self.in_flight += 1
+                t0 = time.monotonic()
+                try:
+                    with conn.cursor() as cur:
+                        # Accounts locked in id order: transfers never deadlock each other.
+                        amount = 7 if a < b else -7
+                        lo, hi = min(a, b), max(a, b)
+                        cur.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, lo))
+                        cur.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, hi))
+                    conn.commit()
+                    self.done += 1
+                except psycopg2.Error as e:
+                    self.errors.append(f"{type(e).__name__}: {e}".strip())
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        return
+                finally:
+                    self.longest = max(self.longest, time.monotonic() - t0)
+                    with self.gate:
+                        self.in_flight -= 1
+                        self.gate.notify_all()
+                time.sleep(rnd.uniform(0, 0.01))
+        finally:
+            conn.close()
+
+    def between_transactions(self):
+        """Hold new transactions back until none is running (then release_gate)."""
+        with self.gate:
+            self.closed = True
+            while self.in_flight:
+                self.gate.wait()
+
+    def release_gate(self) -> None:
+        with self.gate:
+            self.closed = False
+            self.gate.notify_all()
+
+
+def test_one_host_restart_costs_latency_not_errors() -> None:
+    """A single upstream stopped 5 s: transactions that start while it is down wait for it
+    (the server is stopped between transactions: one running at that instant would fail,
+    which test_failover covers) and the money is all there afterwards."""
+    with PostgresCluster(replicas=0, name="one", password="one-pw") as c:
+        p = c.primary
+        p.psql("CREATE TABLE accounts (id int PRIMARY KEY, balance int); "
+               "INSERT INTO accounts SELECT g, 1000 FROM generate_series(0, 19) g")
+        h = start_proxy(NO_PG, upstream=p.dsn(), auth="trust", borrow_timeout=30)
+        assert h.proxy.cluster is None      # one host: no health checks, as before
+        work = Transfers(h.port, p, 8).start()
+        try:
+            time.sleep(1.0)
+            work.between_transactions()
+            p.halt("fast")
+            stopped = time.monotonic()
+            done_before = work.done
+            work.release_gate()
+            time.sleep(5.0)
+            assert work.done == done_before    # nothing got through: they are waiting
+            p.start()
+            back = time.monotonic()
+            wait_for(lambda: work.done > done_before + 50, what="transfers after the restart")
+            time.sleep(0.5)
+        finally:
+            work.finish()
+            h.stop()
+        assert work.errors == []
+        assert p.psql("SELECT sum(balance) FROM accounts") == "20000"
+        print(f"\noutage: down {back - stopped:.1f} s; longest transaction {work.longest:.2f} s; "
+              f"{work.done} transfers, 0 errors")
+        assert work.longest >= 5.0
+
+
+def test_planned_switchover_under_load_has_no_client_errors() -> None:
+    with PostgresCluster(replicas=1, name="sw", password="sw-pw") as c:
+        p, r = c.primary, c.replicas[0]
+        p.psql("CREATE TABLE accounts (id int PRIMARY KEY, balance int); "
+               "INSERT INTO accounts SELECT g, 1000 FROM generate_series(0, 49) g")
+        h = start_proxy(NO_PG, upstream=c.url(), auth="trust", pool_size=20, **FAST)
+        work = Transfers(h.port, p, 100, accounts=50).start()
+        result: dict = {}
+        try:
+            wait_for(lambda: work.done > 300, what="the workload to run")
+
+            def switch():
+                try:
+                    result["rows"] = admin(h, p, f"SWITCHOVER 127.0.0.1:{r.port} 60")
+                except Exception as e:   # reported by the assertion below
+                    result["error"] = e
+            t = threading.Thread(target=switch)
+            t.start()
+            wait_for(lambda: hosts(h, p)[r.port]["switchover"] == "waiting", what="the drain")
+            # Drained: nothing more reaches the old primary. Promote once the replica has it all.
+            r.wait_replayed(p.current_lsn())
+            done_paused = work.done
+            r.promote()
+            t.join(60)
+            assert "error" not in result, result
+            wait_for(lambda: work.done > done_paused + 300, what="transfers on the new writer")
+        finally:
+            work.finish()
+            h.stop()
+        assert work.errors == [], work.errors[:5]
+        assert r.psql("SELECT sum(balance) FROM accounts") == "50000"
+        assert h.proxy.cluster.counts["switchover"] == 1
+        print(f"\nswitchover: 100 clients, {work.done} transfers, 0 errors, longest {work.longest:.2f} s")
