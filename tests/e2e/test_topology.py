@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psycopg
 import psycopg2
 import pytest
 
 from conftest import start_proxy
 from unpinned.dev.cluster import ClusterNode, PostgresCluster
+from unpinned.ops.metrics import make_registry, render
 
 FAST = dict(health_check_interval=0.2, borrow_timeout=30)
 
@@ -183,6 +185,13 @@ def test_a_lagging_replica_leaves_the_rotation_and_comes_back(cluster, proxy) ->
     wait_for(lambda: hosts(proxy, p)[r2.port]["ejected_for_lag"] == "False", what="readmitted")
     stats = admin(proxy, p, "SHOW HOSTS")
     assert all(r["healthy"] == "True" for r in stats)
+    # Counted for the operator: the ejection and the readmission.
+    metrics = proxy.call(lambda: render(make_registry(proxy.proxy))).decode()
+    counts = proxy.proxy.cluster.counts
+    assert counts["ejected"] >= 1 and counts["readmitted"] == counts["ejected"]
+    assert f'unpinned_cluster_events_total{{kind="ejected"}} {counts["ejected"]:.1f}' in metrics
+    assert f'unpinned_cluster_events_total{{kind="readmitted"}} {counts["readmitted"]:.1f}' in metrics
+    assert f'unpinned_host_writer{{host="127.0.0.1:{p.port}"}} 1.0' in metrics
 
 
 def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:
@@ -216,8 +225,13 @@ def test_failover_keeps_idle_clients_and_their_session_state() -> None:
                 one(conn, f"SET application_name = 'client-{i}'")
                 one(conn, "SET statement_timeout = %s", (f"{10001 + i}ms",))
                 idle.append(conn)
-            mid = connect(h.port, p)
-            one(mid, "INSERT INTO log VALUES (-1, 0)")       # a transaction left open
+            # psycopg 3 for these two: it reports the proxy's FATAL text where psycopg2 (libpq's
+            # connection-level message) says only "server closed the connection unexpectedly".
+            dsn = f"host=127.0.0.1 port={h.port} user={p.superuser} password={p.password} dbname=postgres"
+            mid = psycopg.connect(dsn)
+            mid.execute("INSERT INTO log VALUES (-1, 0)")      # a transaction left open
+            pinned = psycopg.connect(dsn, autocommit=True)
+            pinned.execute("CREATE TEMP TABLE mine (x int)")   # pins it to its server connection
             r.wait_replayed(p.current_lsn())
             p.halt("immediate")
             t_promote = time.monotonic()
@@ -234,9 +248,13 @@ def test_failover_keeps_idle_clients_and_their_session_state() -> None:
                 assert one(conn, "SELECT inet_server_port()") == r.port
                 assert one(conn, "SELECT pg_is_in_recovery()") is False
             # The transaction in flight on the lost primary fails, once, and is not replayed.
-            with pytest.raises(psycopg2.Error):
+            with pytest.raises(psycopg.OperationalError) as lost:
                 mid.commit()
+            assert lost.value.diag.message_primary == "the server connection was lost; the transaction, if any, is gone"
             assert r.psql("SELECT count(*) FROM log WHERE client = -1") == "0"
+            # A pinned session's state died with the old primary: it is told so.
+            with pytest.raises(psycopg.OperationalError, match=r"pinned to it \(temp_object\)"):
+                pinned.execute("SELECT count(*) FROM mine")
             assert r.psql(f"SELECT count(*) FROM log WHERE port = {r.port}") == "20"
             rows = admin(h, r, "SHOW HOSTS")
             assert [x["writer"] for x in rows if x["host"].endswith(f":{r.port}")] == ["True"]

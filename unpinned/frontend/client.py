@@ -181,10 +181,20 @@ class PooledClient(ClientConnection):
     def server_lost(self, conn: ServerConnection) -> None:
         if self.server is conn:
             self.server = None
+            pins = ", ".join(self.relay.session.pins) if self.relay.pinned else ""
+            waiting = bool(self.relay.queue)
             self.relay.detach()
             self.relay.queue.clear()
-            self.shutdown(m.fatal("08006", "the server connection was lost; the transaction, if any, is gone",
-                                  detail=f"server connection {conn.id} closed unexpectedly"))
+            final = m.fatal("08006", "the server connection was lost; the transaction, if any, is gone" +
+                            (f"; this session was pinned to it ({pins}) and its state there is gone: "
+                             "reconnect" if pins else ""),
+                            detail=f"server connection {conn.id} closed unexpectedly")
+            if waiting:
+                self.shutdown(final)
+            else:
+                # Between requests (idle in a transaction, or pinned and idle) a client would
+                # only see "server closed the connection": it hears why at its next request.
+                self.pool = _Lost(final)
 
     def _give_back(self, conn: ServerConnection) -> None:
         """The client is gone: return its server connection clean, or close it."""
@@ -209,6 +219,21 @@ class PooledClient(ClientConnection):
             # PREPAREs made in it, and the pinned state outlives any transaction, so the
             # connection is reset (DISCARD ALL) before anyone else gets it; cheaper than a new one.
             self.shared.spawn(_rollback_and_release(self.pool, conn))
+
+
+class _Lost:
+    """The pool of a client whose transaction or pinned session died with its server
+    connection: its next request is answered with why, and the connection closed."""
+
+    def __init__(self, final: bytes):
+        self.final = final
+        self.waiters = ()
+
+    def borrow(self, client) -> None:
+        client.shutdown(self.final)
+
+    def withdraw(self, client) -> None:
+        pass
 
 
 async def _cancel_and_close(config, conn: ServerConnection) -> None:
