@@ -14,7 +14,7 @@ from unpinned.state.policy import describe
 from unpinned.telemetry.counters import quantile
 from unpinned.wire import messages as m
 from unpinned.ops.live_state import ProxyView, event_totals, is_pinned, server_connections
-from unpinned.ops.cluster_ops import HOSTS_COLUMNS, hosts, is_switchover, switchover  # noqa: F401 (proxy uses them)
+from unpinned.ops.cluster_ops import hosts, is_switchover, merge_hosts, switchover  # noqa: F401 (proxy uses them)
 
 
 
@@ -290,6 +290,8 @@ def merge_view(name: str, per_worker: list[list[dict]]) -> list[dict]:
         return merged
     if name == "CONFIG":
         return per_worker[0] if per_worker else []
+    if name == "HOSTS":
+        return merge_hosts(per_worker)
     key = "client_id" if name == "PINS" else "id"
     return sorted(rows, key=lambda r: (r.get(key) is None, r.get(key) or 0))
 

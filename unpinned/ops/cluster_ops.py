@@ -21,8 +21,19 @@ def hosts(proxy: ProxyView) -> list[dict]:
              "last_error": "not checked: a single upstream host", "switchover": ""}]
 
 
-HOSTS_COLUMNS = ["host", "role", "writer", "healthy", "lag_s", "lag_bytes", "ejected_for_lag", "lsn", "timeline",
-                 "connections", "busy", "checked_ago_s", "last_error", "switchover"]
+def merge_hosts(per_worker: list[list[dict]]) -> list[dict]:
+    """Several workers check the hosts each: the first worker's view of each host, with
+    the connections of all of them added up."""
+    merged: dict[str, dict] = {}
+    for rows in per_worker:
+        for r in rows:
+            m_ = merged.get(r["host"])
+            if m_ is None:
+                merged[r["host"]] = dict(r)
+            else:
+                m_["connections"] += r["connections"]
+                m_["busy"] += r["busy"]
+    return list(merged.values())
 
 
 def is_switchover(sql: str) -> bool:
@@ -34,6 +45,10 @@ async def switchover(proxy: ProxyView, sql: str) -> bytes:
     the target (someone promotes it meanwhile), or with the reason it could not."""
     words = sql.strip().rstrip(";").split()
     cluster = getattr(proxy, "cluster", None)
+    if getattr(proxy, "peers", None) is not None:
+        # Every worker would have to drain before any resumes: not built yet.
+        return m.error_response("0A000", "SWITCHOVER is not supported with several worker processes yet; "
+                                         "run it with workers = 1")
     if cluster is None:
         return m.error_response("55000", "SWITCHOVER needs several upstream hosts (a multi-host --upstream URL "
                                          "or [upstream] hosts)")

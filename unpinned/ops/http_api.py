@@ -53,7 +53,7 @@ class HttpServer:
                 body = {"mode": self.proxy.config.mode, "pools": await view(self.proxy, "POOLS"),
                         "stats": (await view(self.proxy, "STATS"))[0], "pins": await view(self.proxy, "PINS"),
                         "pin_reasons": (await view(self.proxy, "PIN_REASONS"))[:50],
-                        "history": history}
+                        "history": history, "hosts": await view(self.proxy, "HOSTS")}
             elif name in admin.VIEWS:
                 body = await admin.gather_view(self.proxy, name)
             else:
