@@ -112,6 +112,10 @@ def test_demo_runs_and_leaves_nothing_running():
     m = re.search(r"server connections used \(max\)\s*│\s*(\d+)", out)
     assert m and 1 <= int(m.group(1)) <= 5, out
     assert re.search(r"money conserved.*│\s*yes", out)
+    # The failover act: clients went on on the promoted replica, the money all there.
+    m = re.search(r"first commit through the proxy after the promotion\s*│\s*([\d.]+) s", out)
+    assert m and float(m.group(1)) < 5, out
+    assert len(re.findall(r"money conserved.*│\s*yes", out)) == 2, out
     # No embedded server of the demo survives it.
     leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find("unpinned-db-demo") >= 0]
     assert leftovers == []

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from unpinned.config import load
+from unpinned.dev.demo_failover import run_failover
 from unpinned.dev.embedded import EmbeddedPostgres
 from unpinned.proxy import Proxy
 
@@ -296,6 +297,7 @@ async def _main(clients: int, pool_size: int, seconds: float, keep: bool) -> int
                       "connection; here they shared a pool of "
                       f"{pool_size}.")
         ok = stats["errors"] == 0 and stats["total_balance"] == 100000 and stats["max_servers"] <= pool_size
+        ok = await run_failover(console, clients=min(clients, 40), seconds=min(seconds, 2.0)) and ok
         if keep:
             console.print("Proxies keep running; Ctrl-C to stop.")
             await asyncio.Event().wait()
