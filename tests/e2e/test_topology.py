@@ -209,6 +209,31 @@ def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:
         h.stop()
 
 
+def test_a_down_upstream_makes_clients_wait_then_says_why() -> None:
+    """Nothing listening upstream: the client waits its borrow timeout (the server may be
+    restarting), then hears RDS Proxy's timeout text with the reason in DETAIL."""
+    port = free_port()
+    h = start_proxy(NO_PG, upstream=f"postgresql://postgres:pw@127.0.0.1:{port}/postgres", auth="trust",
+                    borrow_timeout=1.5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(f"host=127.0.0.1 port={h.port} user=postgres password=pw dbname=postgres",
+                            connect_timeout=10)
+        waited = time.monotonic() - t0
+        # (A failed login has no diagnostics object in psycopg: the text is the message.)
+        text = str(e.value)
+        assert "FATAL:  Timed-out waiting to acquire database connection.\nDETAIL:  no server connection could " \
+               f"be opened: could not connect to the database server at 127.0.0.1:{port}: [Errno 111] " \
+               "Connection refused" in text, text
+        assert 1.4 < waited < 5
+        # Retried meanwhile, with backoff: several attempts, not one per millisecond.
+        pool = h.pool("postgres", "postgres")
+        assert 3 <= pool.connect_failures <= 20, pool.connect_failures
+    finally:
+        h.stop()
+
+
 # ---------------------------------------------------------------------- failover
 
 

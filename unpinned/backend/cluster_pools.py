@@ -33,7 +33,7 @@ from collections import Counter, deque
 from unpinned.backend.pool import Borrower, BorrowTimeout, Pool
 from unpinned.backend.probe import HealthChecker, probe_for
 from unpinned.backend.server import ServerConnection, ServerError
-from unpinned.backend.topology import NO_REPLICAS, Event, Topology, parse_lsn
+from unpinned.backend.topology import ALL_LAGGING, BEHIND_CLIENT, NO_REPLICAS, NONE_HEALTHY, Event, Topology, parse_lsn
 from unpinned.config import Config
 from unpinned.hosts import Host
 from unpinned.wire import messages as m
@@ -482,7 +482,9 @@ class ReaderPools:
                 if conn is not None:
                     borrower.borrowed(conn)
             elif deadline is not None and deadline <= now:
-                _fail(borrower, BorrowTimeout(TIMED_OUT))
+                exc = BorrowTimeout(TIMED_OUT)
+                exc.detail = _WHY.get(self.cluster.topology.reader_unavailable(self.seen.get(borrower, 0)))
+                _fail(borrower, exc)
             else:
                 self.waiters.append([borrower, deadline])
         self._arm()
@@ -492,6 +494,13 @@ class ReaderPools:
         # client has seen) raises no event.
         if self.waiters and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(0.05, self.retry)
+
+
+_WHY = {
+    NONE_HEALTHY: "no replica answers its health check",
+    ALL_LAGGING: "every healthy replica lags beyond max_replica_lag",
+    BEHIND_CLIENT: "no replica has replayed as far as this client has already read",
+}
 
 
 def _fail(borrower, exc: Exception) -> None:

@@ -14,7 +14,7 @@ log = logging.getLogger("unpinned.backend.pool")
 
 
 class BorrowTimeout(Exception):
-    pass
+    detail: str | None = None      # why no connection came (the server unreachable, ...), for the DETAIL field
 
 
 class Borrower:
@@ -82,6 +82,7 @@ class Pool:
         self.on_unreachable = None
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = 0.0
+        self.outage: str | None = None     # why connects fail now (the last error), None when they work
         # Counters (SHOW POOLS / metrics).
         self.borrows = 0
         self.borrow_wait_total = 0.0
@@ -207,6 +208,9 @@ class Pool:
         self.opening -= 1
         self.connects += 1
         self._backoff = 0.0
+        if self.outage is not None:
+            log.warning("pool %s/%s: the server answers again", self.database, self.user)
+            self.outage = None
         if self.reported is None:
             self.reported = dict(conn.state.reported)
         self.busy.add(conn)
@@ -218,6 +222,10 @@ class Pool:
         hook = self.on_unreachable
         if hook is not None and not hook(self, e):
             return False
+        if self.outage is None:
+            log.warning("pool %s/%s: %s; waiting clients wait up to borrow_timeout (%g s) while it is retried",
+                        self.database, self.user, e, self.config.borrow_timeout)
+        self.outage = f"no server connection could be opened: {e}"
         if self._retry is None:
             self._backoff = min(1.0, self._backoff * 2) if self._backoff else 0.05
             self._retry = asyncio.get_running_loop().call_later(self._backoff, self._retry_now)
@@ -262,7 +270,10 @@ class Pool:
         while self.waiters and self.waiters[0][1] is not None and self.waiters[0][1] <= now:
             borrower = self.waiters.popleft()[0]
             if not borrower.closing:
-                borrower.borrow_failed(BorrowTimeout("Timed-out waiting to acquire database connection."))
+                exc = BorrowTimeout("Timed-out waiting to acquire database connection.")
+                if self._retry is not None or self.hold:
+                    exc.detail = self.outage
+                borrower.borrow_failed(exc)
         self._arm_timer()
 
     # ------------------------------------------------------------------ giving back

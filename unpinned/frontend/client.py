@@ -84,7 +84,7 @@ class PooledClient(ClientConnection):
         if isinstance(exc, ServerError):
             self._fatal(exc.sqlstate, exc.fields.get("M", "could not connect to the server"))
         elif isinstance(exc, BorrowTimeout):
-            self._fatal("53300", str(exc))
+            self.shutdown(m.fatal("53300", str(exc), detail=exc.detail))
         else:
             self._fatal("08006", f"could not connect to the server: {exc}")
 

@@ -176,7 +176,7 @@ class Login(ClientConnection):
         elif isinstance(e, ServerError):
             self._fatal(e.sqlstate, e.fields.get("M", "server error"))
         elif isinstance(e, BorrowTimeout):
-            self._fatal("53300", str(e))
+            self.shutdown(m.fatal("53300", str(e), detail=e.detail))
         elif isinstance(e, TimeoutError):
             self._fatal("08P01", "timeout during login")
         elif isinstance(e, (ConnectionError, asyncio.CancelledError)):
