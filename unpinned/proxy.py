@@ -99,7 +99,7 @@ class Proxy:
         self.endpoint_ports["default"] = srv.sockets[0].getsockname()[1]
         for ep in self.config.all_endpoints()[1:]:
             ep_host, ep_port = parse_hostport(ep.listen, f"endpoint {ep.name} listen")
-            ep_srv = await loop.create_server(lambda role=ep.role: Login(shared, role), ep_host, ep_port,
+            ep_srv = await loop.create_server(lambda ep=ep: Login(shared, ep), ep_host, ep_port,
                                               reuse_address=True, reuse_port=self.worker is not None, backlog=4096)
             self.listeners.append(ep_srv)
             self.endpoint_ports[ep.name] = ep_srv.sockets[0].getsockname()[1]

@@ -17,6 +17,7 @@ import psycopg2
 import pytest
 
 from conftest import start_proxy
+from unpinned.config import load
 from unpinned.dev.cluster import ClusterNode, PostgresCluster
 from unpinned.ops.metrics import make_registry, render
 
@@ -192,6 +193,49 @@ def test_a_lagging_replica_leaves_the_rotation_and_comes_back(cluster, proxy) ->
     assert f'unpinned_cluster_events_total{{kind="ejected"}} {counts["ejected"]:.1f}' in metrics
     assert f'unpinned_cluster_events_total{{kind="readmitted"}} {counts["readmitted"]:.1f}' in metrics
     assert f'unpinned_host_writer{{host="127.0.0.1:{p.port}"}} 1.0' in metrics
+
+
+def test_endpoints_from_the_config_file_have_their_own_pools(cluster, tmp_path, monkeypatch) -> None:
+    p = cluster.primary
+    reporting, batch = free_port(), free_port()
+    path = tmp_path / "unpinned.toml"
+    path.write_text(f'''
+[upstream]
+url = "{cluster.url()}"
+health_check_interval = 0.2
+
+[[endpoints]]
+name = "reporting"
+listen = "127.0.0.1:{reporting}"
+role = "read_only"
+
+[[endpoints]]
+name = "batch"
+listen = "127.0.0.1:{batch}"
+role = "read_write"
+''')
+    import conftest
+    monkeypatch.setattr(conftest, "load", lambda _path, **options: load(str(path), **options))
+    options = dict(upstream=None, auth="trust")
+    h = start_proxy(NO_PG, **options)
+    try:
+        assert h.proxy.endpoint_ports == {"default": h.port, "reporting": reporting, "batch": batch}
+        r = connect(reporting, p)
+        b = connect(batch, p)
+        w = connect(h.port, p)
+        for c in (r, b, w):
+            c.autocommit = True
+        assert one(r, "SELECT pg_is_in_recovery()") is True
+        assert one(b, "SELECT pg_is_in_recovery()") is False
+        assert one(w, "SELECT pg_is_in_recovery()") is False
+        cl = h.proxy.cluster
+        assert set(cl.readers) == {("reporting", "postgres", p.superuser)}
+        assert set(cl.endpoint_writers) == {("batch", "postgres", p.superuser)}
+        assert h.pool("postgres", p.superuser) is not cl.endpoint_writers[("batch", "postgres", p.superuser)]
+        for c in (r, b, w):
+            c.close()
+    finally:
+        h.stop()
 
 
 def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:

@@ -46,8 +46,8 @@ HURRY = 0.1     # seconds between checks while there is no writer
 
 
 def needs_cluster(config: Config) -> bool:
-    """A single host without reader endpoints runs exactly as before: no checks, no routing."""
-    return len(config.upstream.all_hosts) > 1 or any(e.role == "read_only" for e in config.all_endpoints())
+    """A single host with only `listen` runs exactly as before: no checks, no routing."""
+    return len(config.upstream.all_hosts) > 1 or len(config.all_endpoints()) > 1
 
 
 class Cluster:
@@ -62,7 +62,8 @@ class Cluster:
                                  tls_context=up.tls_context() if up.sslmode != "disable" else None)
         self.checker = HealthChecker(self.topology, probe_fn, config.health_check_interval, self._on_events)
         self.writer_pools: list[Pool] = []
-        self.readers: dict[tuple[str, str], ReaderPools] = {}
+        self.readers: dict[tuple[str, str, str], ReaderPools] = {}    # (endpoint, database, user)
+        self.endpoint_writers: dict[tuple[str, str, str], Pool] = {}  # read_write endpoints besides `listen`
         self.counts: Counter = Counter()     # events by kind; "failover", "switchover" too
         self.writer_lost_at: float | None = None
         self.last_failover: dict | None = None   # {"from", "to", "seconds"} of the latest
@@ -86,11 +87,16 @@ class Cluster:
         await self.checker.stop()
         for r in self.readers.values():
             r.close_all()
+        for p in self.endpoint_writers.values():
+            p.close_all()
         for t in list(self._tasks):
             t.cancel()
 
     def reload(self, config: Config) -> None:
         self.config = config
+        for p in self.endpoint_writers.values():
+            p.config = config
+            p.server_user, p.server_password = config.server_credentials(p.user)
         for r in self.readers.values():
             r.config = config
             for p in r.pools.values():
@@ -100,6 +106,8 @@ class Cluster:
     def reap(self, now: float) -> None:
         for r in self.readers.values():
             r.reap(now)
+        for p in self.endpoint_writers.values():
+            p.reap(now)
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -116,12 +124,20 @@ class Cluster:
         pool.on_unreachable = self._unreachable
         self.writer_pools.append(pool)
 
-    def reader_pool(self, database: str, user: str) -> "ReaderPools":
-        key = (database, user)
-        r = self.readers.get(key)
-        if r is None:
-            r = self.readers[key] = ReaderPools(self, database, user)
-        return r
+    def endpoint_pool(self, database: str, user: str, endpoint) -> "Pool | ReaderPools":
+        """The pools of an endpoint other than `listen` (config.Endpoint): each has its own."""
+        key = (endpoint.name, database, user)
+        if endpoint.role == "read_only":
+            r = self.readers.get(key)
+            if r is None:
+                r = self.readers[key] = ReaderPools(self, database, user)
+            return r
+        p = self.endpoint_writers.get(key)
+        if p is None:
+            server_user, password = self.config.server_credentials(user)
+            p = self.endpoint_writers[key] = Pool(self.config, database, user, server_user, password, self.stats)
+            self.adopt_writer_pool(p)
+        return p
 
     def _unreachable(self, pool: Pool, e: Exception) -> bool:
         """A connect to `pool.host` failed as a down server's does: count it as a failed check

@@ -55,11 +55,11 @@ def _random64() -> int:
 class Login(ClientConnection):
     """A client from its first byte until it is logged in."""
 
-    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted", "role")
+    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted", "endpoint")
 
-    def __init__(self, shared: Shared, role: str = "read_write"):
+    def __init__(self, shared: Shared, endpoint=None):
         super().__init__(shared)
-        self.role = role                 # the endpoint's: read_write (writer) or read_only (replicas)
+        self.endpoint = endpoint         # config.Endpoint it came through; None: `listen` (the writer)
         self.id = shared.new_client_id()
         self._buf = bytearray()          # bytes before login completes
         self._auth: ClientAuth | None = None
@@ -245,7 +245,7 @@ class Login(ClientConnection):
                 raise AuthFailed(f'user "{self.user}" may not use the admin console', "42501")
             self._start_admin()
             return
-        self.pool = self.shared.pool_for(self.database, self.user, self.role)
+        self.pool = self.shared.pool_for(self.database, self.user, self.endpoint)
         reported = self._known_parameters(self._wanted)
         if reported is not None:
             self._logged_in(reported)

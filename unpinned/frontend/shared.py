@@ -48,9 +48,9 @@ class Shared:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def pool_for(self, database: str, user: str, role: str = "read_write") -> Pool:
-        if role == "read_only":
-            return self.cluster.reader_pool(database, user)
+    def pool_for(self, database: str, user: str, endpoint=None) -> Pool:
+        if endpoint is not None:    # another endpoint than `listen`: its own pools (backend/cluster_pools.py)
+            return self.cluster.endpoint_pool(database, user, endpoint)
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
