@@ -457,7 +457,10 @@ def test_planned_switchover_under_load_has_no_client_errors() -> None:
         p, r = c.primary, c.replicas[0]
         p.psql("CREATE TABLE accounts (id int PRIMARY KEY, balance int); "
                "INSERT INTO accounts SELECT g, 1000 FROM generate_series(0, 49) g")
-        h = start_proxy(NO_PG, upstream=c.url(), auth="trust", pool_size=20, **FAST)
+        h = start_proxy(NO_PG, upstream=c.url(), auth="trust", pool_size=21, **FAST)
+        dsn = f"host=127.0.0.1 port={h.port} user={p.superuser} password={p.password} dbname=postgres"
+        pinned = psycopg.connect(dsn, autocommit=True)
+        pinned.execute("CREATE TEMP TABLE mine (x int)")     # holds its server connection on the old primary
         work = Transfers(h.port, p, 100, accounts=50).start()
         result: dict = {}
         try:
@@ -478,6 +481,9 @@ def test_planned_switchover_under_load_has_no_client_errors() -> None:
             t.join(60)
             assert "error" not in result, result
             wait_for(lambda: work.done > done_paused + 300, what="transfers on the new writer")
+            # The pinned session did not hold the switchover up; its state stayed behind, and it is told.
+            with pytest.raises(psycopg.OperationalError, match=r"pinned to it \(temp_object\)"):
+                pinned.execute("SELECT count(*) FROM mine")
         finally:
             work.finish()
             h.stop()

@@ -36,7 +36,6 @@ from unpinned.backend.server import ServerConnection, ServerError
 from unpinned.backend.topology import ALL_LAGGING, BEHIND_CLIENT, NO_REPLICAS, NONE_HEALTHY, Event, Topology, parse_lsn
 from unpinned.config import Config
 from unpinned.hosts import Host
-from unpinned.wire import messages as m
 
 log = logging.getLogger("unpinned.cluster")
 
@@ -240,10 +239,14 @@ class Cluster:
                 self.checker.wake()
                 await asyncio.sleep(min(0.05, self.config.health_check_interval))
             self._move_writer_pools(target)
-            for p in pools:
-                for conn in list(p.busy):
-                    if conn.host is not target and conn.client is not None:
-                        conn.client.shutdown(_fatal_moved(target))
+            # Pinned sessions still on the old writer: their state cannot move. Closing their
+            # server connection tells each client so at its next request (frontend/client.py
+            # server_lost), with its pin reasons.
+            left = [c for p in pools for c in p.busy if c.host is not target and c.client is not None]
+            for conn in left:
+                conn.close()
+            if left:
+                log.warning("switchover to %s: %d pinned session(s) on the old writer closed", target, len(left))
         finally:
             self._switching = None
             self.switchover_phase = ""
@@ -289,11 +292,6 @@ class Cluster:
 def _pinned(conn: ServerConnection) -> bool:
     relay = getattr(conn.client, "relay", None)
     return relay is not None and relay.pinned
-
-
-def _fatal_moved(target: Host) -> bytes:
-    return m.fatal("57P01", f"terminating connection: the writer moved to {target} (switchover), "
-                   "and this session was pinned to a server connection on the old writer")
 
 
 class _FutureBorrower(Borrower):
