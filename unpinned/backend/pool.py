@@ -339,13 +339,13 @@ class Pool:
             task.cancel()
 
 
-# What an unreachable, starting or stopping server answers (not a refused login or database).
-_OUTAGE_STATES = frozenset(("08006", "08001", "08004", "57P01", "57P02", "57P03"))
+# What a starting or stopping server answers (not a refused login, database or TLS setting).
+_OUTAGE_STATES = frozenset(("57P01", "57P02", "57P03"))
 
 
 def _unreachable(e: Exception) -> bool:
     if isinstance(e, ServerError):
-        return e.sqlstate in _OUTAGE_STATES
+        return e.unreachable or e.sqlstate in _OUTAGE_STATES
     return isinstance(e, (ConnectionError, OSError, TimeoutError))   # the server hung up during login
 
 

@@ -23,6 +23,8 @@ log = logging.getLogger("unpinned.backend.server")
 class ServerError(Exception):
     """PostgreSQL refused something the proxy asked (login, init query, check)."""
 
+    unreachable = False     # nothing answered (refused, timed out): an outage, worth retrying
+
     def __init__(self, fields: dict[str, str]):
         self.fields = fields
         super().__init__(fields.get("M", "server error"))
@@ -243,8 +245,10 @@ async def connect(cfg: Config, user: str, password: str | None, database: str,
                     raise ServerError(error)
     except (OSError, TimeoutError) as e:
         conn.close()
-        raise ServerError({"S": "FATAL", "C": "08006",
-                           "M": f"could not connect to the database server at {addr}:{port}: {e or 'timeout'}"}) from None
+        err = ServerError({"S": "FATAL", "C": "08006",
+                           "M": f"could not connect to the database server at {addr}:{port}: {e or 'timeout'}"})
+        err.unreachable = True
+        raise err from None
     except AuthFailed as e:
         conn.close()
         raise ServerError({"S": "FATAL", "C": e.sqlstate, "M": str(e)}) from None
