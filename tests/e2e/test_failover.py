@@ -253,6 +253,28 @@ def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:
         h.stop()
 
 
+def test_replicas_configured_but_none_answering_makes_readers_wait(cluster) -> None:
+    """A replica is listed but does not answer: reader clients wait their borrow timeout
+    (it may come back), then hear why; the writer endpoint is unaffected."""
+    p = cluster.primary
+    url = f"postgresql://{p.superuser}:{p.password}@127.0.0.1:{p.port},127.0.0.1:{free_port()}/postgres"
+    h = start_proxy(NO_PG, upstream=url, auth="trust", reader_listen=f"127.0.0.1:{free_port()}",
+                    health_check_interval=0.2, borrow_timeout=1.5)
+    try:
+        w = connect(h.port, p)
+        assert one(w, "SELECT pg_is_in_recovery()") is False
+        w.close()
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as e:
+            psycopg.connect(f"host=127.0.0.1 port={h.proxy.endpoint_ports['reader']} user={p.superuser} "
+                            f"password={p.password} dbname=postgres", connect_timeout=10)
+        assert 1.4 < time.monotonic() - t0 < 5
+        assert "Timed-out waiting to acquire database connection.\nDETAIL:  no replica answers its health " \
+               "check" in str(e.value), str(e.value)
+    finally:
+        h.stop()
+
+
 def test_a_down_upstream_makes_clients_wait_then_says_why() -> None:
     """Nothing listening upstream: the client waits its borrow timeout (the server may be
     restarting), then hears RDS Proxy's timeout text with the reason in DETAIL."""
