@@ -70,6 +70,7 @@ class Cluster:
         self._switching: Host | None = None
         self._tasks: set[asyncio.Task] = set()
         self._hurry: asyncio.Task | None = None
+        self._down_since: dict[Host, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -155,7 +156,13 @@ class Cluster:
             where = f" {e.host}" if e.host is not None else ""
             if e.kind == "writer":
                 self._writer_changed(e)
-            elif e.kind in ("unhealthy", "ejected", "writer_conflict"):
+            elif e.kind == "unhealthy":
+                self._down_since[e.host] = e.at
+                log.warning("host%s unhealthy (out of rotation): %s", where, e.detail)
+            elif e.kind == "healthy" and e.host in self._down_since:
+                log.warning("host%s healthy again after %.2f s: %s", where, e.at - self._down_since.pop(e.host),
+                            e.detail)
+            elif e.kind in ("ejected", "writer_conflict"):
                 log.warning("host%s %s: %s", where, e.kind, e.detail)
             else:
                 log.info("host%s %s: %s", where, e.kind, e.detail)

@@ -83,6 +83,7 @@ class Pool:
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = 0.0
         self.outage: str | None = None     # why connects fail now (the last error), None when they work
+        self._outage_since = 0.0
         # Counters (SHOW POOLS / metrics).
         self.borrows = 0
         self.borrow_wait_total = 0.0
@@ -209,7 +210,8 @@ class Pool:
         self.connects += 1
         self._backoff = 0.0
         if self.outage is not None:
-            log.warning("pool %s/%s: the server answers again", self.database, self.user)
+            log.warning("pool %s/%s: the server answers again, %.2f s after connects started failing",
+                        self.database, self.user, time.monotonic() - self._outage_since)
             self.outage = None
         if self.reported is None:
             self.reported = dict(conn.state.reported)
@@ -223,6 +225,7 @@ class Pool:
         if hook is not None and not hook(self, e):
             return False
         if self.outage is None:
+            self._outage_since = time.monotonic()
             log.warning("pool %s/%s: %s; waiting clients wait up to borrow_timeout (%g s) while it is retried",
                         self.database, self.user, e, self.config.borrow_timeout)
         self.outage = f"no server connection could be opened: {e}"
