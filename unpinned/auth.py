@@ -85,7 +85,7 @@ class ClientAuth:
     unknown user cannot be told from a known one (PostgreSQL's "mock authentication").
     Build that one with `ClientAuth.mock`."""
 
-    def __init__(self, method: str, user: str, secret: UserSecret | None, mock_key: bytes = b""):
+    def __init__(self, method: str, user: str, secret: UserSecret | None, doomed_key: bytes = b""):
         self.method = method
         self.user = user
         self.secret = secret
@@ -93,7 +93,7 @@ class ClientAuth:
         self._salt = os.urandom(4) if method == "md5" else b""
         self._scram: ScramServer | None = None
         self._mech_chosen = False
-        self._mock_key = mock_key
+        self._doomed_key = doomed_key      # for the mock salt (see mock_key)
 
     @classmethod
     def mock(cls, method: str, user: str, users: dict) -> "ClientAuth":
@@ -161,7 +161,7 @@ class ClientAuth:
             except AuthFailed:
                 # A user with only an md5 hash cannot do SCRAM: the doomed exchange, like PostgreSQL.
                 return mock_scram_info(self.user, mock_key({self.user: self.secret})), True
-        return mock_scram_info(self.user, self._mock_key), True
+        return mock_scram_info(self.user, self._doomed_key), True
 
 
 def mock_key(users: dict) -> bytes:
