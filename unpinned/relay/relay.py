@@ -24,6 +24,16 @@ from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Kind
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
+from unpinned.wire.messages import (
+    BIND, CLOSE, COMMAND_COMPLETE, COPY_DATA, COPY_DONE, COPY_FAIL, DATA_ROW, DESCRIBE, ERROR_RESPONSE, EXECUTE,
+    FUNCTION_CALL, NOTICE_RESPONSE, NOTIFICATION_RESPONSE, PARAMETER_STATUS, PARSE, QUERY, READY_FOR_QUERY,
+    SYNC, TERMINATE)
+from unpinned.relay.pending import (
+    BIND_FORWARD, BIND_SWALLOW, CHECK, CLOSE_FORWARD, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, DESC_STMT_FORWARD,
+    EXEC_FORWARD, EXEC_SWALLOW, EXTENDED, FORWARD, FUNC_FORWARD, HIDE, PARSE_FORWARD, PARSE_SWALLOW, PRELUDE,
+    QUERY_CHECK, QUERY_FORWARD, QUERY_PRELUDE, QUERY_QUIET, QUIET, R_BIND, R_DESC_PORTAL, R_DESC_STMT,
+    R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, READY_NOW, SWALLOW, SYNC_FORWARD, TERMINALS, Pending,
+    StatementRun, statement_run)
 from unpinned.relay.statements import ServerStatement, StatementRegistry
 from unpinned.sql.text import param_sync_sql, quote_literal, raise_sql
 from unpinned.state.server_state import ServerState
@@ -33,23 +43,6 @@ if TYPE_CHECKING:
 
 unpack_i32 = m.unpack_i32
 
-# Request kinds in the response queue, and the backend message types that end each.
-R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE, R_SYNC, R_QUERY, R_FUNC, R_SYNTH = range(10)
-TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
-EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
-
-# How a queued request's response is treated.
-FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET = 0, 1, 2, 3, 4, 5
-# SWALLOW: the proxy's own Parse/Bind/Execute/Close, only errors reach the client.
-# PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
-# CHECK:   the proxy asking the server about session state; the row goes to the session engine.
-# HIDE:    a client's simple Query while the server answers a statement the proxy put into
-#          its text (see _restore_query); back to FORWARD at that statement's CommandComplete.
-# QUIET:   the proxy's own simple Query right behind a client's; nothing of it reaches the
-#          client but ParameterStatus, and the client's ReadyForQuery waits for it.
-READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
-
-_E, _Z, _C, _S, _N, _A = b"EZCSNA"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
 _MAX_LENGTH = m.MAX_MESSAGE_LENGTH
 # What the answer to a simple Query without effects may hold besides CommandComplete, for the
@@ -57,6 +50,10 @@ _MAX_LENGTH = m.MAX_MESSAGE_LENGTH
 _PLAIN_ANSWER = frozenset(b"TDINA")
 # Requests whose answers the fast walk of a batch can settle (see _plain_batch).
 _PLAIN_KINDS = frozenset((R_PARSE, R_BIND, R_DESC_PORTAL, R_EXEC))
+# Parse, Bind, Describe, Close: names may need rewriting (see _extended).
+_NAMED = frozenset((PARSE, BIND, DESCRIBE, CLOSE))
+# What still reaches the server while the rest of a batch is skipped up to its Sync.
+_PAST_SKIP = frozenset((QUERY, SYNC, COPY_DATA, COPY_DONE, COPY_FAIL))
 _SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
 _OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 class Relay:
@@ -104,7 +101,7 @@ class Relay:
             return b""
         sql = param_sync_sql(server.params, want)
         server.params = dict(want)
-        self.queue.append([R_QUERY, PRELUDE, None])
+        self.queue.append(QUERY_PRELUDE)
         self.stats.param_syncs += 1
         return m.query(sql)
 
@@ -125,14 +122,22 @@ class Relay:
     # ------------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> bytes:
-        if len(data) > 5 and data[0] == 81 and not self.cbuf and not self.skip_to_sync \
+        if len(data) > 5 and data[0] == QUERY and not self.cbuf and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk.
             c = classify(data[5:-1])
             if not c.effects and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
-                self.queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                # The queue entry made here rather than by statement_run: no call on the hot path.
+                run = StatementRun()
+                run.kind = R_QUERY
+                run.action = FORWARD
+                run.payload = c
+                run.count = 0
+                run.protocol = "simple"
+                run.restored = run.own_after = run.shifts = None
+                self.queue.append(run)
                 return data
         if self.cbuf:
             data = self.cbuf + data
@@ -150,29 +155,29 @@ class Relay:
             end = pos + 1 + ln
             if end > n:
                 break
-            if self.skip_to_sync and t != 81 and t != 83 and t != 100 and t != 99 and t != 102:
+            if self.skip_to_sync and t not in _PAST_SKIP:
                 # After an error the proxy made up, the server must not see the rest of the batch.
                 out.append(data[fwd_start:pos])
                 fwd_start = end
-            elif t == 66 and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
+            elif t == BIND and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
                 # Bind of the unnamed portal to the unnamed statement (most drivers' every query):
                 # nothing to rename, so no call into _extended.
                 self.batch_open = True
                 self.portal_c[b""] = self.unnamed_c
-                queue.append([R_BIND, FORWARD, None])
-            elif t == 69:  # 'E' Execute
+                queue.append(BIND_FORWARD)
+            elif t == EXECUTE:
                 self.batch_open = True
                 portal = data[pos + 5:data.index(b"\x00", pos + 5)]
                 c = self.portal_c.get(portal)
                 refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
                     self.session.statement(c, "extended", self.server)
                 if refusal is None:
-                    queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
+                    queue.append(statement_run(R_EXEC, c, "extended") if c is not None else EXEC_FORWARD)
                     if c is not None and c.groups and self.session.startup:
                         sql = self.session.restore_sql(c.groups[0])
                         if sql is not None:
                             # Right behind it, before anything else of the batch runs.
-                            queue[-1][2].append((0,))
+                            queue[-1].restored = (0,)
                             out.append(data[fwd_start:end])
                             out.append(self._run_own(sql))
                             fwd_start = end
@@ -181,21 +186,21 @@ class Relay:
                     out.append(data[fwd_start:pos])
                     out.append(self._fail(fields.get("C", "XX000").encode(), fields.get("M", ""), fields.get("H")))
                     fwd_start = end
-            elif t == 68 and ln > 4 and data[pos + 5] == 80:  # Describe of a portal: nothing to rename
+            elif t == DESCRIBE and ln > 4 and data[pos + 5] == 80:  # of a portal: nothing to rename
                 self.batch_open = True
-                queue.append([R_DESC_PORTAL, FORWARD, None])
-            elif t == 80 and ln > 4 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
+                queue.append(DESC_PORTAL_FORWARD)
+            elif t == PARSE and ln > 4 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
                     and not (c := classify(data[pos + 6:qend])).effects:
                 # Parse of the unnamed statement, without session effects: nothing to rewrite.
                 self.batch_open = True
                 self.unnamed_c = c
-                queue.append([R_PARSE, FORWARD, None])
-            elif t == 83:  # 'S' Sync
+                queue.append(PARSE_FORWARD)
+            elif t == SYNC:
                 self.stats.query_requests += 1
                 self.skip_to_sync = False
                 self.batch_open = False
-                queue.append([R_SYNC, FORWARD, None])
-            elif t == 81:  # 'Q'
+                queue.append(SYNC_FORWARD)
+            elif t == QUERY:
                 self.stats.query_requests += 1
                 if self.skip_to_sync:
                     # PostgreSQL ignores it too while it discards messages up to Sync.
@@ -206,42 +211,42 @@ class Relay:
                 answer = self._simple_query(c) if c.effects or c.byte_length > STATEMENT_LIMIT else None
                 if answer is None:
                     if not (c.groups and self.session.startup):
-                        queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
+                        queue.append(statement_run(R_QUERY, c, "simple"))
                     else:
-                        stmt = [c, 0, "simple"]
+                        stmt = statement_run(R_QUERY, c, "simple")
                         text, after = self._restore_query(c, data[pos + 5:end - 1], stmt)
                         if text is not None:
                             out.append(data[fwd_start:pos])
                             out.append(m.query(text))
                             fwd_start = end
-                        queue.append([R_QUERY, FORWARD, stmt])
+                        queue.append(stmt)
                         if after is not None:
                             out.append(data[fwd_start:end])
                             out.append(m.query(after))
                             fwd_start = end
-                            queue.append([R_QUERY, QUIET, None])
+                            queue.append(QUERY_QUIET)
                 elif answer[:1] == b"E":
                     # Refused: the server raises it, so the transaction fails as it would have.
                     fields = m.parse_error_fields(answer[5:])
                     out.append(data[fwd_start:pos])
                     out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H"))))
                     fwd_start = end
-                    queue.append([R_QUERY, FORWARD, None])
+                    queue.append(QUERY_FORWARD)
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
                     self._synth(answer)
                     self._synth(READY_NOW)
-            elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
+            elif t in _NAMED:
                 self.batch_open = True
                 repl = self._extended(t, data, pos + 5, end)
                 if repl is not None:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
                     fwd_start = end
-            elif t == 70:  # 'F' FunctionCall
-                queue.append([R_FUNC, FORWARD, None])
-            elif t == 88:  # 'X' Terminate: nothing after it counts; the shell closes
+            elif t == FUNCTION_CALL:
+                queue.append(FUNC_FORWARD)
+            elif t == TERMINATE:  # nothing after it counts; the shell closes
                 self.terminated = True
                 out.append(data[fwd_start:pos])
                 fwd_start = pos = n
@@ -266,7 +271,7 @@ class Relay:
         """Handle Parse/Bind/Describe/Close. Returns replacement bytes, or None to forward as is."""
         queue = self.queue
         server = self.server
-        if t == 80:  # Parse: name \0 query \0 types
+        if t == PARSE:  # name \0 query \0 types
             nul = data.index(b"\x00", start)
             name = data[start:nul]
             qend = data.index(b"\x00", nul + 1)
@@ -277,7 +282,7 @@ class Relay:
                     body = self._restore_parse(c, data, start, nul + 1, qend, end)
                     if body is not None:
                         self.unnamed_c = classify(body[1:body.index(b"\x00", 1)])
-                queue.append([R_PARSE, FORWARD, None])
+                queue.append(PARSE_FORWARD)
                 return None if body is None else m.message(b"P", body)
             if name in self.statements:
                 return self._fail(b"42P05", f'prepared statement "{name.decode(errors="replace")}" already exists')
@@ -302,16 +307,16 @@ class Relay:
             if server.prepared.has(st.name):
                 self._synth(m.PARSE_COMPLETE, undo=(name, None))
                 return b""
-            queue.append([R_PARSE, FORWARD, (st.name, name)])
+            queue.append(Pending(R_PARSE, FORWARD, (st.name, name)))
             return self._prepare_bytes(st)
-        if t == 66:  # Bind: portal \0 statement \0 rest
+        if t == BIND:  # portal \0 statement \0 rest
             nul = data.index(b"\x00", start)
             portal = data[start:nul]
             nul2 = data.index(b"\x00", nul + 1)
             name = data[nul + 1:nul2]
             if not name:
                 self.portal_c[portal] = self.unnamed_c
-                queue.append([R_BIND, FORWARD, None])
+                queue.append(BIND_FORWARD)
                 return None
             st = self.statements.get(name)
             if st is None:
@@ -321,19 +326,19 @@ class Relay:
             self.portal_c[portal] = st.classification
             pre = self._ensure_prepared(st)
             body = data[start:nul + 1] + st.name + data[nul2:end]
-            queue.append([R_BIND, FORWARD, None])
+            queue.append(BIND_FORWARD)
             return pre + b"B" + m.pack_i32(len(body) + 4) + body
-        if t == 68:  # Describe: 'S'|'P' name \0
+        if t == DESCRIBE:  # 'S'|'P' name \0
             kind = data[start]
             name = data[start + 1:end - 1]
             if kind == 80 or not name:  # portal, or unnamed statement
-                queue.append([R_DESC_PORTAL if kind == 80 else R_DESC_STMT, FORWARD, None])
+                queue.append(DESC_PORTAL_FORWARD if kind == 80 else DESC_STMT_FORWARD)
                 return None
             st = self.statements.get(name)
             if st is None:
                 return self._unknown_statement(name, R_DESC_STMT)
             pre = self._ensure_prepared(st)
-            queue.append([R_DESC_STMT, FORWARD, None])
+            queue.append(DESC_STMT_FORWARD)
             return pre + m.message(b"D", b"S" + st.name + b"\x00")
         # Close: 'S'|'P' name \0
         kind = data[start]
@@ -343,7 +348,7 @@ class Relay:
             st = self.statements.pop(name, None)
             self._synth(m.CLOSE_COMPLETE, undo=(name, st) if st is not None else None)
             return b""
-        queue.append([R_CLOSE, FORWARD, None])
+        queue.append(CLOSE_FORWARD)
         return None
 
     def _unknown_statement(self, name: bytes, kind: int) -> bytes | None:
@@ -353,14 +358,14 @@ class Relay:
         server connection, so that one is raised on the server instead."""
         if _SERVER_NAME.fullmatch(name):
             return self._fail(b"26000", f'prepared statement "{name.decode(errors="replace")}" does not exist')
-        self.queue.append([kind, FORWARD, None])
+        self.queue.append(Pending(kind, FORWARD))
         return None
 
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
         if self.server.prepared.has(st.name):
             return b""
         self.stats.reprepares += 1
-        self.queue.append([R_PARSE, SWALLOW, (st.name, None)])
+        self.queue.append(Pending(R_PARSE, SWALLOW, (st.name, None)))
         return self._prepare_bytes(st)
 
     def _prepare_bytes(self, st: ServerStatement) -> bytes:
@@ -370,7 +375,7 @@ class Relay:
         # Make room on the server too; the Close's answer is the proxy's business.
         q = self.queue
         entry = q.pop()
-        q.append([R_CLOSE, SWALLOW, None])
+        q.append(CLOSE_SWALLOW)
         q.append(entry)
         return m.close_statement(evicted) + st.parse_msg
 
@@ -378,7 +383,7 @@ class Relay:
         """A response the proxy makes up, in its place among the server's. `undo` is
         (client name, statement or None) to restore if the server ends up skipping it."""
         if self.queue:
-            self.queue.append([R_SYNTH, FORWARD, msg, undo])
+            self.queue.append(Pending(R_SYNTH, FORWARD, msg, undo))
         else:
             self.to_client.append(msg if msg is not None else m.ready_for_query(self.status))
 
@@ -402,8 +407,8 @@ class Relay:
         Its own statement and portal name, so that the client's unnamed ones are left alone;
         closed first in case an error once skipped the closing."""
         q = self.queue
-        for kind in (R_CLOSE, R_PARSE, R_BIND, R_EXEC, R_CLOSE, R_CLOSE):
-            q.append([kind, SWALLOW, None])
+        for entry in (CLOSE_SWALLOW, PARSE_SWALLOW, BIND_SWALLOW, EXEC_SWALLOW, CLOSE_SWALLOW, CLOSE_SWALLOW):
+            q.append(entry)
         return (m.close_statement(_OWN)
                 + m.message(b"P", _OWN + b"\x00" + m.cstr(sql) + b"\x00\x00")
                 + m.message(b"B", _OWN + b"\x00" + _OWN + b"\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
@@ -411,7 +416,7 @@ class Relay:
                 + m.message(b"C", b"P" + _OWN + b"\x00")
                 + m.close_statement(_OWN))
 
-    def _restore_query(self, c, raw: bytes, stmt: list) -> tuple[bytes | None, str | None]:
+    def _restore_query(self, c, raw: bytes, stmt: StatementRun) -> tuple[bytes | None, str | None]:
         """The client's startup values where a statement of this simple Query resets them (a
         server connection's reset values are its own): a literal NULL given to set_config
         becomes the startup value, and after a RESET / RESET ALL / SET ... TO DEFAULT the
@@ -436,7 +441,7 @@ class Relay:
                 if single and not edits:
                     sql = session.restore_sql(group)
                     if sql is not None:
-                        stmt += [{0}, set(), []]
+                        stmt.restored, stmt.own_after, stmt.shifts = {0}, set(), []
                         return None, sql
                 continue    # in a string of several it fails
             # Alone and outside a transaction, a SET LOCAL ends with the statement (and warns;
@@ -465,7 +470,7 @@ class Relay:
                            len(raw[start:stop].decode("utf-8", "replace")),
                            len(new.decode("utf-8", "replace"))))
         parts.append(raw[prev:])
-        stmt += [restored, hidden, shifts]
+        stmt.restored, stmt.own_after, stmt.shifts = restored, hidden, shifts
         return b"".join(parts), None
 
     def _restore_parse(self, c, data: bytes, start: int, qstart: int, qend: int, end: int) -> bytes | None:
@@ -488,9 +493,9 @@ class Relay:
         """An error PostgreSQL would raise for this message, raised on the server itself so that
         the transaction fails and the rest of the batch is skipped exactly as PostgreSQL does."""
         q = self.queue
-        q.append([R_PARSE, SWALLOW, None])
-        q.append([R_BIND, SWALLOW, None])
-        q.append([R_EXEC, FORWARD, None])
+        q.append(PARSE_SWALLOW)
+        q.append(BIND_SWALLOW)
+        q.append(EXEC_FORWARD)
         return (m.message(b"P", b"\x00" + m.cstr(raise_sql(code.decode(), text, hint)) + b"\x00\x00")
                 + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
                 + m.message(b"E", b"\x00" + m.pack_i32(0)))
@@ -503,13 +508,13 @@ class Relay:
             # The whole answer to one simple Query with no session effects, in one read (most
             # transactions of most clients): walked for its message types only.
             head = queue[0]
-            stmt = head[2]
-            if head[0] == R_QUERY and head[1] == FORWARD and stmt is not None and not stmt[0].groups \
-                    and stmt[0].parsed and self.session.seen is None:
-                out = self._plain_answer(data, stmt)
+            c = head.payload
+            if head.kind == R_QUERY and head.action == FORWARD and c is not None and not c.groups \
+                    and c.parsed and self.session.seen is None:
+                out = self._plain_answer(data, head)
                 if out is not None:
                     return out
-        elif len(queue) > 1 and queue[-1][0] == R_SYNC and not self.sbuf and data[-6:-1] == _READY_HEAD \
+        elif len(queue) > 1 and queue[-1].kind == R_SYNC and not self.sbuf and data[-6:-1] == _READY_HEAD \
                 and self.session.seen is None:
             # The same for the answer to a whole extended-protocol batch up to its Sync.
             out = self._plain_batch(data)
@@ -535,70 +540,70 @@ class Relay:
                 pos = end
                 continue
             head = queue[0]
-            action = head[1]
-            if (t == 68 or t == 100) and action == FORWARD:
+            action = head.action
+            if (t == DATA_ROW or t == COPY_DATA) and action == FORWARD:
                 # DataRow, CopyData: the bulk of traffic, never looked into.
                 pos = end
                 continue
-            kind = head[0]
+            kind = head.kind
             drop = action != FORWARD
-            if t == _E:
+            if t == ERROR_RESPONSE:
                 if action == PRELUDE:
                     self.fatal = m.message(b"E", _as_fatal(data[pos + 5:end]))
                     self.server.dirty = True
                 elif action != CHECK and action != QUIET:
                     self.session.failed()
-                    if kind == R_QUERY and head[2] is not None and len(head[2]) > 3:
+                    if kind == R_QUERY and head.payload is not None and head.restored is not None:
                         # The proxy's edits to the text must not move the error's position.
                         if action == HIDE:
-                            head[1] = FORWARD
+                            head.action = FORWARD
                         if out is None:
                             out = []
                         out.append(data[fwd_start:pos])
-                        out.append(_unshift_position(data[pos:end], head[2][5]))
+                        out.append(_unshift_position(data[pos:end], head.shifts))
                         fwd_start = end
                 drop = action == PRELUDE or action == CHECK or action == QUIET
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests,
                     # and so must whatever the client sends before its Sync.
-                    while queue and queue[0][0] != R_SYNC:
+                    while queue and queue[0].kind != R_SYNC:
                         self._abandon(queue.popleft())
                     if not queue:
                         self.skip_to_sync = True
-            elif t == _S:
+            elif t == PARAMETER_STATUS:
                 # Kept even from the proxy's own parameter sync: it reports the client's values.
                 name, value = m.split_parameter_status(data[pos + 5:end])
                 self.server.reported[name] = value
                 drop = action == CHECK
-            elif t == _N or t == _A:
+            elif t == NOTICE_RESPONSE or t == NOTIFICATION_RESPONSE:
                 # A notice from parsing the text again (a re-prepare) was the client's at its own Parse.
-                drop = t == _N and action == SWALLOW and kind == R_PARSE
-            elif t == 68:   # a row answering the proxy's own question
+                drop = t == NOTICE_RESPONSE and action == SWALLOW and kind == R_PARSE
+            elif t == DATA_ROW:   # answering the proxy's own question
                 if action == CHECK:
                     self._row = _data_row(data[pos + 5:end])
             elif t in TERMINALS[kind]:
                 queue.popleft()
-                if t == _Z and (self._ready(data[pos + 5:pos + 6], action) or queue and queue[0][1] == QUIET) \
-                        and all(e[1] == CHECK or e[1] == QUIET for e in queue):
+                if t == READY_FOR_QUERY and (self._ready(data[pos + 5:pos + 6], action) or queue and queue[0].action == QUIET) \
+                        and all(e.action == CHECK or e.action == QUIET for e in queue):
                     # Hold the client's ReadyForQuery until the check is answered, so the
                     # pin state is settled by the time the client's statement returns (and
                     # until the proxy's own Query behind it is done).
-                    queue.append([R_SYNTH, FORWARD, data[pos:end]])
+                    queue.append(Pending(R_SYNTH, FORWARD, data[pos:end]))
                     drop = True
-                elif t == _C and action == FORWARD:
-                    self._complete(head[2], data[pos + 5:end - 1])
-            elif t == _C and action == HIDE:
-                head[1] = FORWARD       # the proxy's own statement is done; the client's go on
-            elif t == _Z:
+                elif t == COMMAND_COMPLETE and action == FORWARD:
+                    self._complete(head, data[pos + 5:end - 1])
+            elif t == COMMAND_COMPLETE and action == HIDE:
+                head.action = FORWARD       # the proxy's own statement is done; the client's go on
+            elif t == READY_FOR_QUERY:
                 # Out of step (should not happen): resynchronise on ReadyForQuery.
-                while queue and queue[0][0] not in (R_SYNC, R_QUERY, R_FUNC):
+                while queue and queue[0].kind not in (R_SYNC, R_QUERY, R_FUNC):
                     self._abandon(queue.popleft())
                 if queue:
                     queue.popleft()
                 self.status = self.server.status = data[pos + 5:pos + 6]
-            elif t == _C and action == FORWARD:
-                if self._complete(head[2], data[pos + 5:end - 1]):
-                    head[1] = HIDE
+            elif t == COMMAND_COMPLETE and action == FORWARD:
+                if self._complete(head, data[pos + 5:end - 1]):
+                    head.action = HIDE
             if drop:
                 if out is None:
                     out = []
@@ -606,11 +611,11 @@ class Relay:
                 fwd_start = end
             pos = end
             # Responses the proxy made up go out once everything ahead of them has.
-            while queue and queue[0][0] == R_SYNTH:
+            while queue and queue[0].kind == R_SYNTH:
                 if out is None:
                     out = []
                 out.append(data[fwd_start:pos])
-                msg = queue.popleft()[2]
+                msg = queue.popleft().payload
                 out.append(msg if msg is not None else m.ready_for_query(self.status))
                 fwd_start = pos
         if pos < n:
@@ -625,7 +630,7 @@ class Relay:
         out.append(data[fwd_start:n])
         return b"".join(out)
 
-    def _plain_answer(self, data: bytes, stmt: list) -> bytes | None:
+    def _plain_answer(self, data: bytes, stmt: StatementRun) -> bytes | None:
         """from_server for `data` that ends with a ReadyForQuery, when the one request in flight
         is a simple Query without session effects. None: not that case (an error, a parameter
         report, COPY, ...), the general walk decides."""
@@ -634,7 +639,7 @@ class Relay:
         completes = 0
         while pos < last:
             t = data[pos]
-            if t == 67:     # CommandComplete
+            if t == COMMAND_COMPLETE:
                 completes += 1
             elif t not in _PLAIN_ANSWER:
                 return None
@@ -642,7 +647,7 @@ class Relay:
         if pos != last:
             return None     # the tail only looked like a ReadyForQuery
         self.queue.popleft()
-        stmt[1] += completes
+        stmt.count += completes
         return self._settled(data, last)
 
     def _plain_batch(self, data: bytes) -> bytes | None:
@@ -658,59 +663,60 @@ class Relay:
         pos = 0
         while pos < last:
             t = data[pos]
-            if t != 68 and t != 78 and t != 65:     # DataRow, notices ride along
+            if t != DATA_ROW and t != NOTICE_RESPONSE and t != NOTIFICATION_RESPONSE:     # these ride along
                 if k == nq:
                     return None
                 entry = queue[k]
-                kind = entry[0]
-                if entry[1] != FORWARD or kind not in _PLAIN_KINDS or t not in TERMINALS[kind]:
+                kind = entry.kind
+                if entry.action != FORWARD or kind not in _PLAIN_KINDS or t not in TERMINALS[kind]:
                     return None
                 if kind == R_EXEC:
-                    stmt = entry[2]
-                    if stmt is None or stmt[0].groups or not stmt[0].parsed:
+                    c = entry.payload
+                    if c is None or c.groups or not c.parsed:
                         return None
-                    if t == 67:
+                    if t == COMMAND_COMPLETE:
                         if execs is None:
                             execs = []
-                        execs.append(stmt)
+                        execs.append(entry)
                 k += 1
             pos += 1 + unpack_i32(data, pos + 1)[0]
-        if pos != last or k != nq or queue[nq][1] != FORWARD:
+        if pos != last or k != nq or queue[nq].action != FORWARD:
             return None
         queue.clear()
         if execs is not None:
             for stmt in execs:
-                stmt[1] += 1
+                stmt.count += 1
         return self._settled(data, last)
 
     def _settled(self, data: bytes, last: int) -> bytes:
         """The end of a fast walk: the ReadyForQuery at `last` settles the session. As in the
         general walk, the client's ReadyForQuery waits while a check of the server runs."""
         if self._ready(data[-1:], FORWARD):
-            self.queue.append([R_SYNTH, FORWARD, data[last:]])
+            self.queue.append(Pending(R_SYNTH, FORWARD, data[last:]))
             data = data[:last]
         self.releasable = self.can_release
         return data
 
-    def _complete(self, stmt: list | None, tag: bytes) -> bool:
-        """CommandComplete for the client: the session engine applies that statement's effects.
+    def _complete(self, stmt: Pending, tag: bytes) -> bool:
+        """CommandComplete for the client: the session engine applies that statement's effects
+        (when the entry is a StatementRun, with the classification as its payload).
         True if the proxy's own statement follows it in the string (see _restore_query)."""
         if tag.startswith(b"DEALLOCATE ALL") or tag == b"DISCARD ALL":
             # The server dropped every prepared statement on this connection, other clients' too.
             self.server.prepared.clear()
             self.statements.clear()
-        if stmt is None:
+        c = stmt.payload
+        if c is None:
             return False
-        c = stmt[0]
-        i = stmt[1]
-        stmt[1] = i + 1
+        i = stmt.count
+        stmt.count = i + 1
         if self.session.seen is not None and i == 0:
             self.session.seen.append(c.text)      # verify mode: what ran since the last check
         if c.groups or not c.parsed:
-            if len(stmt) > 3:
-                self.session.completed(c, i, tag, stmt[2], self.server, restored=i in stmt[3])
-                return len(stmt) > 4 and i in stmt[4]
-            self.session.completed(c, i, tag, stmt[2], self.server)
+            if stmt.restored is not None:
+                self.session.completed(c, i, tag, stmt.protocol, self.server, restored=i in stmt.restored)
+                return stmt.own_after is not None and i in stmt.own_after
+            self.session.completed(c, i, tag, stmt.protocol, self.server)
         return False
 
     def _ready(self, status: bytes, action: int) -> bool:
@@ -726,7 +732,7 @@ class Relay:
         else:
             sql = session.ready(status, self.server)
             if sql is not None:
-                self.queue.append([R_QUERY, CHECK, None])
+                self.queue.append(QUERY_CHECK)
                 self.to_server.append(m.query(sql))
                 return True
         # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
@@ -735,23 +741,23 @@ class Relay:
             return False        # (resync_sql's own first test, without the call)
         sql = session.resync_sql(self.server, status)
         if sql:
-            self.queue.append([R_QUERY, PRELUDE, None])
+            self.queue.append(QUERY_PRELUDE)
             self.to_server.append(m.query(sql))
         return False
 
-    def _abandon(self, entry: list) -> None:
+    def _abandon(self, entry: Pending) -> None:
         """A request that failed or that the server skipped after an error.
 
         A Parse that did not happen leaves nothing prepared on the server, and a client
         name it would have created does not exist (PostgreSQL would say so too).
         """
-        if entry[0] == R_PARSE and entry[2]:
-            server_name, client_name = entry[2]
+        if entry.kind == R_PARSE and entry.payload:
+            server_name, client_name = entry.payload
             self.server.prepared.discard(server_name)
             if client_name is not None:
                 self.statements.pop(client_name, None)
-        elif entry[0] == R_SYNTH and len(entry) > 3 and entry[3] is not None:
-            name, st = entry[3]
+        elif entry.kind == R_SYNTH and entry.undo is not None:
+            name, st = entry.undo
             if st is None:
                 self.statements.pop(name, None)     # a Parse that never happened
             else:
