@@ -18,7 +18,7 @@ FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET = 0, 1, 2, 3, 4, 5
 # PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
 # CHECK:   the proxy asking the server about session state; the row goes to the session engine.
 # HIDE:    a client's simple Query while the server answers a statement the proxy put into
-#          its text (see restore.restore_query); back to FORWARD at that statement's CommandComplete.
+#          its text (see relay/restore.py); back to FORWARD at that statement's CommandComplete.
 # QUIET:   the proxy's own simple Query right behind a client's; nothing of it reaches the
 #          client but ParameterStatus, and the client's ReadyForQuery waits for it.
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
@@ -51,7 +51,7 @@ class Pending:
 
 class StatementRun(Pending):
     """The entry of a Query or an Execute whose text the relay classified (`payload`): how many
-    of its statements have completed, and what the proxy changed in it (see restore.restore_query).
+    of its statements have completed, and what the proxy changed in it (see relay/restore.py).
 
     One object with the entry rather than one beside it, and no __init__ (see statement_run):
     a Python __init__ costs about 2% of the proxy's instructions per transaction."""
