@@ -23,6 +23,9 @@ MAX_MESSAGE_LENGTH = 0x3FFFFFFF
 QUERY, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, FLUSH = b"QPBDECSH"
 TERMINATE, FUNCTION_CALL, COPY_DATA, COPY_DONE, COPY_FAIL, PASSWORD = b"XFdcfp"
 FRONTEND_TYPES = frozenset(b"QPBDECSHXFdcf")     # after login; 'p' belongs to authentication only
+# Backend message types the proxy looks at (some share a byte with a frontend type).
+ERROR_RESPONSE, READY_FOR_QUERY, COMMAND_COMPLETE, PARAMETER_STATUS = b"EZCS"
+NOTICE_RESPONSE, NOTIFICATION_RESPONSE, DATA_ROW, ROW_DESCRIPTION, EMPTY_QUERY_RESPONSE = b"NADTI"
 
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 BIND_COMPLETE = b"2\x00\x00\x00\x04"
@@ -252,7 +255,9 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
     n = len(body)
     while pos < n and body[pos] != 0:
         code = chr(body[pos])
-        end = body.index(b"\x00", pos + 1)
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:     # a last field without its terminator: taken as it is, not an IndexError
+            end = n
         out[code] = body[pos + 1:end].decode("utf-8", "replace")
         pos = end + 1
     return out
@@ -261,4 +266,4 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
 def split_parameter_status(body: bytes) -> tuple[str, str]:
     name, _, rest = body.partition(b"\x00")
     value = rest[:-1] if rest.endswith(b"\x00") else rest
-    return name.decode(), value.decode("utf-8", "replace")
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
