@@ -118,6 +118,8 @@ class Proxy:
             client.shutdown(m.fatal("57P01", "terminating connection because the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close_all()
+        for listener in self.shared.listeners.values():
+            listener.close()
         for t in list(self.shared.tasks):
             t.cancel()
         await asyncio.sleep(0)

@@ -11,6 +11,8 @@ from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
 from unpinned.frontend.connection import ClientConnection
 from unpinned.frontend.shared import Shared
+from unpinned.relay import carried
+from unpinned.state.notifications import Subscriptions
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
@@ -27,6 +29,10 @@ class PooledClient(ClientConnection):
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
+
+    def take_over(self, old) -> None:
+        super().take_over(old)
+        self.relay.session.subscribe = self._subscriptions
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -52,6 +58,8 @@ class PooledClient(ClientConnection):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.shared.stats.clients_closed += 1
+        if self.relay is not None and self.relay.session.listening is not None:
+            self.relay.session.listening.close()
         conn = self.server
         if conn is not None:
             self.server = None
@@ -143,6 +151,8 @@ class PooledClient(ClientConnection):
         if relay.to_client:
             self.transport.write(b"".join(relay.to_client))
             relay.to_client.clear()
+        if relay.session.listening is not None and relay.session.listening.queue and self.notify_idle():
+            self.transport.write(relay.session.listening.take())
         if relay.terminated:
             self.shutdown(None)
         elif not out and relay.can_release:
@@ -154,6 +164,8 @@ class PooledClient(ClientConnection):
         out = relay.from_server(data)
         if out:
             self.transport.write(out)
+        if relay.session.listening is not None and relay.session.listening.queue and self.notify_idle():
+            self.transport.write(relay.session.listening.take())    # between transactions
         if relay.to_server:
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
@@ -168,6 +180,37 @@ class PooledClient(ClientConnection):
             self.shutdown(relay.fatal)
         elif relay.releasable:
             self._release()
+
+    # ------------------------------------------------------------------ LISTEN carried (state/notifications.py)
+
+    def _subscriptions(self) -> Subscriptions:
+        return Subscriptions(self.shared.listener_for(self.pool), self)
+
+    def notify_idle(self) -> bool:
+        relay = self.relay
+        return relay.status == b"I" and not relay.queue and relay.held is None and not relay.to_client \
+            and not self.closing
+
+    def notify_write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def notify_buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def notify_overflow(self, text: str, code: str = "54000") -> None:
+        self._fatal(code, text)
+
+    def notify_resume(self) -> None:
+        """The listening connection listens on what this client's LISTEN asked for: its answer,
+        and whatever the client sent after it, go on."""
+        if self.closing or self.relay.held is None:
+            return
+        carried.resume(self.relay)
+        if self.server is not None:
+            self._to_server(b"")
+        elif self.relay.to_client:
+            self.transport.write(b"".join(self.relay.to_client))
+            self.relay.to_client.clear()
 
     def _release(self) -> None:
         conn = self.server

@@ -25,6 +25,7 @@ from unpinned.sql.effects import Kind
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
 from unpinned.relay.statements import ServerStatement, StatementRegistry
+from unpinned.relay import carried
 from unpinned.sql.text import param_sync_sql, quote_literal, raise_sql
 from unpinned.state.server_state import ServerState
 
@@ -64,7 +65,7 @@ class Relay:
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
                  "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
-                 "to_client", "to_server", "terminated", "_row", "stats", "batch_open")
+                 "to_client", "to_server", "terminated", "_row", "stats", "batch_open", "held", "carried")
 
     def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
         self.registry = registry
@@ -89,6 +90,10 @@ class Relay:
         # Extended-protocol messages sent since the last Sync: the server holds unnamed
         # statements/portals (and maybe an implicit transaction) for us until that Sync.
         self.batch_open = False
+        # A LISTEN's answer (and what the client sent after it) waiting for the proxy's own
+        # listening connection (relay/carried.py); the client's SQL-prepared statements.
+        self.held: list | None = None
+        self.carried = None
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -109,6 +114,8 @@ class Relay:
         return m.query(sql)
 
     def detach(self) -> ServerState | None:
+        if self.carried is not None:
+            self.carried.settle(self.queue)
         server, self.server = self.server, None
         self.releasable = False
         self.portal_c.clear()
@@ -120,11 +127,15 @@ class Relay:
 
     @property
     def can_release(self) -> bool:
-        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins
+        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins \
+            and self.held is None
 
     # ------------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> bytes:
+        if self.held is not None:
+            self.cbuf += data       # after a LISTEN still waiting for the listening connection
+            return b""
         if len(data) > 5 and data[0] == 81 and not self.cbuf and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
@@ -166,7 +177,15 @@ class Relay:
                 c = self.portal_c.get(portal)
                 refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
                     self.session.statement(c, "extended", self.server)
-                if refusal is None:
+                answer = None if refusal is not None or c is None or not c.effects else carried.listen_execute(self, c)
+                if answer is not None:
+                    out.append(data[fwd_start:pos])
+                    fwd_start = end
+                    self._synth(answer)
+                    if self.held is not None:
+                        pos = end
+                        break
+                elif refusal is None:
                     queue.append([R_EXEC, FORWARD, [c, 0, "extended"] if c is not None else None])
                     if c is not None and c.groups and self.session.startup:
                         sql = self.session.restore_sql(c.groups[0])
@@ -203,8 +222,20 @@ class Relay:
                     fwd_start = pos = end
                     continue
                 c = classify(data[pos + 5:end - 1])
-                answer = self._simple_query(c) if c.effects or c.byte_length > STATEMENT_LIMIT else None
-                if answer is None:
+                answer = self._simple_query(c, data[pos + 5:end - 1]) \
+                    if c.effects or c.byte_length > STATEMENT_LIMIT else None
+                if answer.__class__ is tuple:
+                    # SQL PREPARE/EXECUTE carried: forwarded with the server-side names (relay/carried.py).
+                    pre, text, stmt, ops = answer
+                    out.append(data[fwd_start:pos])
+                    if pre:
+                        queue.append([R_QUERY, SWALLOW, None])
+                    out.append(pre + m.query(text))
+                    fwd_start = end
+                    entry = [R_QUERY, FORWARD, stmt]
+                    queue.append(entry)
+                    carried.record(self, stmt, entry, ops)
+                elif answer is None:
                     if not (c.groups and self.session.startup):
                         queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
                     else:
@@ -230,6 +261,9 @@ class Relay:
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
+                    if self.held is not None:
+                        pos = end
+                        break
                     self._synth(answer)
                     self._synth(READY_NOW)
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
@@ -382,11 +416,17 @@ class Relay:
         else:
             self.to_client.append(msg if msg is not None else m.ready_for_query(self.status))
 
-    def _simple_query(self, c) -> bytes | None:
-        """A simple query the proxy answers itself (refused, or about names only it knows)."""
+    def _simple_query(self, c, raw: bytes) -> bytes | tuple | None:
+        """A simple query the proxy answers itself (refused, or about names only it knows), or
+        forwards rewritten (a tuple, see carried.sql_prepare_query)."""
         refusal = self.session.statement(c, "simple", self.server)
         if refusal is not None:
             return refusal
+        answer = carried.listen_query(self, c)
+        if answer is None:
+            answer = carried.sql_prepare_query(self, c, raw)
+        if answer is not None:
+            return answer
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
         # knows them under other names, so the proxy forgets them itself.
         effects = c.effects
@@ -699,6 +739,7 @@ class Relay:
             # The server dropped every prepared statement on this connection, other clients' too.
             self.server.prepared.clear()
             self.statements.clear()
+            carried.forget_all(self)
         if stmt is None:
             return False
         c = stmt[0]

@@ -27,6 +27,7 @@ class StatementRegistry:
         self._by_body: dict[bytes, ServerStatement] = {}
         self._next = 0
         self.limit = limit
+        self.sql: dict[str, str] = {}    # SQL PREPARE text after the name -> server-side name (relay/carried.py)
 
     def get(self, body_after_name: bytes) -> ServerStatement:
         st = self._by_body.get(body_after_name)

@@ -1,0 +1,301 @@
+"""Session state smart mode carries instead of pinning: LISTEN/UNLISTEN and SQL PREPARE.
+Pure: the relay calls these with itself; they answer with bytes or a rewrite.
+
+LISTEN/UNLISTEN. A simple Query made only of LISTEN/UNLISTEN statements, and an
+Execute of such a statement, are answered by the proxy (CommandComplete "LISTEN" /
+"UNLISTEN", as PostgreSQL words it) and recorded in the client's subscriptions
+(state/notifications.py): at once outside a transaction block, at its commit inside
+one. The answer waits until the pool's listening connection listens on the channel
+(`Relay.held`): a NOTIFY sent after the client's LISTEN returned always reaches it.
+In an aborted transaction the statement goes to the server, which refuses it as it
+would have. A LISTEN in a string with other kinds of statements reaches the server
+and pins, as before (counted by the check of listened channels).
+
+SQL PREPARE/EXECUTE/DEALLOCATE. Each client's names are its own: the proxy prepares
+each distinct statement text under one server-side name (`U_<n>`, the same name space
+as protocol-level statements, see relay/statements.py) and renames the client's name
+in the text it forwards (locations from pglast's scanner). An EXECUTE of a statement
+the server connection lacks has its PREPARE run first, in a Query of its own whose
+answers are swallowed. PostgreSQL's PREPARE and DEALLOCATE are not transactional (a
+rollback keeps them): the client's names change when the statement itself succeeds,
+known once its CommandComplete has been counted (`SqlPrepared.settle`). Duplicate and
+unknown names get PostgreSQL's own errors (42P05, 26000).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from pglast.parser import scan
+
+from unpinned.sql.effects import Classification, Kind
+from unpinned.state.notifications import LISTEN, UNLISTEN
+from unpinned.wire import messages as m
+
+_LISTEN_KINDS = frozenset((Kind.LISTEN, Kind.UNLISTEN))
+_SQL_KINDS = frozenset((Kind.PREPARE, Kind.EXECUTE, Kind.DEALLOCATE))
+OWN_NAME = re.compile(r"U_\d+")      # a server-side name the proxy gives (relay/statements.py)
+_NAMEDATALEN = 63
+
+
+# ---------------------------------------------------------------------- LISTEN / UNLISTEN
+
+def _only_listen(c: Classification) -> bool:
+    return c.parsed and bool(c.groups) and len(c.groups) == c.statements and \
+        all(g and all(e.kind in _LISTEN_KINDS for e in g) for g in c.groups)
+
+
+def listen_query(relay, c: Classification) -> bytes | None:
+    """A simple Query of LISTEN/UNLISTEN statements: the proxy's answer (its CommandCompletes;
+    the relay adds ReadyForQuery), or None to forward it. May set `relay.held`."""
+    session = relay.session
+    if session.rds or session.subscribe is None or not _only_listen(c):
+        return None
+    if relay.status == b"E" and not relay.queue:
+        return None     # refused by the server: "current transaction is aborted"
+    subs = session.subscriptions()
+    now = relay.status == b"I" and not relay.queue
+    answer = []
+    wait = []
+    for group in c.groups:
+        e = group[0]
+        if e.kind is Kind.LISTEN:
+            subs.op(LISTEN, e.name, now)
+            answer.append(m.command_complete("LISTEN"))
+            if not subs.ready(e.name):
+                wait.append(e.name)
+        else:
+            subs.op(UNLISTEN, e.name, now)
+            answer.append(m.command_complete("UNLISTEN"))
+    out = b"".join(answer)
+    if wait:
+        relay.held = [out, None]        # None: ReadyForQuery of the moment (relay.READY_NOW)
+        _wait(subs, wait)
+        return b""
+    return out
+
+
+def listen_execute(relay, c) -> bytes | None:
+    """An Execute of a portal whose statement is one LISTEN or UNLISTEN: the CommandComplete
+    the proxy answers instead (recorded at the batch's end unless it fails), or None."""
+    session = relay.session
+    if c is None or session.rds or session.subscribe is None or not _only_listen(c) or len(c.groups) != 1:
+        return None
+    e = c.groups[0][0]
+    subs = session.subscriptions()
+    subs.op(LISTEN if e.kind is Kind.LISTEN else UNLISTEN, e.name, False)
+    if e.kind is Kind.LISTEN and not subs.ready(e.name):
+        relay.held = []                 # the rest of the batch waits; the answer is queued in order
+        _wait(subs, [e.name])
+    return m.command_complete("LISTEN" if e.kind is Kind.LISTEN else "UNLISTEN")
+
+
+def _wait(subs, channels: list) -> None:
+    left = [len(channels)]
+
+    def one() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            subs.client.notify_resume()
+    for ch in channels:
+        subs.hub.when_ready(ch, one)
+
+
+def resume(relay) -> None:
+    """The listening connection listens now: the held answer goes out in its place."""
+    held, relay.held = relay.held, None
+    for msg in held or ():
+        relay._synth(msg)
+
+
+# ---------------------------------------------------------------------- SQL PREPARE
+
+class SqlPrepared:
+    """One client's SQL-prepared statements: client name -> (server name, PREPARE text)."""
+
+    __slots__ = ("names", "pending")
+
+    def __init__(self):
+        self.names: dict[str, tuple[str, str]] = {}
+        # (statement state of its queue entry, queue entry, index in the string, op, name, server name,
+        #  server connection state, PREPARE text)
+        self.pending: list[tuple] = []
+
+    def settle(self, queue) -> None:
+        """Apply the PREPAREs/DEALLOCATEs whose outcome is known: a counted CommandComplete is
+        success; an answered request without it, failure."""
+        keep = []
+        for p in self.pending:
+            stmt, entry, index, op, name, server_name, state, text = p
+            if stmt[1] > index:
+                if op == "prepare":
+                    self.names[name] = (server_name, text)
+                else:
+                    self.names.pop(name, None)
+                    state.prepared.discard(server_name.encode())
+            elif any(x is entry for x in queue):
+                keep.append(p)
+            elif op == "prepare":
+                state.prepared.discard(server_name.encode())   # the server refused it
+        self.pending = keep
+
+    def known(self, name: str) -> bool:
+        return name in self.names or any(p[3] == "prepare" and p[4] == name for p in self.pending)
+
+
+def _ident(text: str, tok) -> str | None:
+    """The name a token stands for, as PostgreSQL reads it."""
+    raw = text[tok.start:tok.end + 1]
+    if tok.name == "IDENT" or tok.kind != "NO_KEYWORD":
+        if raw.startswith('"'):
+            name = raw[1:-1].replace('""', '"')
+        else:
+            name = raw.lower() if tok.name != "IDENT" else "".join(
+                ch.lower() if "A" <= ch <= "Z" else ch for ch in raw)
+        b = name.encode()
+        if len(b) > _NAMEDATALEN:
+            name = b[:_NAMEDATALEN].decode("utf-8", "ignore")
+        return name
+    return None
+
+
+def sql_prepare_query(relay, c: Classification, raw: bytes):
+    """A simple Query with SQL PREPARE/EXECUTE/DEALLOCATE of named statements, in smart mode.
+
+    Returns None (not carried: forward as usual), bytes (an answer: CommandComplete, or an
+    ErrorResponse the relay raises on the server), or (prelude bytes, new text, stmt state)
+    for the relay to forward; stmt is the statement state of the queue entry it must use."""
+    session = relay.session
+    if session.rds or not c.parsed or not any(e.kind in _SQL_KINDS and e.name is not None for e in c.effects):
+        return None
+    carried = relay.carried
+    if carried is None:
+        carried = relay.carried = SqlPrepared()
+    carried.settle(relay.queue)
+    wanted = [(e.kind, e.name) for e in c.effects if e.kind in _SQL_KINDS and e.name is not None]
+    # DEALLOCATE of one of the client's names, alone: the proxy forgets it (the server keeps
+    # the statement for other clients).
+    if len(wanted) == 1 and len(c.effects) == 1 and c.statements == 1 and wanted[0][0] is Kind.DEALLOCATE \
+            and relay.status != b"E":
+        name = wanted[0][1]
+        if name in carried.names:
+            carried.names.pop(name)
+            return m.command_complete("DEALLOCATE")
+        if carried.known(name):
+            return None
+        if name.encode() in relay.statements:
+            return None     # a protocol-level name: the relay's own handling
+        return m.error_response("26000", f'prepared statement "{name}" does not exist')
+    text = raw.decode("utf-8", "replace")
+    try:
+        tokens = list(scan(text))
+    except Exception:
+        return None
+    server = relay.server
+    state_names = server.prepared
+    edits: list[tuple[int, int, str]] = []
+    prelude: list[str] = []
+    local: dict[str, tuple[str, str] | None] = {}    # names this string prepares / deallocates
+    ops = []
+    index = 0
+    seen = False        # a token since the last ';' (PostgreSQL skips empty statements)
+    w = 0
+    i = 0
+    aborted = relay.status == b"E"
+    while i < len(tokens) and w < len(wanted):
+        tok = tokens[i]
+        if tok.name == "ASCII_59":
+            index += seen
+            seen = False
+            i += 1
+            continue
+        seen = True
+        kw = tok.name
+        kind, name = wanted[w]
+        j = i + 1
+        if kw == "DEALLOCATE" and j < len(tokens) and tokens[j].name == "PREPARE":
+            j += 1
+        if j >= len(tokens) or kw not in ("PREPARE", "EXECUTE", "DEALLOCATE") or \
+                Kind(kw.lower()) is not kind or _ident(text, tokens[j]) != name:
+            i += 1
+            continue
+        w += 1
+        name_tok = tokens[j]
+        if kind is Kind.PREPARE:
+            if (local[name] is not None if name in local else carried.known(name)) \
+                    or name.encode() in relay.statements:
+                return m.error_response("42P05", f'prepared statement "{name}" already exists')
+            end = _statement_end(tokens, j, len(text))
+            key = text[name_tok.end + 1:end].strip()
+            server_name = relay.registry.sql.get(key)
+            if server_name is None:
+                server_name = relay.registry.private(b"").name.decode()
+                relay.registry.sql[key] = server_name
+            sql = f"PREPARE {server_name} {key}"
+            if not aborted:
+                if state_names.has(server_name.encode()):
+                    prelude.append(f"DEALLOCATE {server_name}")    # the client's text is analyzed afresh
+                evicted = state_names.add(server_name.encode())
+                if evicted is not None:
+                    prelude.append(f"DEALLOCATE {evicted.decode()}")
+            local[name] = (server_name, sql)
+            ops.append((index, "prepare", name, server_name, sql))
+        else:
+            if name in local:
+                have = local[name]
+            else:
+                have = carried.names.get(name)
+            if have is None:
+                if OWN_NAME.fullmatch(name):
+                    # Shaped like the proxy's names: maybe another client's statement on this connection.
+                    return m.error_response("26000", f'prepared statement "{name}" does not exist')
+                i = j + 1
+                continue        # forwarded as it is: the server answers 26000 with the client's name
+            server_name, sql = have
+            if not aborted and name not in local and not state_names.has(server_name.encode()):
+                evicted = state_names.add(server_name.encode())
+                if evicted is not None:
+                    prelude.append(f"DEALLOCATE {evicted.decode()}")
+                prelude.append(sql)
+            if kind is Kind.DEALLOCATE:
+                local[name] = None
+                ops.append((index, "deallocate", name, server_name, sql))
+        edits.append((name_tok.start, name_tok.end + 1, server_name))
+        i = j + 1
+    if not edits:
+        return None
+    parts = []
+    prev = 0
+    for start, stop, new in edits:
+        parts.append(text[prev:start])
+        parts.append(new)
+        prev = stop
+    parts.append(text[prev:])
+    new_text = "".join(parts)
+    # What the session engine sees: the statement without the effects carried here.
+    groups = tuple(tuple(e for e in g if e.kind not in _SQL_KINDS or e.name is None) for g in c.groups)
+    effects = tuple(e for g in groups for e in g)
+    stmt = [replace(c, effects=effects, groups=groups if effects else ()), 0, "simple"]
+    pre = m.query(";".join(prelude)) if prelude else b""
+    return pre, new_text.encode(), stmt, ops
+
+
+def record(relay, stmt: list, entry: list, ops: list) -> None:
+    """The queue entry of a carried Query is known: its PREPAREs/DEALLOCATEs settle with it."""
+    carried = relay.carried
+    for index, op, name, server_name, sql in ops:
+        carried.pending.append((stmt, entry, index, op, name, server_name, relay.server, sql))
+
+
+def _statement_end(tokens, j: int, length: int) -> int:
+    for tok in tokens[j:]:
+        if tok.name == "ASCII_59":
+            return tok.start
+    return length
+
+
+def forget_all(relay) -> None:
+    """DEALLOCATE ALL / DISCARD ALL ran: the client has no SQL-prepared statement left."""
+    if relay.carried is not None:
+        relay.carried.names.clear()
+        relay.carried.pending.clear()

@@ -1,0 +1,155 @@
+"""LISTEN without a pin: one client's channels, as PostgreSQL would keep them. Pure.
+
+The proxy listens on a server connection of its own (backend/listener.py, the hub);
+a client's `LISTEN`/`UNLISTEN` are answered by the proxy and recorded here with
+PostgreSQL's rules: inside a transaction block they take effect at COMMIT (a rollback,
+or a rollback to a savepoint taken before them, undoes them); `UNLISTEN *` and
+`DISCARD ALL` drop every channel. Notifications reach the client between its
+transactions only: while it is inside one (or in the middle of an answer) they wait
+in a queue, flushed when it is idle again, in the order the server sent them.
+
+The queue is bounded (PostgreSQL's own is 8 GB for the whole server and makes NOTIFY
+fail when full; here a client that does not read cannot hold the others back): past
+`QUEUE_LIMIT` bytes, counting what the socket still buffers, the client is closed with
+a FATAL error and a log line.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Protocol
+
+LISTEN, UNLISTEN = "listen", "unlisten"
+QUEUE_LIMIT = 8 * 1024 * 1024      # bytes of notifications one client may have waiting
+log = logging.getLogger("unpinned.state.notifications")
+
+
+class Hub(Protocol):
+    """The pool's listening connection, as a client's subscriptions see it."""
+
+    def update(self, sub: "Subscriptions", interest: frozenset, committed: frozenset) -> None: ...
+
+    def ready(self, channel: str) -> bool: ...
+
+    def when_ready(self, channel: str, callback) -> None: ...
+
+
+class Receiver(Protocol):
+    """The client connection the notifications go to."""
+
+    def notify_idle(self) -> bool: ...          # between transactions, nothing in flight
+
+    def notify_write(self, data: bytes) -> None: ...
+
+    def notify_buffered(self) -> int: ...       # bytes its socket has not sent yet
+
+    def notify_overflow(self, text: str, code: str = "54000") -> None: ...
+
+
+class Subscriptions:
+    """One client's channels: committed, pending in its transaction, and what waits for it."""
+
+    __slots__ = ("hub", "client", "channels", "pending", "queue", "queued", "limit", "closed")
+
+    def __init__(self, hub: Hub, client: Receiver, limit: int = QUEUE_LIMIT):
+        self.hub = hub
+        self.client = client
+        self.channels: set[str] = set()          # what PostgreSQL would list in pg_listening_channels()
+        self.pending: list[tuple[str, str | None]] = []   # (op, channel) of the open transaction
+        self.queue: deque[bytes] = deque()        # NotificationResponse messages waiting for idle
+        self.queued = 0
+        self.limit = limit
+        self.closed = False
+
+    # ------------------------------------------------------------------ LISTEN / UNLISTEN
+
+    def op(self, op: str, channel: str | None, now: bool) -> None:
+        """Record LISTEN `channel` / UNLISTEN `channel` (None: `*`). `now`: outside a
+        transaction block (takes effect at once); else at commit."""
+        if now:
+            self._apply(op, channel)
+        else:
+            self.pending.append((op, channel))
+        self._tell()
+
+    def ready(self, channel: str) -> bool:
+        """Does the hub listen on `channel` already (so a NOTIFY from now on reaches us)?"""
+        return self.hub.ready(channel)
+
+    def commit(self) -> None:
+        if self.pending:
+            for op, channel in self.pending:
+                self._apply(op, channel)
+            self.pending.clear()
+            self._tell()
+
+    def discard(self) -> None:
+        if self.pending:
+            self.pending.clear()
+            self._tell()
+
+    def mark(self) -> int:
+        """A savepoint: how far to roll back to."""
+        return len(self.pending)
+
+    def rollback_to(self, mark: int) -> None:
+        if len(self.pending) > mark:
+            del self.pending[mark:]
+            self._tell()
+
+    def unlisten_all(self) -> None:
+        """DISCARD ALL (outside a transaction block, as it must be)."""
+        self.pending.clear()
+        self._apply(UNLISTEN, None)
+        self._tell()
+
+    def close(self) -> None:
+        """The client is gone."""
+        self.closed = True
+        self.channels.clear()
+        self.pending.clear()
+        self.queue.clear()
+        self.queued = 0
+        self.hub.update(self, frozenset(), frozenset())
+
+    def _apply(self, op: str, channel: str | None) -> None:
+        if op == LISTEN:
+            self.channels.add(channel)
+        elif channel is None:
+            self.channels.clear()
+        else:
+            self.channels.discard(channel)
+
+    def interest(self) -> frozenset:
+        """Channels the hub must listen on for us: committed, and those a commit may add."""
+        return frozenset(self.channels).union(ch for op, ch in self.pending if op == LISTEN)
+
+    def _tell(self) -> None:
+        if not self.closed:
+            self.hub.update(self, self.interest(), frozenset(self.channels))
+
+    # ------------------------------------------------------------------ delivery
+
+    def deliver(self, msg: bytes) -> None:
+        """A NotificationResponse on one of our channels, from the hub, in commit order."""
+        if self.closed:
+            return
+        client = self.client
+        if not self.queue and client.notify_idle():
+            client.notify_write(msg)
+        else:
+            self.queue.append(msg)
+            self.queued += len(msg)
+        if self.queued + client.notify_buffered() > self.limit:
+            text = (f"terminating connection: {self.limit} bytes of notifications are waiting for this client, "
+                    "which does not read them")
+            log.warning("%s (%d queued)", text, len(self.queue))
+            self.close()
+            client.notify_overflow(text)
+
+    def take(self) -> bytes:
+        """Everything queued, for a client that is idle again."""
+        out = b"".join(self.queue)
+        self.queue.clear()
+        self.queued = 0
+        return out
