@@ -54,7 +54,9 @@ def listen_query(relay, c: Classification) -> bytes | None:
     if relay.status == b"E" and not relay.queue:
         return None     # refused by the server: "current transaction is aborted"
     subs = session.subscriptions()
-    now = relay.status == b"I" and not relay.queue
+    # Outside a transaction block: at once (the proxy's own requests may be queued ahead, such
+    # as a parameter sync; a client's request pipelined ahead is taken as ending as it began).
+    now = relay.status == b"I"
     answer = []
     wait = []
     for group in c.groups:

@@ -51,14 +51,14 @@ class Subscriptions:
 
     __slots__ = ("hub", "client", "channels", "pending", "queue", "queued", "limit", "closed")
 
-    def __init__(self, hub: Hub, client: Receiver, limit: int = QUEUE_LIMIT):
+    def __init__(self, hub: Hub, client: Receiver, limit: int | None = None):
         self.hub = hub
         self.client = client
         self.channels: set[str] = set()          # what PostgreSQL would list in pg_listening_channels()
         self.pending: list[tuple[str, str | None]] = []   # (op, channel) of the open transaction
         self.queue: deque[bytes] = deque()        # NotificationResponse messages waiting for idle
         self.queued = 0
-        self.limit = limit
+        self.limit = QUEUE_LIMIT if limit is None else limit
         self.closed = False
 
     # ------------------------------------------------------------------ LISTEN / UNLISTEN
