@@ -68,6 +68,10 @@ class Proxy:
         return self.shared.pools
 
     @property
+    def notify_listeners(self) -> dict:
+        return self.shared.listeners
+
+    @property
     def clients(self) -> set:
         return self.shared.clients
 

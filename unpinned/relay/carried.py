@@ -28,11 +28,11 @@ from dataclasses import replace
 
 from pglast.parser import scan
 
-from unpinned.sql.effects import Classification, Kind
+from unpinned.sql.effects import Classification, Kind, Reason
+from unpinned.state.policy import only_listen
 from unpinned.state.notifications import LISTEN, UNLISTEN
 from unpinned.wire import messages as m
 
-_LISTEN_KINDS = frozenset((Kind.LISTEN, Kind.UNLISTEN))
 _SQL_KINDS = frozenset((Kind.PREPARE, Kind.EXECUTE, Kind.DEALLOCATE))
 OWN_NAME = re.compile(r"U_\d+")      # a server-side name the proxy gives (relay/statements.py)
 _NAMEDATALEN = 63
@@ -40,16 +40,13 @@ _NAMEDATALEN = 63
 
 # ---------------------------------------------------------------------- LISTEN / UNLISTEN
 
-def _only_listen(c: Classification) -> bool:
-    return c.parsed and bool(c.groups) and len(c.groups) == c.statements and \
-        all(g and all(e.kind in _LISTEN_KINDS for e in g) for g in c.groups)
 
 
 def listen_query(relay, c: Classification) -> bytes | None:
     """A simple Query of LISTEN/UNLISTEN statements: the proxy's answer (its CommandCompletes;
     the relay adds ReadyForQuery), or None to forward it. May set `relay.held`."""
     session = relay.session
-    if session.rds or session.subscribe is None or not _only_listen(c):
+    if session.rds or session.subscribe is None or not only_listen(c):
         return None
     if relay.status == b"E" and not relay.queue:
         return None     # refused by the server: "current transaction is aborted"
@@ -70,6 +67,8 @@ def listen_query(relay, c: Classification) -> bytes | None:
             subs.op(UNLISTEN, e.name, now)
             answer.append(m.command_complete("UNLISTEN"))
     out = b"".join(answer)
+    if any(g[0].kind is Kind.LISTEN for g in c.groups):
+        session.carry(Reason.LISTEN, c, "simple", relay.server)
     if wait:
         relay.held = [out, None]        # None: ReadyForQuery of the moment (relay.READY_NOW)
         _wait(subs, wait)
@@ -81,11 +80,13 @@ def listen_execute(relay, c) -> bytes | None:
     """An Execute of a portal whose statement is one LISTEN or UNLISTEN: the CommandComplete
     the proxy answers instead (recorded at the batch's end unless it fails), or None."""
     session = relay.session
-    if c is None or session.rds or session.subscribe is None or not _only_listen(c) or len(c.groups) != 1:
+    if c is None or session.rds or session.subscribe is None or not only_listen(c) or len(c.groups) != 1:
         return None
     e = c.groups[0][0]
     subs = session.subscriptions()
     subs.op(LISTEN if e.kind is Kind.LISTEN else UNLISTEN, e.name, False)
+    if e.kind is Kind.LISTEN:
+        session.carry(Reason.LISTEN, c, "extended", relay.server)
     if e.kind is Kind.LISTEN and not subs.ready(e.name):
         relay.held = []                 # the rest of the batch waits; the answer is queued in order
         _wait(subs, [e.name])
@@ -182,6 +183,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
         name = wanted[0][1]
         if name in carried.names:
             carried.names.pop(name)
+            session.carry(Reason.SQL_PREPARE, c, "simple", relay.server)
             return m.command_complete("DEALLOCATE")
         if carried.known(name):
             return None
@@ -279,6 +281,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
     effects = tuple(e for g in groups for e in g)
     stmt = [replace(c, effects=effects, groups=groups if effects else ()), 0, "simple"]
     pre = m.query(";".join(prelude)) if prelude else b""
+    session.carry(Reason.SQL_PREPARE, c, "simple", server)
     return pre, new_text.encode(), stmt, ops
 
 

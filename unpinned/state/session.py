@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 
 from unpinned.sql.effects import Classification, Effect, Kind, Param, Reason, Unknown
-from unpinned.telemetry.pinlog import CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
+from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
 from unpinned.wire import messages as m
 from unpinned.sql.classifier import classify
@@ -543,6 +543,10 @@ class Session:
             return
         self.pins[reason] = c.text if c is not None else ""
         self._log(PIN, reason, c, protocol, server)
+
+    def carry(self, reason: Reason, c: Classification, protocol: str, server) -> None:
+        """Smart mode carried state RDS Proxy pins for (LISTEN, SQL PREPARE: relay/carried.py)."""
+        self._log(CARRIED, reason, c, protocol, server)
 
     def _unpin(self, reason: Reason, c: Classification | None, protocol: str, server) -> None:
         if self.pins.pop(reason, None) is not None:
