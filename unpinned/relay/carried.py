@@ -28,6 +28,7 @@ from dataclasses import replace
 
 from pglast.parser import scan
 
+from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Classification, Kind, Reason
 from unpinned.state.policy import only_listen
 from unpinned.state.notifications import LISTEN, UNLISTEN
@@ -235,13 +236,14 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
             if server_name is None:
                 server_name = relay.registry.private(b"").name.decode()
                 relay.registry.sql[key] = server_name
-            sql = f"PREPARE {server_name} {key}"
+            sql = f"PREPARE {_q(server_name)} {key}"
+            relay.registry.sql_text[server_name] = sql
             if not aborted:
                 if state_names.has(server_name.encode()):
-                    prelude.append(f"DEALLOCATE {server_name}")    # the client's text is analyzed afresh
+                    prelude.append(f"DEALLOCATE {_q(server_name)}")    # the client's text is analyzed afresh
                 evicted = state_names.add(server_name.encode())
                 if evicted is not None:
-                    prelude.append(f"DEALLOCATE {evicted.decode()}")
+                    prelude.append(f"DEALLOCATE {_q(evicted.decode())}")
             local[name] = (server_name, sql)
             ops.append((index, "prepare", name, server_name, sql))
         else:
@@ -259,12 +261,12 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
             if not aborted and name not in local and not state_names.has(server_name.encode()):
                 evicted = state_names.add(server_name.encode())
                 if evicted is not None:
-                    prelude.append(f"DEALLOCATE {evicted.decode()}")
+                    prelude.append(f"DEALLOCATE {_q(evicted.decode())}")
                 prelude.append(sql)
             if kind is Kind.DEALLOCATE:
                 local[name] = None
                 ops.append((index, "deallocate", name, server_name, sql))
-        edits.append((name_tok.start, name_tok.end + 1, server_name))
+        edits.append((name_tok.start, name_tok.end + 1, _q(server_name)))
         i = j + 1
     if not edits:
         return None
@@ -290,6 +292,86 @@ def record(relay, stmt: list, entry: list, ops: list) -> None:
     carried = relay.carried
     for index, op, name, server_name, sql in ops:
         carried.pending.append((stmt, entry, index, op, name, server_name, relay.server, sql))
+
+
+def _q(server_name: str) -> str:
+    return '"' + server_name + '"'      # U_<n> as it is, not folded to lower case
+
+
+def parse_rewrite(relay, data: bytes, start: int, end: int):
+    """A Parse whose text EXECUTEs the client's SQL-prepared statements (asyncpg runs
+    `fetch("EXECUTE q")` so): the Parse with the server-side names, after the PREPAREs the
+    server connection lacks (the proxy's own statements, answers swallowed). Returns None
+    (not carried), (bytes to send first, new Parse message), or an error (code, text) to raise.
+    PREPARE and DEALLOCATE through the extended protocol are not carried: they pin, as before."""
+    session = relay.session
+    if session.rds:
+        return None
+    nul = data.index(b"\x00", start)
+    qend = data.index(b"\x00", nul + 1)
+    raw = data[nul + 1:qend]
+    c = classify(raw)
+    if not c.parsed or not any(e.kind is Kind.EXECUTE for e in c.effects) or \
+            any(e.kind is Kind.PREPARE or e.kind is Kind.DEALLOCATE for e in c.effects):
+        return None
+    carried = relay.carried
+    if carried is None:
+        carried = relay.carried = SqlPrepared()
+    carried.settle(relay.queue)
+    text = raw.decode("utf-8", "replace")
+    try:
+        tokens = list(scan(text))
+    except Exception:
+        return None
+    edits = []
+    pre = []
+    for i, tok in enumerate(tokens[:-1]):
+        if tok.name != "EXECUTE":
+            continue
+        name = _ident(text, tokens[i + 1])
+        have = carried.names.get(name) if name is not None else None
+        if have is None:
+            if name is not None and OWN_NAME.fullmatch(name):
+                return ("26000", f'prepared statement "{name}" does not exist')
+            continue
+        server_name, sql = have
+        pre.append(_ensure(relay, server_name, sql))
+        edits.append((tokens[i + 1].start, tokens[i + 1].end + 1, _q(server_name)))
+    if not edits:
+        return None
+    parts = []
+    prev = 0
+    for a, b, new in edits:
+        parts += [text[prev:a], new]
+        prev = b
+    parts.append(text[prev:])
+    session.carry(Reason.SQL_PREPARE, c, "extended", relay.server)
+    msg = m.message(b"P", data[start:nul + 1] + "".join(parts).encode() + data[qend:end])
+    return b"".join(pre), msg
+
+
+def ensure_statement(relay, st) -> bytes:
+    """A protocol-level statement that EXECUTEs a SQL-prepared one (see parse_rewrite), about to
+    be bound or described: that one too must exist on this server connection."""
+    out = b""
+    for e in st.classification.effects:
+        if e.kind is Kind.EXECUTE and isinstance(e.name, str):
+            sql = relay.registry.sql_text.get(e.name)
+            if sql is not None:
+                out += _ensure(relay, e.name, sql)
+    return out
+
+
+def _ensure(relay, server_name: str, sql: str) -> bytes:
+    """The proxy's own PREPARE in an extended batch, if this server connection lacks it."""
+    prepared = relay.server.prepared
+    if relay.status == b"E" or prepared.has(server_name.encode()):
+        return b""
+    out = b""
+    evicted = prepared.add(server_name.encode())
+    if evicted is not None:
+        out = relay._run_own(f"DEALLOCATE {_q(evicted.decode())}")
+    return out + relay._run_own(sql)
 
 
 def _statement_end(tokens, j: int, length: int) -> int:

@@ -268,7 +268,16 @@ class Relay:
                     self._synth(READY_NOW)
             elif t in (80, 66, 68, 67):  # Parse, Bind, Describe, Close: names may need rewriting
                 self.batch_open = True
-                repl = self._extended(t, data, pos + 5, end)
+                carry = carried.parse_rewrite(self, data, pos + 5, end) if t == 80 else None
+                if carry is None:
+                    repl = self._extended(t, data, pos + 5, end)
+                elif len(carry) == 2 and isinstance(carry[1], bytes):
+                    # EXECUTE of SQL-prepared statements, renamed (relay/carried.py).
+                    pre, msg = carry
+                    repl = self._extended(t, msg, 5, len(msg))
+                    repl = pre + (msg if repl is None else repl)
+                else:
+                    repl = self._fail(carry[0].encode(), carry[1])
                 if repl is not None:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
@@ -391,6 +400,14 @@ class Relay:
         return None
 
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
+        c = st.classification
+        if c is not None and c.effects and c.effects[0].kind is Kind.EXECUTE:
+            pre = carried.ensure_statement(self, st)    # the SQL-prepared statement it EXECUTEs
+            if pre:
+                return pre + self._ensure_prepared_protocol(st)
+        return self._ensure_prepared_protocol(st)
+
+    def _ensure_prepared_protocol(self, st: ServerStatement) -> bytes:
         if self.server.prepared.has(st.name):
             return b""
         self.stats.reprepares += 1
