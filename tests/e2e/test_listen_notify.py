@@ -341,3 +341,35 @@ def test_rds_mode_still_pins_listen(make_proxy):
     finally:
         a.close()
         b.close()
+
+
+def test_own_notifications_arrive_before_ready_for_query(small):
+    """PostgreSQL sends a session's own notifications before the ReadyForQuery of the
+    transaction that sent them; the proxy holds that ReadyForQuery until they have come
+    back through its listening connection."""
+    a, b = p2(small), p2(small)
+    try:
+        ca, cb = a.cursor(), b.cursor()
+        ca.execute("LISTEN mine")
+        for k in range(20):
+            ca.execute(f"NOTIFY mine, '{k}'")
+            # No poll, no wait: psycopg2 collected it while reading the answer.
+            assert [(n.channel, n.payload) for n in a.notifies] == [("mine", str(k))]
+            a.notifies.clear()
+        ca.execute("BEGIN")
+        ca.execute("SELECT pg_notify('mine', 'in tx')")
+        assert list(a.notifies) == []
+        ca.execute("COMMIT")
+        assert [n.payload for n in a.notifies] == ["in tx"]
+        a.notifies.clear()
+        # What was committed before an UNLISTEN still reaches the client, before its answer.
+        for k in range(10):
+            cb.execute(f"NOTIFY mine, 'other {k}'")
+            ca.execute("UNLISTEN mine")
+            assert [n.payload for n in a.notifies] == [f"other {k}"]
+            a.notifies.clear()
+            ca.execute("LISTEN mine")
+        assert pinned(small) == 0
+    finally:
+        a.close()
+        b.close()

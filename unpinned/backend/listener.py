@@ -25,6 +25,7 @@ from unpinned.sql.text import quote_ident
 from unpinned.wire import messages as m
 
 log = logging.getLogger("unpinned.backend.listener")
+_EMPTY_QUERY = m.query("")
 
 
 class _NoTransport:
@@ -91,7 +92,7 @@ class Listener:
 
     def ready(self, channel: str) -> bool:
         return channel in self.listening and self.sent.get(channel) == "LISTEN" and \
-            not any(ch == channel for _, ch in self.inflight)
+            not any(op != "BARRIER" and ch == channel for op, ch in self.inflight)
 
     def when_ready(self, channel: str, callback) -> None:
         """Call `callback()` once the server listens on `channel` (or the listener failed)."""
@@ -100,6 +101,19 @@ class Listener:
         else:
             self.waiters.setdefault(channel, []).append(callback)
             self._sync([channel])
+
+    def barrier(self, callback) -> None:
+        """Call `callback()` once every notification committed before now has been read: a
+        round trip on the listening connection (PostgreSQL sends a listener's pending
+        notifications before its ReadyForQuery)."""
+        if self.conn is None:
+            if self._opening is None:
+                callback()      # nothing listened on: nothing to wait for
+            else:
+                self.waiters.setdefault(None, []).append(lambda: self.barrier(callback))
+            return
+        self.inflight.append(("BARRIER", callback))
+        self.conn.transport.write(_EMPTY_QUERY)
 
     # ------------------------------------------------------------------ talking to the server
 
@@ -138,6 +152,8 @@ class Listener:
         conn.client = self
         log.info("listening connection %d open for database %s", conn.id, self.database)
         self._sync(list(self.interest))
+        for cb in self.waiters.pop(None, ()):
+            cb()
 
     def _forget(self, conn) -> None:
         pass
@@ -164,7 +180,9 @@ class Listener:
             elif t == 90:   # 'Z': the answer to the oldest LISTEN/UNLISTEN is complete
                 if self.inflight:
                     op, ch = self.inflight.popleft()
-                    if op == "LISTEN":
+                    if op == "BARRIER":
+                        ch()
+                    elif op == "LISTEN":
                         self.listening.add(ch)
                     else:
                         self.listening.discard(ch)
@@ -175,7 +193,7 @@ class Listener:
             pos = end
         del buf[:pos]
 
-    def _wake(self, channel: str) -> None:
+    def _wake(self, channel) -> None:
         if self.ready(channel) or channel not in self.interest:
             for cb in self.waiters.pop(channel, ()):
                 cb()
@@ -187,8 +205,11 @@ class Listener:
         self.conn = None
         self.listening.clear()
         self.sent.clear()
+        barriers = [cb for op, cb in self.inflight if op == "BARRIER"]
         self.inflight.clear()
         self.buf.clear()
+        for cb in barriers:
+            cb()
         self._fail("the server connection the proxy listened on for this client was lost; "
                    "notifications may have been missed")
 

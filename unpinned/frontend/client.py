@@ -16,6 +16,8 @@ from unpinned.state.notifications import Subscriptions
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
+_READY_HEAD = b"Z\x00\x00\x00\x05"
+
 
 class PooledClient(ClientConnection):
     __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server")
@@ -132,6 +134,9 @@ class PooledClient(ClientConnection):
 
     def _to_server(self, data: bytes, now: float = 0.0, prelude: bytes = b"") -> None:
         relay = self.relay
+        subs = relay.session.listening
+        if subs is not None and subs.channels and b"notify" in data.lower():
+            subs.barrier_due = True     # its own notifications reach it before its ReadyForQuery
         try:
             out = relay.from_client(data)
         except m.ProtocolError as e:
@@ -151,8 +156,8 @@ class PooledClient(ClientConnection):
         if relay.to_client:
             self.transport.write(b"".join(relay.to_client))
             relay.to_client.clear()
-        if relay.session.listening is not None and relay.session.listening.queue and self.notify_idle():
-            self.transport.write(relay.session.listening.take())
+        if subs is not None and subs.queue and not subs.holding and self.notify_idle():
+            self.transport.write(subs.take())
         if relay.terminated:
             self.shutdown(None)
         elif not out and relay.can_release:
@@ -162,10 +167,11 @@ class PooledClient(ClientConnection):
     def server_data(self, data: bytes) -> None:
         relay = self.relay
         out = relay.from_server(data)
+        subs = relay.session.listening
+        if subs is not None:
+            out = self._notifications(subs, out)
         if out:
             self.transport.write(out)
-        if relay.session.listening is not None and relay.session.listening.queue and self.notify_idle():
-            self.transport.write(relay.session.listening.take())    # between transactions
         if relay.to_server:
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
@@ -186,10 +192,36 @@ class PooledClient(ClientConnection):
     def _subscriptions(self) -> Subscriptions:
         return Subscriptions(self.shared.listener_for(self.pool), self)
 
+    def _notifications(self, subs: Subscriptions, out: bytes) -> bytes:
+        """Server bytes for the client, with what LISTEN carried adds: the queued notifications
+        once the client is between transactions; and after a transaction that may have notified
+        a channel the client listens on, or given one up, its ReadyForQuery is held until the
+        listening connection has read everything committed before (PostgreSQL sends a session's
+        own notifications before its ReadyForQuery)."""
+        relay = self.relay
+        if subs.barrier_due and relay.status == b"I" and not relay.queue and out[-6:-1] == _READY_HEAD:
+            subs.barrier_due = False
+            subs.holding = True
+            ready = out[-6:]
+            self.transport.pause_reading()
+            subs.hub.barrier(lambda: self._barrier_passed(subs, ready))
+            return out[:-6]
+        if subs.queue and not subs.holding and self.notify_idle():
+            return out + subs.take()    # between transactions
+        return out
+
+    def _barrier_passed(self, subs: Subscriptions, ready: bytes) -> None:
+        subs.holding = False
+        subs.barrier_passed()
+        if self.closing:
+            return
+        self.transport.write(subs.take() + ready)
+        self.transport.resume_reading()
+
     def notify_idle(self) -> bool:
         relay = self.relay
         return relay.status == b"I" and not relay.queue and relay.held is None and not relay.to_client \
-            and not self.closing
+            and not self.closing and not (relay.session.listening is not None and relay.session.listening.holding)
 
     def notify_write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -205,6 +237,10 @@ class PooledClient(ClientConnection):
         and whatever the client sent after it, go on."""
         if self.closing or self.relay.held is None:
             return
+        subs = self.relay.session.listening
+        if subs.queue and not self.relay.queue and self.relay.status == b"I" and not subs.holding:
+            # Committed before the client's LISTEN/UNLISTEN: PostgreSQL would have sent them first.
+            self.transport.write(subs.take())
         carried.resume(self.relay)
         if self.server is not None:
             self._to_server(b"")

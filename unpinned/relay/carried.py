@@ -70,9 +70,13 @@ def listen_query(relay, c: Classification) -> bytes | None:
     out = b"".join(answer)
     if any(g[0].kind is Kind.LISTEN for g in c.groups):
         session.carry(Reason.LISTEN, c, "simple", relay.server)
-    if wait:
-        relay.held = [out, None]        # None: ReadyForQuery of the moment (relay.READY_NOW)
-        _wait(subs, wait)
+    barrier = subs.barrier_due
+    if wait or barrier:
+        # None: ReadyForQuery of the moment (relay.READY_NOW). An UNLISTEN answers once what was
+        # committed before it has reached the client.
+        subs.barrier_due = False
+        relay.held = [out, None]
+        _wait(subs, wait, barrier)
         return b""
     return out
 
@@ -94,15 +98,21 @@ def listen_execute(relay, c) -> bytes | None:
     return m.command_complete("LISTEN" if e.kind is Kind.LISTEN else "UNLISTEN")
 
 
-def _wait(subs, channels: list) -> None:
-    left = [len(channels)]
+def _wait(subs, channels: list, barrier: bool = False) -> None:
+    left = [len(channels) + barrier]
 
     def one() -> None:
         left[0] -= 1
         if left[0] == 0:
             subs.client.notify_resume()
+
+    def passed() -> None:
+        subs.barrier_passed()
+        one()
     for ch in channels:
         subs.hub.when_ready(ch, one)
+    if barrier:
+        subs.hub.barrier(passed)
 
 
 def resume(relay) -> None:

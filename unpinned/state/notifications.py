@@ -33,6 +33,8 @@ class Hub(Protocol):
 
     def when_ready(self, channel: str, callback) -> None: ...
 
+    def barrier(self, callback) -> None: ...
+
 
 class Receiver(Protocol):
     """The client connection the notifications go to."""
@@ -49,7 +51,8 @@ class Receiver(Protocol):
 class Subscriptions:
     """One client's channels: committed, pending in its transaction, and what waits for it."""
 
-    __slots__ = ("hub", "client", "channels", "pending", "queue", "queued", "limit", "closed")
+    __slots__ = ("hub", "client", "channels", "pending", "queue", "queued", "limit", "closed", "removing",
+                 "barrier_due", "holding")
 
     def __init__(self, hub: Hub, client: Receiver, limit: int | None = None):
         self.hub = hub
@@ -60,6 +63,11 @@ class Subscriptions:
         self.queued = 0
         self.limit = QUEUE_LIMIT if limit is None else limit
         self.closed = False
+        # Channels given up but still delivered until the hub has read everything committed
+        # before (a barrier: a round trip on the listening connection).
+        self.removing: set[str] = set()
+        self.barrier_due = False    # a barrier is due before the client's next ReadyForQuery
+        self.holding = False        # the client's ReadyForQuery waits for that barrier
 
     # ------------------------------------------------------------------ LISTEN / UNLISTEN
 
@@ -67,7 +75,7 @@ class Subscriptions:
         """Record LISTEN `channel` / UNLISTEN `channel` (None: `*`). `now`: outside a
         transaction block (takes effect at once); else at commit."""
         if now:
-            self._apply(op, channel)
+            self._settle([(op, channel)])
         else:
             self.pending.append((op, channel))
         self._tell()
@@ -78,9 +86,32 @@ class Subscriptions:
 
     def commit(self) -> None:
         if self.pending:
-            for op, channel in self.pending:
-                self._apply(op, channel)
+            self._settle(self.pending)
             self.pending.clear()
+            self._tell()
+
+    def _settle(self, ops) -> None:
+        """Apply ops. A channel given up stays delivered until a barrier: what was committed
+        before the UNLISTEN still reaches the client, as on PostgreSQL."""
+        new = set(self.channels)
+        for op, channel in ops:
+            if op == LISTEN:
+                new.add(channel)
+            elif channel is None:
+                new.clear()
+            else:
+                new.discard(channel)
+        gone = self.channels - new
+        if gone:
+            self.removing |= gone
+            self.barrier_due = True
+        self.removing -= new
+        self.channels = new
+
+    def barrier_passed(self) -> None:
+        """The hub has read everything committed before the barrier was asked for."""
+        if self.removing:
+            self.removing.clear()
             self._tell()
 
     def discard(self) -> None:
@@ -100,7 +131,7 @@ class Subscriptions:
     def unlisten_all(self) -> None:
         """DISCARD ALL (outside a transaction block, as it must be)."""
         self.pending.clear()
-        self._apply(UNLISTEN, None)
+        self._settle([(UNLISTEN, None)])
         self._tell()
 
     def close(self) -> None:
@@ -110,23 +141,16 @@ class Subscriptions:
         self.pending.clear()
         self.queue.clear()
         self.queued = 0
+        self.removing.clear()
         self.hub.update(self, frozenset(), frozenset())
-
-    def _apply(self, op: str, channel: str | None) -> None:
-        if op == LISTEN:
-            self.channels.add(channel)
-        elif channel is None:
-            self.channels.clear()
-        else:
-            self.channels.discard(channel)
 
     def interest(self) -> frozenset:
         """Channels the hub must listen on for us: committed, and those a commit may add."""
-        return frozenset(self.channels).union(ch for op, ch in self.pending if op == LISTEN)
+        return frozenset(self.channels).union(self.removing, (ch for op, ch in self.pending if op == LISTEN))
 
     def _tell(self) -> None:
         if not self.closed:
-            self.hub.update(self, self.interest(), frozenset(self.channels))
+            self.hub.update(self, self.interest(), frozenset(self.channels | self.removing))
 
     # ------------------------------------------------------------------ delivery
 
@@ -135,7 +159,7 @@ class Subscriptions:
         if self.closed:
             return
         client = self.client
-        if not self.queue and client.notify_idle():
+        if not self.queue and not self.holding and client.notify_idle():
             client.notify_write(msg)
         else:
             self.queue.append(msg)
