@@ -373,3 +373,35 @@ def test_own_notifications_arrive_before_ready_for_query(small):
     finally:
         a.close()
         b.close()
+
+
+def test_pg_listening_channels_answers_the_clients_own(small):
+    a, b = p2(small), p2(small)
+    try:
+        ca, cb = a.cursor(), b.cursor()
+        ca.execute("LISTEN one")
+        ca.execute('LISTEN "Two"')
+        cb.execute("LISTEN other")
+        ca.execute("SELECT pg_listening_channels()")
+        assert [d[0] for d in ca.description] == ["pg_listening_channels"]
+        assert sorted(r[0] for r in ca.fetchall()) == ["Two", "one"]
+        ca.execute("SELECT c FROM pg_catalog.pg_listening_channels() c ORDER BY 1")
+        assert ca.fetchall() == [("Two",), ("one",)]
+        ca.execute("SELECT count(*) FROM pg_listening_channels()")
+        assert ca.fetchone() == (2,)
+        ca.execute("BEGIN")
+        ca.execute("LISTEN three")
+        ca.execute("SELECT array(SELECT pg_listening_channels() ORDER BY 1)::text")
+        assert ca.fetchone() == ("{Two,one}",)       # a LISTEN counts from its commit
+        ca.execute("COMMIT")
+        ca.execute("SELECT * FROM pg_listening_channels() ORDER BY 1")
+        assert [d[0] for d in ca.description] == ["pg_listening_channels"]
+        assert ca.fetchall() == [("Two",), ("one",), ("three",)]
+        cb.execute("SELECT array(SELECT pg_listening_channels())::text")
+        assert cb.fetchone() == ("{other}",)
+        ca.execute("UNLISTEN *")
+        ca.execute("SELECT count(*) FROM pg_listening_channels()")
+        assert ca.fetchone() == (0,)
+    finally:
+        a.close()
+        b.close()

@@ -135,8 +135,12 @@ class PooledClient(ClientConnection):
     def _to_server(self, data: bytes, now: float = 0.0, prelude: bytes = b"") -> None:
         relay = self.relay
         subs = relay.session.listening
-        if subs is not None and subs.channels and b"notify" in data.lower():
-            subs.barrier_due = True     # its own notifications reach it before its ReadyForQuery
+        if subs is not None:
+            low = data.lower()
+            if b"notify" in low:
+                subs.barrier_due = True     # its own notifications reach it before its ReadyForQuery
+            if b"pg_listening_channels" in low:
+                data = carried.listening_query(data, subs.channels)     # the client's own channels
         try:
             out = relay.from_client(data)
         except m.ProtocolError as e:

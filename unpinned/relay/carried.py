@@ -70,11 +70,14 @@ def listen_query(relay, c: Classification) -> bytes | None:
     out = b"".join(answer)
     if any(g[0].kind is Kind.LISTEN for g in c.groups):
         session.carry(Reason.LISTEN, c, "simple", relay.server)
-    barrier = subs.barrier_due
+    barrier = now and subs.barrier_due
+    if not now and any(g[0].kind is Kind.LISTEN for g in c.groups):
+        subs.barrier_due = True     # what its transaction notifies reaches it before the COMMIT returns
     if wait or barrier:
         # None: ReadyForQuery of the moment (relay.READY_NOW). An UNLISTEN answers once what was
         # committed before it has reached the client.
-        subs.barrier_due = False
+        if barrier:
+            subs.barrier_due = False
         relay.held = [out, None]
         _wait(subs, wait, barrier)
         return b""
@@ -396,3 +399,47 @@ def forget_all(relay) -> None:
     if relay.carried is not None:
         relay.carried.names.clear()
         relay.carried.pending.clear()
+
+
+# ---------------------------------------------------------------------- pg_listening_channels()
+
+_ALIAS_BEFORE = frozenset(("SELECT", "ASCII_44", "FROM", "JOIN", "LATERAL_P"))
+_ALIAS_AFTER = frozenset(("ASCII_44", "ASCII_59", "ASCII_41", "FROM", "WHERE", "ORDER", "GROUP_P", "LIMIT",
+                          "UNION", "EXCEPT", "INTERSECT", "OFFSET", "HAVING", "WINDOW", "JOIN", "CROSS", "LEFT",
+                          "RIGHT", "INNER_P", "FULL", "NATURAL", "INTO"))
+
+
+def listening_query(data: bytes, channels) -> bytes:
+    """A simple Query calling pg_listening_channels(): the server connection listens on nothing
+    (the proxy does), so the call becomes the client's own channels, as a set-returning
+    unnest() of literals under the function's name. Other messages go as they are."""
+    if data[:1] != b"Q" or len(data) != 1 + m.unpack_i32(data, 1)[0]:
+        return data
+    text = data[5:-1].decode("utf-8", "replace")
+    try:
+        tokens = list(scan(text))
+    except Exception:
+        return data
+    values = "ARRAY[" + ", ".join("'" + ch.replace("'", "''") + "'" for ch in channels) + "]::text[]"
+    edits = []
+    for i, tok in enumerate(tokens):
+        if tok.name != "IDENT" or text[tok.start:tok.end + 1].lower() != "pg_listening_channels" or \
+                i + 2 >= len(tokens) or tokens[i + 1].name != "ASCII_40" or tokens[i + 2].name != "ASCII_41":
+            continue
+        start = tok.start
+        before = tokens[i - 1].name if i else "SELECT"
+        if i >= 2 and before == "ASCII_46" and text[tokens[i - 2].start:tokens[i - 2].end + 1].lower() == "pg_catalog":
+            start = tokens[i - 2].start
+            before = tokens[i - 3].name if i >= 3 else "SELECT"
+        after = tokens[i + 3].name if i + 3 < len(tokens) else "ASCII_59"
+        alias = " AS pg_listening_channels" if before in _ALIAS_BEFORE and after in _ALIAS_AFTER else ""
+        edits.append((start, tokens[i + 2].end + 1, f"pg_catalog.unnest({values}){alias}"))
+    if not edits:
+        return data
+    parts = []
+    prev = 0
+    for a, b, new in edits:
+        parts += [text[prev:a], new]
+        prev = b
+    parts.append(text[prev:])
+    return m.query("".join(parts))
