@@ -62,7 +62,8 @@ CASES = [
     # LISTEN / LOAD
     ("LISTEN ch", [R.LISTEN], []),                       # the proxy listens for the client
     ("LISTEN a; UNLISTEN b; LISTEN c", [R.LISTEN], []),
-    ("LISTEN ch; SELECT 1", [R.LISTEN], [R.LISTEN]),     # with another statement: runs on the server
+    ("LISTEN ch; SELECT 1", [R.LISTEN], []),             # undone on the server in the same string
+    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], [R.LISTEN]),   # only one of the two is carried
     ("UNLISTEN ch", [], []),
     ("LOAD 'auto_explain'", [R.LOAD], [R.LOAD]),
     # advisory locks
@@ -93,7 +94,7 @@ CASES = [
     # several reasons: first seen first, deduplicated
     (ASYNCPG_RESET, [R.ADVISORY_LOCK, R.SET], []),
     ("SELECT nextval('s'), set_config('a', 'b', false), nextval('t'); LISTEN x; SET y = 1",
-     [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], [R.LISTEN]),
+     [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], []),
     ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], []),
     ("CREATE TEMP TABLE a (x int); SELECT pg_advisory_lock(1); DECLARE c CURSOR WITH HOLD FOR SELECT 1",
      [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR], [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR]),
@@ -170,7 +171,7 @@ def test_describe():
 
 @pytest.mark.parametrize("sql,carried", [
     ("LISTEN ch", [R.LISTEN]),
-    ("LISTEN ch; SELECT 1", []),
+    ("LISTEN ch; SELECT 1", [R.LISTEN]),
     ("PREPARE q AS SELECT 1", [R.SQL_PREPARE]),
     ("EXECUTE q(1)", [R.SQL_PREPARE]),
     ("SET work_mem = '8MB'", [R.SET]),

@@ -31,6 +31,7 @@ from pglast.parser import scan
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Classification, Kind, Reason
 from unpinned.state.policy import only_listen
+from unpinned.sql.text import quote_ident
 from unpinned.state.notifications import LISTEN, UNLISTEN
 from unpinned.wire import messages as m
 
@@ -82,6 +83,43 @@ def listen_query(relay, c: Classification) -> bytes | None:
         _wait(subs, wait, barrier)
         return b""
     return out
+
+
+def listen_mixed(relay, c: Classification, raw: bytes):
+    """A simple Query with LISTEN among other kinds of statements: the server connection must
+    not stay listening, so each LISTEN is followed, in the same string (the same transaction),
+    by the proxy's UNLISTEN of that channel, whose answer the client never sees; the session
+    engine records the client's LISTEN at its CommandComplete (state/session.py). Returns what
+    sql_prepare_query returns, or None."""
+    session = relay.session
+    if session.rds or session.subscribe is None or not c.parsed or only_listen(c) or \
+            not any(e.kind is Kind.LISTEN for e in c.effects):
+        return None
+    edits = []
+    hidden = set()
+    for i, group in enumerate(c.groups):
+        channels = [e.name for e in group if e.kind is Kind.LISTEN]
+        if len(channels) != 1:
+            continue
+        at = c.ends[i] if i < len(c.ends) else -1
+        sql = ";UNLISTEN " + quote_ident(channels[0])
+        if at < 0:
+            edits.append((len(raw), b"\n" + sql.encode()))
+        else:
+            edits.append((at, sql.encode()))
+        hidden.add(i)
+    if not edits:
+        return None
+    parts = []
+    shifts = []
+    prev = 0
+    for at, new in edits:
+        parts += [raw[prev:at], new]
+        prev = at
+        shifts.append((len(raw[:at].decode("utf-8", "replace")), 0, len(new.decode())))
+    parts.append(raw[prev:])
+    session.carry(Reason.LISTEN, c, "simple", relay.server)
+    return b"", b"".join(parts), [c, 0, "simple", set(), hidden, shifts], []
 
 
 def listen_execute(relay, c) -> bytes | None:
@@ -302,6 +340,8 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
 
 def record(relay, stmt: list, entry: list, ops: list) -> None:
     """The queue entry of a carried Query is known: its PREPAREs/DEALLOCATEs settle with it."""
+    if not ops:
+        return
     carried = relay.carried
     for index, op, name, server_name, sql in ops:
         carried.pending.append((stmt, entry, index, op, name, server_name, relay.server, sql))

@@ -442,6 +442,8 @@ class Relay:
         answer = carried.listen_query(self, c)
         if answer is None:
             answer = carried.sql_prepare_query(self, c, raw)
+        if answer is None:
+            answer = carried.listen_mixed(self, c, raw)
         if answer is not None:
             return answer
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server

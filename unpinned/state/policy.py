@@ -34,6 +34,7 @@ class PolicyOptions:
 
 
 _DEFAULT = PolicyOptions()
+_SQL_PREPARE_KINDS = (Kind.PREPARE, Kind.EXECUTE, Kind.DEALLOCATE)
 
 # Effect kinds that pin in rds mode whatever their details.
 _RDS_PLAIN = {
@@ -86,9 +87,8 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
     SET/RESET/set_config/ROLE/DISCARD and long statements never pin in smart
     mode, and neither do SQL PREPARE/EXECUTE/DEALLOCATE (carried under the proxy's
     own names, relay/carried.py) nor LISTEN/UNLISTEN (the proxy listens on a
-    connection of its own), unless LISTEN shares its string with other kinds of
-    statements: then it runs on the server connection, which stays pinned while it
-    listens.
+    connection of its own; a LISTEN among other statements is undone on the server
+    connection in the same string), except a LISTEN in one string with SQL PREPARE.
     """
     if not c.effects:
         return []
@@ -105,9 +105,9 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
                 continue
             r = Reason.CURSOR
         elif k is Kind.LISTEN:
-            if only_listen(c):
+            if only_listen(c) or not any(e.kind in _SQL_PREPARE_KINDS for e in c.effects):
                 continue
-            r = Reason.LISTEN
+            r = Reason.LISTEN       # with SQL PREPARE in one string: the relay carries only one of them
         elif k is Kind.LOAD:
             r = Reason.LOAD
         elif k is Kind.ADVISORY_LOCK:

@@ -25,7 +25,7 @@ from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
 from unpinned.wire import messages as m
 from unpinned.sql.classifier import classify
 from unpinned.sql.text import param_sync_sql, quote_literal
-from unpinned.state.notifications import UNLISTEN, Subscriptions
+from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
 
 # Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
 # Verify mode: every parameter the server connection has from SQL, names joined by \x1f.
@@ -354,6 +354,13 @@ class Session:
         elif k is Kind.DECLARE_CURSOR:
             if e.flag:
                 self._due(Reason.CURSOR, c, protocol)
+        elif k is Kind.LISTEN and self.subscribe is not None and not self.rds:
+            # A LISTEN in a string with other statements: the relay had the server UNLISTEN it
+            # at once (relay/carried.py listen_mixed), the proxy listens for the client. Its
+            # ReadyForQuery waits for the listening connection (a barrier, frontend/client.py).
+            self.subscriptions().op(LISTEN, e.name, False)
+            self.listening.barrier_due = True
+            self._due(Reason.LISTEN, c, protocol)       # the server says it does not listen
         elif k is Kind.UNLISTEN and self.listening is not None and not self.rds:
             # An UNLISTEN that reached the server (in a string with other statements, such as
             # asyncpg's reset): the proxy's own record of the client's channels follows it.
