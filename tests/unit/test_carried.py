@@ -98,14 +98,20 @@ def test_transaction_commit_rollback_and_savepoints():
     s.rollback_to(mark)
     s.commit()
     assert s.channels == {"a"}
+    client.idle = False
+    s.deliver(note("a", "during the transaction"))
     s.op(UNLISTEN, None, now=False)
     s.op(LISTEN, "c", now=False)
     s.commit()
-    assert s.channels == {"c"}
-    # "a" is given up, but still delivered until everything committed before has been read.
-    assert s.barrier_due and hub.targets[s] == {"a", "c"}
+    # At a commit PostgreSQL reads what came during the transaction with the new channels only.
+    assert s.channels == {"c"} and hub.targets[s] == {"c"} and not s.queue
+    client.idle = True
+    # Outside a transaction, what was committed before the UNLISTEN still arrives: "c" is given
+    # up, but still delivered until a barrier says everything committed before has been read.
+    s.op(UNLISTEN, "c", now=True)
+    assert s.channels == set() and s.barrier_due and hub.targets[s] == {"c"}
     s.barrier_passed()
-    assert hub.targets[s] == {"c"}
+    assert hub.targets[s] == set()
 
 
 def test_notifications_wait_while_the_client_is_busy_and_keep_their_order():

@@ -183,7 +183,7 @@ class SqlPrepared:
         for p in self.pending:
             stmt, entry, index, op, name, server_name, state, text = p
             if stmt[1] > index:
-                if op == "prepare":
+                if op == "prepare" or op == "prepare_aborted":
                     self.names[name] = (server_name, text)
                 else:
                     self.names.pop(name, None)
@@ -195,7 +195,7 @@ class SqlPrepared:
         self.pending = keep
 
     def known(self, name: str) -> bool:
-        return name in self.names or any(p[3] == "prepare" and p[4] == name for p in self.pending)
+        return name in self.names or any(p[3].startswith("prepare") and p[4] == name for p in self.pending)
 
 
 def _ident(text: str, tok) -> str | None:
@@ -296,7 +296,8 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
                 if evicted is not None:
                     prelude.append(f"DEALLOCATE {_q(evicted.decode())}")
             local[name] = (server_name, sql)
-            ops.append((index, "prepare", name, server_name, sql))
+            # (In an aborted transaction the server refuses it untouched: nothing to undo then.)
+            ops.append((index, "prepare" if not aborted else "prepare_aborted", name, server_name, sql))
         else:
             if name in local:
                 have = local[name]

@@ -75,7 +75,7 @@ class Subscriptions:
         """Record LISTEN `channel` / UNLISTEN `channel` (None: `*`). `now`: outside a
         transaction block (takes effect at once); else at commit."""
         if now:
-            self._settle([(op, channel)])
+            self._settle([(op, channel)], grace=True)
         else:
             self.pending.append((op, channel))
         self._tell()
@@ -86,13 +86,15 @@ class Subscriptions:
 
     def commit(self) -> None:
         if self.pending:
-            self._settle(self.pending)
+            self._settle(self.pending, grace=False)
             self.pending.clear()
             self._tell()
 
-    def _settle(self, ops) -> None:
-        """Apply ops. A channel given up stays delivered until a barrier: what was committed
-        before the UNLISTEN still reaches the client, as on PostgreSQL."""
+    def _settle(self, ops, grace: bool) -> None:
+        """Apply ops. `grace`: the client was idle, so PostgreSQL would have read what was
+        committed before the UNLISTEN: a channel given up stays delivered until a barrier.
+        Otherwise (a commit) PostgreSQL reads what came during the transaction with the new
+        channels only: what waits for a channel given up is dropped."""
         new = set(self.channels)
         for op, channel in ops:
             if op == LISTEN:
@@ -102,9 +104,13 @@ class Subscriptions:
             else:
                 new.discard(channel)
         gone = self.channels - new
-        if gone:
+        if gone and grace:
             self.removing |= gone
             self.barrier_due = True
+        elif gone and self.queue:
+            keep = [msg for msg in self.queue if msg[9:msg.index(b"\x00", 9)].decode("utf-8", "replace") not in gone]
+            self.queue = deque(keep)
+            self.queued = sum(len(msg) for msg in keep)
         self.removing -= new
         self.channels = new
 
@@ -131,7 +137,7 @@ class Subscriptions:
     def unlisten_all(self) -> None:
         """DISCARD ALL (outside a transaction block, as it must be)."""
         self.pending.clear()
-        self._settle([(UNLISTEN, None)])
+        self._settle([(UNLISTEN, None)], grace=True)
         self._tell()
 
     def close(self) -> None:
