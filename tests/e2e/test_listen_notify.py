@@ -302,6 +302,8 @@ def test_a_client_that_does_not_read_is_closed_not_the_others(make_proxy, monkey
             c.close()
 
 
+# asyncpg warns that the connection goes back with a listener: its reset (UNLISTEN *) is the point.
+@pytest.mark.filterwarnings("ignore:.*active notification listener")
 async def test_asyncpg_pool_reset_unlisten_keeps_working(make_proxy):
     h = make_proxy(pool_size=2)
     pool = await asyncpg.create_pool(h.dsn(), min_size=3, max_size=3)

@@ -10,16 +10,13 @@ import time
 from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
 from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
-from unpinned.relay import carried
-from unpinned.state.notifications import Subscriptions
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
-_READY_HEAD = b"Z\x00\x00\x00\x05"
 
-
-class PooledClient(ClientConnection):
+class PooledClient(ListeningClient, ClientConnection):
     __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server")
 
     active = True
@@ -136,11 +133,7 @@ class PooledClient(ClientConnection):
         relay = self.relay
         subs = relay.session.listening
         if subs is not None:
-            low = data.lower()
-            if b"notify" in low:
-                subs.barrier_due = True     # its own notifications reach it before its ReadyForQuery
-            if b"pg_listening_channels" in low:
-                data = carried.listening_query(data, subs.channels)     # the client's own channels
+            data = self._from_listening_client(subs, data)      # (frontend/listening.py)
         try:
             out = relay.from_client(data)
         except m.ProtocolError as e:
@@ -190,67 +183,6 @@ class PooledClient(ClientConnection):
             self.shutdown(relay.fatal)
         elif relay.releasable:
             self._release()
-
-    # ------------------------------------------------------------------ LISTEN carried (state/notifications.py)
-
-    def _subscriptions(self) -> Subscriptions:
-        return Subscriptions(self.shared.listener_for(self.pool), self)
-
-    def _notifications(self, subs: Subscriptions, out: bytes) -> bytes:
-        """Server bytes for the client, with what LISTEN carried adds: the queued notifications
-        once the client is between transactions; and after a transaction that may have notified
-        a channel the client listens on, or given one up, its ReadyForQuery is held until the
-        listening connection has read everything committed before (PostgreSQL sends a session's
-        own notifications before its ReadyForQuery)."""
-        relay = self.relay
-        if subs.barrier_due and relay.status == b"I" and not relay.queue and out[-6:-1] == _READY_HEAD:
-            subs.barrier_due = False
-            subs.holding = True
-            ready = out[-6:]
-            self.transport.pause_reading()
-            subs.hub.barrier(lambda: self._barrier_passed(subs, ready))
-            return out[:-6]
-        if subs.queue and not subs.holding and self.notify_idle():
-            return out + subs.take()    # between transactions
-        return out
-
-    def _barrier_passed(self, subs: Subscriptions, ready: bytes) -> None:
-        subs.holding = False
-        subs.barrier_passed()
-        if self.closing:
-            return
-        self.transport.write(subs.take() + ready)
-        self.transport.resume_reading()
-
-    def notify_idle(self) -> bool:
-        relay = self.relay
-        return relay.status == b"I" and not relay.queue and relay.held is None and not relay.to_client \
-            and not self.closing and not (relay.session.listening is not None and relay.session.listening.holding)
-
-    def notify_write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def notify_buffered(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
-
-    def notify_overflow(self, text: str, code: str = "54000") -> None:
-        self._fatal(code, text)
-
-    def notify_resume(self) -> None:
-        """The listening connection listens on what this client's LISTEN asked for: its answer,
-        and whatever the client sent after it, go on."""
-        if self.closing or self.relay.held is None:
-            return
-        subs = self.relay.session.listening
-        if subs.queue and not self.relay.queue and self.relay.status == b"I" and not subs.holding:
-            # Committed before the client's LISTEN/UNLISTEN: PostgreSQL would have sent them first.
-            self.transport.write(subs.take())
-        carried.resume(self.relay)
-        if self.server is not None:
-            self._to_server(b"")
-        elif self.relay.to_client:
-            self.transport.write(b"".join(self.relay.to_client))
-            self.relay.to_client.clear()
 
     def _release(self) -> None:
         conn = self.server
