@@ -89,9 +89,14 @@ def test_transaction_commit_rollback_and_savepoints():
     hub, client = Hub(), Client()
     s = Subscriptions(hub, client)
     s.op(LISTEN, "a", now=False)
-    assert s.channels == set() and hub.interest[s] == {"a"} and hub.targets[s] == set()
+    assert s.channels == set() and hub.interest[s] == {"a"}
+    # What arrives for it meanwhile waits (the client is in its transaction), dropped on rollback.
+    client.idle = False
+    s.deliver(note("a", "tentative"))
+    assert len(s.queue) == 1 and client.written == []
     s.discard()
-    assert hub.interest[s] == set()
+    assert hub.interest[s] == set() and not s.queue
+    client.idle = True
     s.op(LISTEN, "a", now=False)
     mark = s.mark()
     s.op(LISTEN, "b", now=False)

@@ -451,11 +451,26 @@ _ALIAS_AFTER = frozenset(("ASCII_44", "ASCII_59", "ASCII_41", "FROM", "WHERE", "
 
 
 def listening_query(data: bytes, channels) -> bytes:
-    """A simple Query calling pg_listening_channels(): the server connection listens on nothing
+    """Simple Queries calling pg_listening_channels(): the server connection listens on nothing
     (the proxy does), so the call becomes the client's own channels, as a set-returning
-    unnest() of literals under the function's name. Other messages go as they are."""
-    if data[:1] != b"Q" or len(data) != 1 + m.unpack_i32(data, 1)[0]:
-        return data
+    unnest() of literals under the function's name. Other messages, and a message split across
+    reads, go as they are."""
+    out = []
+    pos = 0
+    n = len(data)
+    while n - pos >= 5:
+        end = pos + 1 + m.unpack_i32(data, pos + 1)[0]
+        if end > n:
+            break
+        msg = data[pos:end]
+        out.append(_listening_message(msg, channels) if msg[:1] == b"Q" and b"pg_listening_channels" in
+                   msg.lower() else msg)
+        pos = end
+    out.append(data[pos:])
+    return b"".join(out)
+
+
+def _listening_message(data: bytes, channels) -> bytes:
     text = data[5:-1].decode("utf-8", "replace")
     try:
         tokens = list(scan(text))

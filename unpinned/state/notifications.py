@@ -107,12 +107,18 @@ class Subscriptions:
         if gone and grace:
             self.removing |= gone
             self.barrier_due = True
-        elif gone and self.queue:
-            keep = [msg for msg in self.queue if msg[9:msg.index(b"\x00", 9)].decode("utf-8", "replace") not in gone]
-            self.queue = deque(keep)
-            self.queued = sum(len(msg) for msg in keep)
         self.removing -= new
         self.channels = new
+        if not grace:
+            self._purge(new | self.removing)
+
+    def _purge(self, keep: set) -> None:
+        """Drop what waits for channels not in `keep` (given up, or a LISTEN rolled back)."""
+        if self.queue:
+            kept = [msg for msg in self.queue if _channel(msg) in keep]
+            if len(kept) != len(self.queue):
+                self.queue = deque(kept)
+                self.queued = sum(len(msg) for msg in kept)
 
     def barrier_passed(self) -> None:
         """The hub has read everything committed before the barrier was asked for."""
@@ -123,6 +129,7 @@ class Subscriptions:
     def discard(self) -> None:
         if self.pending:
             self.pending.clear()
+            self._purge(self.channels | self.removing)
             self._tell()
 
     def mark(self) -> int:
@@ -132,6 +139,7 @@ class Subscriptions:
     def rollback_to(self, mark: int) -> None:
         if len(self.pending) > mark:
             del self.pending[mark:]
+            self._purge(self.interest())
             self._tell()
 
     def unlisten_all(self) -> None:
@@ -155,8 +163,12 @@ class Subscriptions:
         return frozenset(self.channels).union(self.removing, (ch for op, ch in self.pending if op == LISTEN))
 
     def _tell(self) -> None:
+        # Delivered also for a LISTEN still pending in the open transaction: what the hub reads
+        # meanwhile waits in the queue (the client is in a transaction), kept if it commits; the
+        # commit and the notifications it sends reach the proxy on different connections.
         if not self.closed:
-            self.hub.update(self, self.interest(), frozenset(self.channels | self.removing))
+            interest = self.interest()
+            self.hub.update(self, interest, interest)
 
     # ------------------------------------------------------------------ delivery
 
@@ -183,3 +195,8 @@ class Subscriptions:
         self.queue.clear()
         self.queued = 0
         return out
+
+
+def _channel(msg: bytes) -> str:
+    """The channel of a NotificationResponse (after its pid)."""
+    return msg[9:msg.index(b"\x00", 9)].decode("utf-8", "replace")
