@@ -61,6 +61,9 @@ class Client:
     def notify_buffered(self):
         return 0
 
+    def notify_server_pid(self):
+        return 7
+
     def notify_overflow(self, text, code="54000"):
         self.closed_with = (code, text)
 

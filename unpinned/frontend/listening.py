@@ -62,6 +62,9 @@ class ListeningClient:
     def notify_write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def notify_server_pid(self) -> int:
+        return self.server.state.pid if self.server is not None else 0
+
     def notify_buffered(self) -> int:
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 

@@ -45,6 +45,8 @@ class Receiver(Protocol):
 
     def notify_buffered(self) -> int: ...       # bytes its socket has not sent yet
 
+    def notify_server_pid(self) -> int: ...     # the backend pid of the server connection it holds, or 0
+
     def notify_overflow(self, text: str, code: str = "54000") -> None: ...
 
 
@@ -177,6 +179,12 @@ class Subscriptions:
         if self.closed:
             return
         client = self.client
+        if not self.channels and not self.removing and \
+                int.from_bytes(msg[5:9], "big", signed=True) != client.notify_server_pid():
+            # For a LISTEN pending in the open transaction of a session that listens on nothing
+            # yet: PostgreSQL registers it at its commit and skips what others committed before,
+            # but its own transaction's notifications reach it.
+            return
         if not self.queue and not self.holding and client.notify_idle():
             client.notify_write(msg)
         else:
