@@ -7,7 +7,8 @@ Clients' subscriptions (state/notifications.py) tell it what they want; a client
 LISTEN is answered only once this connection listens on the channel, so a NOTIFY
 committed after the client's LISTEN returned is never missed.
 
-The connection is opened on the first LISTEN and counts outside `pool_size`. If it is
+The connection is opened on the first LISTEN, closed when no client listens any more, and
+counts outside `pool_size`. If it is
 lost, the clients that listen through it are closed with a FATAL error, as their own
 server connection's loss would close them on PostgreSQL: their notifications from then
 on would be lost without a word otherwise.
@@ -192,6 +193,13 @@ class Listener:
                 log.warning("listening connection: %s", fields.get("M"))
             pos = end
         del buf[:pos]
+        if not self.inflight and not self.interest and not self.waiters and self.conn is not None:
+            # Nobody listens any more: the connection goes (opened again by the next LISTEN).
+            conn, self.conn = self.conn, None
+            conn.client = None
+            conn.close()
+            self.listening.clear()
+            self.sent.clear()
 
     def _wake(self, channel) -> None:
         if self.ready(channel) or channel not in self.interest:
