@@ -17,7 +17,7 @@ from unpinned.kit.audit import AuditError, exit_status, render_json, render_mark
 from unpinned.ops.workers import supervise
 from unpinned.proxy import install_uvloop, run, run_worker
 from unpinned.sql.classifier import classify, digest, fingerprint
-from unpinned.state.policy import PolicyOptions, describe, rds_reasons, static_smart_reasons
+from unpinned.state.policy import PolicyOptions, carried_reasons, describe, rds_reasons, static_smart_reasons
 
 
 def _setup_logging(verbose: int) -> None:
@@ -87,6 +87,7 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
     opts = PolicyOptions(set_local_pins=set_local_pins, sequences=sequences)
     verdict = {"rds": [str(r) for r in rds_reasons(c, opts)], "smart": [str(r) for r in static_smart_reasons(c, opts)]}
     shown = ["rds", "smart"] if mode == "both" else [mode]
+    carries = [str(r) for r in carried_reasons(c, opts)]      # what smart mode carries instead of pinning
     if as_json:
         click.echo(_json.dumps({
             "sql": sql, "fingerprint": fingerprint(c), "digest": digest(c), "statements": c.statements,
@@ -95,7 +96,8 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
                          "value": e.value if isinstance(e.value, str) or e.value is None else repr(e.value),
                          "scope": str(e.scope), "flag": e.flag if isinstance(e.flag, bool) else repr(e.flag), "op": e.op}
                         for e in c.effects],
-            **{m: {"pins": bool(verdict[m]), "reasons": [{"code": r, "text": describe(r)} for r in verdict[m]]}
+            **{m: {"pins": bool(verdict[m]), "reasons": [{"code": r, "text": describe(r)} for r in verdict[m]],
+                   **({"carries": [{"code": r, "text": describe(r)} for r in carries]} if m == "smart" else {})}
                for m in shown}}, indent=2))
     else:
         console = Console()
@@ -116,7 +118,13 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
                     console.print(f"  {r}: {describe(r)}")
             else:
                 console.print(f"[bold green]{m}: no pin[/bold green]")
-        if "smart" in shown and c.effects and not verdict["smart"]:
+        if "smart" in shown and carries:
+            console.print("  smart mode carries this state instead of pinning: " + ", ".join(carries) +
+                          (" (the proxy listens on a connection of its own and delivers notifications between "
+                           "transactions)" if "listen" in carries else "") +
+                          (" (prepared statements are re-prepared, under the proxy's own names, on whichever "
+                           "server connection the client gets)" if "sql_prepare" in carries else ""))
+        elif "smart" in shown and c.effects and not verdict["smart"]:
             console.print("  smart mode carries this state to whichever server connection the client gets.")
     sys.exit(1 if any(verdict[m] for m in shown) else 0)
 

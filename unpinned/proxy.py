@@ -70,6 +70,10 @@ class Proxy:
         return self.shared.pools
 
     @property
+    def notify_listeners(self) -> dict:
+        return self.shared.listeners
+
+    @property
     def clients(self) -> set:
         return self.shared.clients
 
@@ -135,6 +139,8 @@ class Proxy:
             client.shutdown(m.fatal("57P01", "terminating connection because the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close_all()
+        for listener in self.shared.listeners.values():
+            listener.close()
         if self.cluster is not None:
             await self.cluster.stop()
         for t in list(self.shared.tasks):

@@ -371,8 +371,10 @@ def test_pgss_weighted_by_calls(tmp_path):
     assert report["statements"] == 12000 + 7 + 5 + 900 + 100000 + 2
     assert report["entries"] == 6
     assert _reason_counts(report, "rds") == {"set_config": 12000, "sequence": 7, "set": 5, "listen": 2}
-    assert report["pinning"] == {"rds": 12014, "smart": 2}
-    assert _reason_counts(report, "smart") == {"listen": 2}
+    # Smart mode carries all of it, LISTEN included (the proxy listens for the client).
+    assert report["pinning"] == {"rds": 12014, "smart": 0}
+    assert _reason_counts(report, "smart") == {}
+    assert report["carried"] == {"set_config": 12000, "sequence": 7, "set": 5, "listen": 2}
     top = _groups(report, "rds")[0]
     assert top["reason"] == "set_config" and top["users"] == ["app"] and top["databases"] == ["prod"]
     assert top["share"] == pytest.approx(12000 / report["statements"], rel=1e-4)

@@ -124,7 +124,8 @@ STARTUP = {
     7: dict(options="-c work_mem=32MB -c TimeZone=Asia/Tokyo"),
 }
 # Pin reasons an op stream can legitimately cause (state the proxy cannot carry).
-ALLOWED_PINS = {"temp_object", "advisory_lock", "listen", "cursor", "sql_prepare", "set_config"}
+# Not LISTEN (the proxy listens for the client) nor SQL PREPARE (carried under its own names).
+ALLOWED_PINS = {"temp_object", "advisory_lock", "cursor", "set_config"}
 
 
 def _connect(dsn: str):
@@ -212,8 +213,11 @@ _STATE_COLUMNS = [f"current_setting('{g}', true)" for g in TRACKED] + [
     "AND pid = pg_catalog.pg_backend_pid())::text",
     "(SELECT count(*) FROM pg_catalog.pg_listening_channels())::text",
     "(SELECT count(*) FROM pg_catalog.pg_cursors)::text",
-    "array(SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql ORDER BY 1)::text",
-    "array(SELECT name FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql ORDER BY 1)::text",
+    # The proxy's own names (U_<n>) are protocol-level statements and SQL PREPAREs it carries.
+    "array(SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql AND name !~ '^U_[0-9]+$' "
+    "ORDER BY 1)::text",
+    "array(SELECT name FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql OR name ~ '^U_[0-9]+$' "
+    "ORDER BY 1)::text",
 ]
 _STATE_NAMES = list(TRACKED) + ["current_user", "session_user", "temp_objects", "advisory_locks",
                                 "listening", "cursors", "sql_prepared", "protocol_prepared"]

@@ -100,7 +100,9 @@ OBS_COLUMNS = [
                        "WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() ORDER BY 1)::text"),
     ("listening", "array(SELECT c FROM pg_catalog.pg_listening_channels() c ORDER BY 1)::text"),
     ("hold_cursors", "array(SELECT name FROM pg_catalog.pg_cursors WHERE is_holdable ORDER BY 1)::text"),
-    ("sql_prepared", "array(SELECT name FROM pg_catalog.pg_prepared_statements WHERE from_sql ORDER BY 1)::text"),
+    # SQL-prepared statements are not observed through pg_prepared_statements: through the proxy
+    # it lists the server connection's statements under the proxy's names (a documented
+    # difference); the ops observe them by running them (EXECUTE, DEALLOCATE, PREPARE again).
     ("obj", "pg_catalog.to_regclass('obj')::text"),                      # which schema search_path finds
     ("timestamptz", "'2024-03-05 13:14:15+00'::timestamptz::text"),      # DateStyle + TimeZone
     ("interval", "interval '1 day 02:03:04'::text"),                     # IntervalStyle
@@ -274,7 +276,7 @@ class Generator:
             (self._error, 3), (self._temp, 3 + 12 * bool(self.temp)),
             (self._advisory, 3 + 12 * bool(self.locks)), (self._other_pins, 2 + 10 * (held > 0)),
             (self._role, 2), (self._discard, 1), (self._scenario, 0 if self.in_txn else 6),
-            (self._reconnect, 1),
+            (self._reconnect, 1), (self._listen, 3), (self._sql_prepare, 3),
         ]
         total = sum(w for _, w in choices)
         x = r.uniform(0, total)
@@ -682,16 +684,7 @@ class Generator:
         r = self.rng
         k = r.random()
         if k < 0.3:
-            if self.listening and r.random() < 0.6:
-                sql = r.choice(("UNLISTEN ch_a", "UNLISTEN *", 'UNLISTEN "Ch B"'))
-                if "*" in sql:
-                    self.listening.clear()
-                else:
-                    self.listening.discard(sql.split()[-1])
-                return self._track(S(sql))
-            sql = r.choice(("LISTEN ch_a", 'LISTEN "Ch B"'))
-            self.listening.add(sql.split()[-1])
-            return self._track(S(sql))
+            return self._listen()
         if k < 0.65:
             if self.cursors and r.random() < 0.6:
                 sql = r.choice(("FETCH 2 FROM hc", "CLOSE hc", "CLOSE ALL", "MOVE 1 IN hc"))
@@ -708,13 +701,68 @@ class Generator:
             # psycopg server-side cursor: DECLARE (WITH HOLD: pins until its CLOSE), FETCH, CLOSE.
             return self._track(Op("named", "SELECT g, %s::text FROM generate_series(1, 5) g",
                                   (r.choice(("a", "b")), r.random() < 0.7)))
-        if self.sql_prepared and r.random() < 0.6:
-            sql = r.choice(("EXECUTE pq_a(3)", "DEALLOCATE pq_a", "DEALLOCATE PREPARE pq_a", "DEALLOCATE ALL"))
-            if sql.startswith("DEALLOCATE"):
-                self.sql_prepared.clear()
+        return self._sql_prepare()
+
+    def _listen(self) -> Op:
+        """LISTEN / UNLISTEN / NOTIFY on this client's own channels (so what it receives does not
+        depend on the other clients' timing): inside transactions or not, alone in a string or
+        with other statements, and what pg_listening_channels() says."""
+        r = self.rng
+        c = self.c
+        channels = (f"ch_a_{c}", f'"Ch B {c}"')
+        k = r.random()
+        if k < 0.3 and self.listening:
+            sql = r.choice((f"UNLISTEN ch_a_{c}", "UNLISTEN *", f'UNLISTEN "Ch B {c}"'))
+            if "*" in sql:
+                self.listening.clear()
+            else:
+                self.listening.discard(sql.split(None, 1)[1])
             return self._track(S(sql))
-        self.sql_prepared.add("pq_a")
-        return self._track(S("PREPARE pq_a(int) AS SELECT $1 * 10"))
+        if k < 0.55:
+            name = r.choice(channels)
+            self.listening.add(name)
+            return self._track(S(r.choice((f"LISTEN {name}", f"LISTEN {name}; LISTEN ch_a_{c}"))))
+        if k < 0.85:
+            name = r.choice(channels)
+            payload = r.choice(("", "p", f"n{r.randint(1, 9)}", "it''s"))
+            return self._track(S(r.choice((
+                f"NOTIFY {name}, '{payload}'", f"NOTIFY {name}",
+                f"SELECT pg_notify('{name.strip(chr(34))}', '{payload}')",
+                f"NOTIFY {name}, 'a'; NOTIFY {name}, 'b'; NOTIFY {name}, 'a'",    # a repeat in one transaction: once
+            ))))
+        if k < 0.93:
+            return self._track(S("SELECT array(SELECT c FROM pg_listening_channels() c ORDER BY 1)::text"))
+        # LISTEN with another statement in the string: it runs on the server (and pins there).
+        name = r.choice(channels)
+        self.listening.add(name)
+        return self._track(S(f"LISTEN {name}; SELECT 1"), [f"LISTEN {name}", "SELECT 1"])
+
+    def _sql_prepare(self) -> Op:
+        """PREPARE / EXECUTE / DEALLOCATE, names that may or may not exist (42P05, 26000 as
+        PostgreSQL says), in transactions that commit or roll back, alone or in a string."""
+        r = self.rng
+        name = r.choice(("pq_a", "pq_b", '"PQ c"'))
+        k = r.random()
+        if k < 0.3:
+            self.sql_prepared.add(name)
+            return self._track(S(r.choice((f"PREPARE {name}(int) AS SELECT $1 * 10",
+                                           f"PREPARE {name} AS SELECT current_setting('work_mem'), {self.c}",
+                                           f"PREPARE {name}(text) AS SELECT $1 || 'x'"))))
+        if k < 0.6:
+            return self._track(S(r.choice((f"EXECUTE {name}(3)", f"EXECUTE {name}", f"EXECUTE {name}('t')"))))
+        if k < 0.7:
+            return self._track(Op("params", f"EXECUTE {name}(%s)", (r.randint(1, 9),)))
+        if k < 0.85:
+            sql = r.choice((f"DEALLOCATE {name}", f"DEALLOCATE PREPARE {name}", "DEALLOCATE ALL"))
+            if sql == "DEALLOCATE ALL":
+                self.sql_prepared.clear()
+            else:
+                self.sql_prepared.discard(name)
+            return self._track(S(sql))
+        self.sql_prepared.add(name)
+        parts = [f"PREPARE {name}(int) AS SELECT $1 + 1", f"EXECUTE {name}(41)", f"DEALLOCATE {name}",
+                 f"EXECUTE {name}(1)"][:r.choice((2, 3, 4))]
+        return self._track(S("; ".join(parts)), parts)
 
     def _role(self) -> Op:
         sql = self.rng.choice((
@@ -820,15 +868,17 @@ class Step:
     status: str
     reported: tuple
     detail: str = ""          # error messages, for humans only (not compared)
+    notes: tuple = ()         # notifications received by the end of the op: (channel, payload)
 
     def key(self) -> tuple:
-        return (self.result, self.notices, self.observed, self.status, self.reported)
+        return (self.result, self.notices, self.observed, self.status, self.reported, self.notes)
 
     def show(self) -> str:
         obs = self.observed
         if obs and obs[0] == "ok":
             obs = ("ok", {n: v for n, v in zip(OBS_NAMES, obs[1]) if n != "settings"})
-        return (f"result={self.result!r}\n      notices={self.notices!r} status={self.status}\n"
+        return (f"result={self.result!r}\n      notices={self.notices!r} status={self.status} "
+                f"notifications={self.notes!r}\n"
                 f"      observed={obs!r}\n      reported={dict(self.reported)!r}"
                 + (f"\n      detail={self.detail}" if self.detail else ""))
 
@@ -838,6 +888,17 @@ class Trace:
     client: int
     steps: list[Step] = field(default_factory=list)
     fatal: str | None = None
+
+
+def _notes(conn: psycopg.Connection) -> tuple:
+    """Notifications received so far (the op's own arrive before its ReadyForQuery), without
+    waiting: only the client's own channels are used, so nothing arrives late."""
+    if conn.closed or conn.broken:
+        return ()
+    try:
+        return tuple((n.channel, n.payload) for n in conn.notifies(timeout=0))
+    except psycopg.Error:
+        return ("error",)
 
 
 def _observe(conn: psycopg.Connection) -> tuple:
@@ -902,10 +963,11 @@ def run_client(connect, client: int, ops: list[Op], observe_every: int = 1) -> T
                 trace.fatal = f"connection lost at step {i}: {detail}"
                 break
             got = tuple(notices)
+            notes = _notes(conn)
             observed = _observe(conn) if (i % observe_every == 0 or i == len(ops) - 1) else ("skipped",)
             status = conn.info.transaction_status.name
             reported = tuple((n, conn.info.parameter_status(n)) for n in REPORTED)
-            trace.steps.append(Step(op, result, got, observed, status, reported, detail))
+            trace.steps.append(Step(op, result, got, observed, status, reported, detail, notes))
     except Exception:   # noqa: BLE001
         trace.fatal = traceback.format_exc()
     finally:
@@ -965,9 +1027,11 @@ def run_script(connect, script: list[tuple[str, Op]]) -> list[tuple[str, Step]]:
                 result = ("error", e.sqlstate)
                 detail = f"{type(e).__name__}: {e}".strip()
             got = tuple(notices[who])
+            notes = _notes(conn)
             observed = _observe(conn)
             reported = tuple((n, conn.info.parameter_status(n)) for n in REPORTED)
-            out.append((who, Step(op, result, got, observed, conn.info.transaction_status.name, reported, detail)))
+            out.append((who, Step(op, result, got, observed, conn.info.transaction_status.name, reported, detail,
+                                  notes)))
     finally:
         for conn in conns.values():
             conn.close()
@@ -996,6 +1060,8 @@ def differences(d: Step, p: Step) -> list[str]:
     if d.reported != p.reported:
         diff = {n: (x, y) for (n, x), (_, y) in zip(d.reported, p.reported) if x != y}
         out.append(f"ParameterStatus differences (direct, proxied): {diff}")
+    if d.notes != p.notes:
+        out.append(f"notifications (direct, proxied): {d.notes!r} {p.notes!r}")
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import REASON_SENTENCES, Classification, Effect, Kind, Reason
-from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, describe, rds_reasons, static_smart_reasons
+from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, describe, rds_reasons, static_smart_reasons, carried_reasons
 
 R = Reason
 BIG_IN = "SELECT * FROM orders WHERE id IN (" + ", ".join(str(i) for i in range(4000)) + ")"
@@ -38,7 +38,7 @@ CASES = [
     ("SET SESSION AUTHORIZATION alice", [R.ROLE], []),
     ("SET LOCAL ROLE reader", [], []),
     # SQL prepared statements
-    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], [R.SQL_PREPARE]),
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], []),     # carried in smart mode (issue 14)
     ("EXECUTE q", [R.SQL_PREPARE], []),
     ("DEALLOCATE q", [R.SQL_PREPARE], []),
     ("DEALLOCATE ALL", [R.SQL_PREPARE], []),
@@ -60,7 +60,10 @@ CASES = [
     ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", [R.CURSOR], [R.CURSOR]),
     ("CLOSE c", [], []),
     # LISTEN / LOAD
-    ("LISTEN ch", [R.LISTEN], [R.LISTEN]),
+    ("LISTEN ch", [R.LISTEN], []),                       # the proxy listens for the client
+    ("LISTEN a; UNLISTEN b; LISTEN c", [R.LISTEN], []),
+    ("LISTEN ch; SELECT 1", [R.LISTEN], []),             # undone on the server in the same string
+    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], [R.LISTEN]),   # only one of the two is carried
     ("UNLISTEN ch", [], []),
     ("LOAD 'auto_explain'", [R.LOAD], [R.LOAD]),
     # advisory locks
@@ -91,8 +94,8 @@ CASES = [
     # several reasons: first seen first, deduplicated
     (ASYNCPG_RESET, [R.ADVISORY_LOCK, R.SET], []),
     ("SELECT nextval('s'), set_config('a', 'b', false), nextval('t'); LISTEN x; SET y = 1",
-     [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], [R.LISTEN]),
-    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], [R.SQL_PREPARE]),
+     [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], []),
+    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], []),
     ("CREATE TEMP TABLE a (x int); SELECT pg_advisory_lock(1); DECLARE c CURSOR WITH HOLD FOR SELECT 1",
      [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR], [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR]),
 ]
@@ -164,3 +167,17 @@ def test_describe():
     for r in Reason:
         assert describe(r) == REASON_SENTENCES[r]
     assert "set_config" in describe(R.SET_CONFIG)
+
+
+@pytest.mark.parametrize("sql,carried", [
+    ("LISTEN ch", [R.LISTEN]),
+    ("LISTEN ch; SELECT 1", [R.LISTEN]),
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE]),
+    ("EXECUTE q(1)", [R.SQL_PREPARE]),
+    ("SET work_mem = '8MB'", [R.SET]),
+    ("CREATE TEMP TABLE t (x int)", []),
+    ("SELECT 1", []),
+])
+def test_carried_reasons(sql, carried):
+    """What RDS Proxy pins for and smart mode carries instead: what `check` and `audit` report."""
+    assert carried_reasons(classify(sql)) == carried

@@ -10,12 +10,13 @@ import time
 from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
 from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
 
-class PooledClient(ClientConnection):
+class PooledClient(ListeningClient, ClientConnection):
     __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server")
 
     active = True
@@ -27,6 +28,10 @@ class PooledClient(ClientConnection):
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
+
+    def take_over(self, old) -> None:
+        super().take_over(old)
+        self.relay.session.subscribe = self._subscriptions
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -52,6 +57,8 @@ class PooledClient(ClientConnection):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.shared.stats.clients_closed += 1
+        if self.relay is not None and self.relay.session.listening is not None:
+            self.relay.session.listening.close()
         conn = self.server
         if conn is not None:
             self.server = None
@@ -124,6 +131,9 @@ class PooledClient(ClientConnection):
 
     def _to_server(self, data: bytes, now: float = 0.0, prelude: bytes = b"") -> None:
         relay = self.relay
+        subs = relay.session.listening
+        if subs is not None:
+            data = self._from_listening_client(subs, data)      # (frontend/listening.py)
         try:
             out = relay.from_client(data)
         except m.ProtocolError as e:
@@ -143,6 +153,8 @@ class PooledClient(ClientConnection):
         if relay.to_client:
             self.transport.write(b"".join(relay.to_client))
             relay.to_client.clear()
+        if subs is not None and subs.queue and not subs.holding and self.notify_idle():
+            self.transport.write(subs.take())
         if relay.terminated:
             self.shutdown(None)
         elif not out and relay.can_release:
@@ -152,6 +164,9 @@ class PooledClient(ClientConnection):
     def server_data(self, data: bytes) -> None:
         relay = self.relay
         out = relay.from_server(data)
+        subs = relay.session.listening
+        if subs is not None:
+            out = self._notifications(subs, out)
         if out:
             self.transport.write(out)
         if relay.to_server:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
+from unpinned.backend.listener import Listener
 from unpinned.backend.pool import Pool
 from unpinned.config import Config, WorkerInfo
 from unpinned.relay.statements import StatementRegistry
@@ -19,7 +20,8 @@ from unpinned.telemetry.pinlog import PinLog
 
 class Shared:
     __slots__ = ("config", "stats", "tls_context", "registry", "pinlog", "session_options", "clients", "by_key",
-                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "cluster")
+                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "cluster",
+                 "listeners")
 
     def __init__(self, config: Config, worker: WorkerInfo | None, pinlog: PinLog):
         self.config = config
@@ -33,6 +35,7 @@ class Shared:
         self.clients: set = set()                   # every client connection, logging in or logged in
         self.by_key: dict[tuple[int, int], Any] = {}    # cancel key -> client
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.listeners: dict[tuple[str, str], Listener] = {}   # LISTEN carried: one per pool
         self.tasks: set[asyncio.Task] = set()
         self._next_client = 0
         # Several upstream hosts or a reader endpoint (backend/cluster_pools.py); None = one host as before.
@@ -59,6 +62,14 @@ class Shared:
             if self.cluster is not None:
                 self.cluster.adopt_writer_pool(pool)
         return pool
+
+    def listener_for(self, pool: Pool) -> Listener:
+        key = (pool.database, pool.user)
+        listener = self.listeners.get(key)
+        if listener is None:
+            listener = self.listeners[key] = Listener(self.config, pool.database, pool.server_user,
+                                                      pool.server_password)
+        return listener
 
     def new_client_id(self) -> int:
         self._next_client += 1

@@ -5,7 +5,9 @@ The seed's team found asyncpg's JIT toggle only after turning on
 reading: it streams the log, pulls every statement the server logged, classifies
 it with the proxy's own classifier (`classifier.classify`) and aggregates the pin
 reasons RDS Proxy would give (`policy.rds_reasons`) and the ones smart mode would
-still have (`policy.static_smart_reasons`), by (mode, reason, fingerprint).
+still have (`policy.static_smart_reasons`), by (mode, reason, fingerprint); what smart
+mode carries instead of pinning (LISTEN, SQL PREPARE, SET, ...: `policy.carried_reasons`)
+is counted by reason.
 
 Inputs, one format per file (detected from the first line unless forced):
 
@@ -132,6 +134,7 @@ class Audit:
         self.statements = 0             # weighted (pg_stat_statements calls)
         self.entries = 0                # log entries / export rows
         self.pinning = {m: 0 for m in MODES}
+        self.carried: dict[str, int] = {}   # reason -> statements RDS pins for and smart mode carries
         self.groups: dict[tuple[str, str, str], Group] = {}
         self.warnings: list[str] = []
         self._policies = (("rds", rds_reasons), ("smart", static_smart_reasons))
@@ -141,8 +144,9 @@ class Audit:
         self.entries += 1
         c = classify(st.text)
         fp: str | None = None
+        got: dict[str, list] = {}
         for mode, policy in self._policies:
-            reasons = policy(c, self.opts)
+            reasons = got[mode] = policy(c, self.opts)
             if not reasons:
                 continue
             self.pinning[mode] += st.weight
@@ -163,6 +167,9 @@ class Audit:
                                   sample=st)
                         self.groups[key] = g
                 g.add(st)
+        for r in got["rds"]:
+            if r not in got["smart"]:
+                self.carried[str(r)] = self.carried.get(str(r), 0) + st.weight
 
     def add_file(self, source: LogSource, fmt: str | None = None, *, prefix: str | None = None,
                  on_progress: Callable[[], None] | None = None) -> FileSummary:
@@ -219,6 +226,7 @@ class Audit:
             "entries": self.entries,
             "statements": total,
             "pinning": dict(self.pinning),
+            "carried": dict(sorted(self.carried.items(), key=lambda kv: -kv[1])),
             "options": {"set_local_pins": self.opts.set_local_pins, "sequences": self.opts.sequences},
             "warnings": list(self.warnings),
             "modes": {},
@@ -396,6 +404,13 @@ def render_table(report: dict[str, Any], console: Any = None, top: int = 20) -> 
             console.print(Text(f"  … {hidden} more group(s); --top N or --format json shows them"))
         for r in data["reasons"]:
             console.print(Text(f"  {r['reason']}: {r['description']}", style="dim"))
+    if report.get("carried") and "smart" in report["modes"]:
+        console.print(Text(_carried_line(report), style="green"))
+
+
+def _carried_line(report: dict[str, Any]) -> str:
+    return ("smart mode carries instead of pinning (statements RDS Proxy pins for): " +
+            ", ".join(f"{r} {n}" for r, n in report["carried"].items()))
 
 
 def _md_cell(s: str) -> str:
@@ -454,6 +469,8 @@ def render_markdown(report: dict[str, Any], top: int = 20, sample_chars: int = 4
             if s["parameters"]:
                 out.append(f"\nParameters: {_md_cell(s['parameters'])}")
             out.append("")
+    if report.get("carried") and "smart" in report["modes"]:
+        out += ["", _carried_line(report), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -56,6 +56,9 @@ def clients(proxy: ProxyView) -> list[dict]:
             "pin_reasons": ",".join(session.pins) if session else "",
             "params": len(session.params) if session else 0,
             "prepared": len(c.relay.statements) if c.relay else 0,
+            # Carried in smart mode (relay/carried.py): channels listened on, SQL-prepared statements.
+            "listening": ",".join(sorted(session.listening.channels)) if session and session.listening else "",
+            "sql_prepared": len(c.relay.carried.names) if c.relay and c.relay.carried else 0,
             "connected_at": _ts(c.connected_at),
         })
     return rows
@@ -98,6 +101,7 @@ def pin_reasons(proxy: ProxyView) -> list[dict]:
         rows.append({"reason": s.reason, "reason_text": text, "fingerprint": s.fingerprint, "count": s.count,
                      "pins": s.events.get("pin", 0), "unpins": s.events.get("unpin", 0),
                      "would_pin_rds": s.events.get("would_pin_rds", 0),
+                     "carried": s.events.get("carried", 0),
                      "currval_guard": s.events.get("currval_guard", 0),
                      "last_seen": _ts(s.last_seen), "digest": s.digest, "sample": s.sample})
     return rows
@@ -160,9 +164,9 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> bytes:
 _EMPTY_COLUMNS = {
     "PINS": ["client_id", "user", "database", "address", "application_name", "server_id", "reason", "sql"],
     "PIN_REASONS": ["reason", "reason_text", "fingerprint", "count", "pins", "unpins", "would_pin_rds",
-                    "currval_guard", "last_seen", "digest", "sample"],
+                    "carried", "currval_guard", "last_seen", "digest", "sample"],
     "CLIENTS": ["id", "user", "database", "address", "application_name", "state", "server_id", "pinned",
-                "pin_reasons", "params", "prepared", "connected_at"],
+                "pin_reasons", "params", "prepared", "listening", "sql_prepared", "connected_at"],
     "SERVERS": ["id", "database", "user", "backend_pid", "state", "client_id", "status", "params", "prepared",
                 "connected_at"],
     "POOLS": ["database", "user", "cl_active", "cl_waiting", "cl_idle", "cl_pinned", "sv_active", "sv_idle",

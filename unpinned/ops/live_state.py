@@ -13,6 +13,7 @@ class ProxyView(Protocol):
     stats: Any
     pinlog: Any
     pools: dict
+    notify_listeners: dict     # (database, user) -> backend.listener.Listener (LISTEN carried)
     clients: set
     history: Any
     started: float
@@ -38,8 +39,8 @@ def server_connections(pool) -> list:
 
 
 def event_totals(pinlog) -> dict[str, int]:
-    """Pin-log events counted by kind (pin, unpin, would_pin_rds, currval_guard)."""
-    out = {"pin": 0, "unpin": 0, "would_pin_rds": 0, "currval_guard": 0}
+    """Pin-log events counted by kind (pin, unpin, would_pin_rds, carried, currval_guard)."""
+    out = {"pin": 0, "unpin": 0, "would_pin_rds": 0, "carried": 0, "currval_guard": 0}
     for (event, _), n in pinlog.counts.items():
         out[event] = out.get(event, 0) + n
     return out

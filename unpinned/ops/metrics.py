@@ -96,6 +96,8 @@ class ProxyCollector:
             ("pin", "unpinned_pins", "Pins, by reason."),
             ("unpin", "unpinned_unpins", "Unpins (the state that pinned is gone), by reason."),
             ("would_pin_rds", "unpinned_would_pin_rds", "Statements that would have pinned on RDS Proxy, by reason."),
+            ("carried", "unpinned_carried", "Statements whose state smart mode carried instead of pinning "
+             "(LISTEN, SQL PREPARE/EXECUTE/DEALLOCATE), by reason."),
         )}
         guard = 0
         for (event, reason), n in p.pinlog.counts.items():
@@ -113,6 +115,19 @@ class ProxyCollector:
                                           for s in server_connections(pool)))
         yield CounterMetricFamily("unpinned_prepared_statements_reprepared", "Parse messages injected because a "
                                   "server connection lacked a client's statement.", value=st.reprepares)
+        listening = [c.relay.session.listening for c in clients if c.relay and c.relay.session.listening]
+        yield GaugeMetricFamily("unpinned_listen_clients", "Clients listening on at least one channel (LISTEN "
+                                "carried: no pin).", value=sum(1 for s in listening if s.channels))
+        yield GaugeMetricFamily("unpinned_listen_channels", "Channels the proxy's listening connections listen on.",
+                                value=sum(len(lst.listening) for lst in p.notify_listeners.values()))
+        yield GaugeMetricFamily("unpinned_notifications_queued", "Notifications waiting for their client to "
+                                "finish a transaction.", value=sum(len(s.queue) for s in listening))
+        yield CounterMetricFamily("unpinned_notifications_received", "Notifications the listening connections "
+                                  "received for at least one client.",
+                                  value=sum(lst.delivered for lst in p.notify_listeners.values()))
+        yield GaugeMetricFamily("unpinned_sql_prepared_statements_client", "SQL-level prepared statements clients "
+                                "hold (PREPARE carried: no pin).",
+                                value=sum(len(c.relay.carried.names) for c in clients if c.relay and c.relay.carried))
         yield CounterMetricFamily("unpinned_parameter_syncs", "Parameter syncs sent ahead of a client's "
                                   "messages.", value=st.param_syncs)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 
+from unpinned.relay import carried
 from unpinned.relay.pending import (
     BIND_FORWARD, CLOSE_FORWARD, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, DESC_STMT_FORWARD, FORWARD, PARSE_FORWARD,
     R_BIND, R_DESC_STMT, R_PARSE, SWALLOW, Pending)
 from unpinned.relay.statements import ServerStatement
 from unpinned.sql.classifier import classify
+from unpinned.sql.effects import Kind
 from unpinned.wire import messages as m
 from unpinned.wire.messages import BIND, DESCRIBE, PARSE
 
@@ -116,6 +118,14 @@ class ExtendedNames:
         return None
 
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
+        c = st.classification
+        if c is not None and c.effects and c.effects[0].kind is Kind.EXECUTE:
+            pre = carried.ensure_statement(self, st)    # the SQL-prepared statement it EXECUTEs
+            if pre:
+                return pre + self._ensure_prepared_protocol(st)
+        return self._ensure_prepared_protocol(st)
+
+    def _ensure_prepared_protocol(self, st: ServerStatement) -> bytes:
         if self.server.prepared.has(st.name):
             return b""
         self.stats.reprepares += 1

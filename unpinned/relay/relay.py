@@ -42,7 +42,7 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
                  "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
-                 "to_client", "to_server", "terminated", "_row", "stats", "batch_open")
+                 "to_client", "to_server", "terminated", "_row", "stats", "batch_open", "held", "carried")
 
     def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
         self.registry = registry
@@ -67,6 +67,10 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
         # Extended-protocol messages sent since the last Sync: the server holds unnamed
         # statements/portals (and maybe an implicit transaction) for us until that Sync.
         self.batch_open = False
+        # A LISTEN's answer (and what the client sent after it) waiting for the proxy's own
+        # listening connection (relay/carried.py); the client's SQL-prepared statements.
+        self.held: list | None = None
+        self.carried = None
 
     # ------------------------------------------------------------------ attach / detach
 
@@ -87,6 +91,8 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
         return m.query(sql)
 
     def detach(self) -> ServerState | None:
+        if self.carried is not None:
+            self.carried.settle(self.queue)
         server, self.server = self.server, None
         self.releasable = False
         self.portal_c.clear()
@@ -98,7 +104,8 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
 
     @property
     def can_release(self) -> bool:
-        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins
+        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins \
+            and self.held is None
 
 
 class _NoStats:

@@ -3,10 +3,11 @@ or answered by the proxy itself, and each request that gets a response is queued
 Also the requests and responses the proxy makes up in the client's place."""
 from __future__ import annotations
 
+from unpinned.relay import carried
 from unpinned.relay.pending import (
     BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_SWALLOW, FORWARD,
-    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, R_EXEC, R_QUERY, R_SYNTH, READY_NOW,
-    SYNC_FORWARD, Pending, StatementRun, statement_run)
+    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_SWALLOW, R_EXEC, R_QUERY, R_SYNTH,
+    READY_NOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Kind
 from unpinned.sql.text import raise_sql
@@ -31,6 +32,9 @@ class RequestWalk:
     __slots__ = ()
 
     def from_client(self, data: bytes) -> bytes:
+        if self.held is not None:
+            self.cbuf += data       # after a LISTEN still waiting for the listening connection
+            return b""
         if len(data) > 5 and data[0] == QUERY and not self.cbuf and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
@@ -80,7 +84,15 @@ class RequestWalk:
                 c = self.portal_c.get(portal)
                 refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
                     self.session.statement(c, "extended", self.server)
-                if refusal is None:
+                answer = None if refusal is not None or c is None or not c.effects else carried.listen_execute(self, c)
+                if answer is not None:
+                    out.append(data[fwd_start:pos])
+                    fwd_start = end
+                    self._synth(answer)
+                    if self.held is not None:
+                        pos = end
+                        break
+                elif refusal is None:
                     if c is None:
                         queue.append(EXEC_FORWARD)
                     else:
@@ -127,8 +139,19 @@ class RequestWalk:
                     fwd_start = pos = end
                     continue
                 c = classify(data[pos + 5:end - 1])
-                answer = self._simple_query(c) if c.effects or c.byte_length > STATEMENT_LIMIT else None
-                if answer is None:
+                answer = self._simple_query(c, data[pos + 5:end - 1]) \
+                    if c.effects or c.byte_length > STATEMENT_LIMIT else None
+                if answer.__class__ is tuple:
+                    # SQL PREPARE/EXECUTE carried: forwarded with the server-side names (relay/carried.py).
+                    pre, text, run, ops = answer
+                    out.append(data[fwd_start:pos])
+                    if pre:
+                        queue.append(QUERY_SWALLOW)
+                    out.append(pre + m.query(text))
+                    fwd_start = end
+                    queue.append(run)
+                    carried.record(self, run, ops)
+                elif answer is None:
                     if not (c.groups and self.session.startup):
                         queue.append(statement_run(R_QUERY, c, "simple"))
                     else:
@@ -154,11 +177,23 @@ class RequestWalk:
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
+                    if self.held is not None:
+                        pos = end
+                        break
                     self._synth(answer)
                     self._synth(READY_NOW)
             elif t in _NAMED:
                 self.batch_open = True
-                repl = self._extended(t, data, pos + 5, end)
+                carry = carried.parse_rewrite(self, data, pos + 5, end) if t == PARSE else None
+                if carry is None:
+                    repl = self._extended(t, data, pos + 5, end)
+                elif len(carry) == 2 and isinstance(carry[1], bytes):
+                    # EXECUTE of SQL-prepared statements, renamed (relay/carried.py).
+                    pre, msg = carry
+                    repl = self._extended(t, msg, 5, len(msg))
+                    repl = pre + (msg if repl is None else repl)
+                else:
+                    repl = self._fail(carry[0].encode(), carry[1])
                 if repl is not None:
                     out.append(data[fwd_start:pos])
                     out.append(repl)
@@ -186,11 +221,19 @@ class RequestWalk:
         out.append(data[fwd_start:pos])
         return b"".join(out)
 
-    def _simple_query(self, c) -> bytes | None:
-        """A simple query the proxy answers itself (refused, or about names only it knows)."""
+    def _simple_query(self, c, raw: bytes) -> bytes | tuple | None:
+        """A simple query the proxy answers itself (refused, or about names only it knows), or
+        forwards rewritten (a tuple, see carried.sql_prepare_query)."""
         refusal = self.session.statement(c, "simple", self.server)
         if refusal is not None:
             return refusal
+        answer = carried.listen_query(self, c)
+        if answer is None:
+            answer = carried.sql_prepare_query(self, c, raw)
+        if answer is None:
+            answer = carried.listen_mixed(self, c, raw)
+        if answer is not None:
+            return answer
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
         # knows them under other names, so the proxy forgets them itself.
         effects = c.effects

@@ -3,6 +3,7 @@ of pending requests (relay/pending.py), with fast walks for the common answers, 
 settled at each ReadyForQuery."""
 from __future__ import annotations
 
+from unpinned.relay import carried
 from unpinned.relay.pending import (
     CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_EXEC,
     R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SWALLOW, TERMINALS, Pending, StatementRun)
@@ -231,6 +232,7 @@ class ResponseWalk:
             # The server dropped every prepared statement on this connection, other clients' too.
             self.server.prepared.clear()
             self.statements.clear()
+            carried.forget_all(self)
         c = stmt.payload
         if c is None:
             return False

@@ -27,6 +27,10 @@ class StatementRegistry:
         self._by_body: dict[bytes, ServerStatement] = {}
         self._next = 0
         self.limit = limit
+        # SQL PREPARE carried (relay/carried.py): text after the name -> server-side name, and that
+        # name -> the PREPARE that makes it.
+        self.sql: dict[str, str] = {}
+        self.sql_text: dict[str, str] = {}
 
     def get(self, body_after_name: bytes) -> ServerStatement:
         st = self._by_body.get(body_after_name)

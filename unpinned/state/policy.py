@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from unpinned.sql.effects import REASON_SENTENCES, Classification, Kind, Reason, Scope
 
-__all__ = ["STATEMENT_LIMIT", "PolicyOptions", "rds_reasons", "static_smart_reasons", "describe"]
+__all__ = ["STATEMENT_LIMIT", "PolicyOptions", "rds_reasons", "static_smart_reasons", "carried_reasons", "describe"]
 
 # RDS Proxy pins any statement whose text is longer than 16 KB.
 STATEMENT_LIMIT = 16384
@@ -34,6 +34,7 @@ class PolicyOptions:
 
 
 _DEFAULT = PolicyOptions()
+_SQL_PREPARE_KINDS = (Kind.PREPARE, Kind.EXECUTE, Kind.DEALLOCATE)
 
 # Effect kinds that pin in rds mode whatever their details.
 _RDS_PLAIN = {
@@ -84,8 +85,10 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
     """Smart-mode pins decided by the text alone, first seen first.
 
     SET/RESET/set_config/ROLE/DISCARD and long statements never pin in smart
-    mode; EXECUTE/DEALLOCATE alone do not either (the engine pins while any
-    SQL-prepared statement exists, which starts with a PREPARE).
+    mode, and neither do SQL PREPARE/EXECUTE/DEALLOCATE (carried under the proxy's
+    own names, relay/carried.py) nor LISTEN/UNLISTEN (the proxy listens on a
+    connection of its own; a LISTEN among other statements is undone on the server
+    connection in the same string), except a LISTEN in one string with SQL PREPARE.
     """
     if not c.effects:
         return []
@@ -93,9 +96,7 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
     out: list[Reason] = []
     for e in c.effects:
         k = e.kind
-        if k is Kind.PREPARE:
-            r = Reason.SQL_PREPARE
-        elif k is Kind.CREATE_TEMP:
+        if k is Kind.CREATE_TEMP:
             if e.flag is True:          # ON COMMIT DROP: gone at the end of the transaction
                 continue
             r = Reason.TEMP_OBJECT
@@ -104,7 +105,9 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
                 continue
             r = Reason.CURSOR
         elif k is Kind.LISTEN:
-            r = Reason.LISTEN
+            if only_listen(c) or not any(e.kind in _SQL_PREPARE_KINDS for e in c.effects):
+                continue
+            r = Reason.LISTEN       # with SQL PREPARE in one string: the relay carries only one of them
         elif k is Kind.LOAD:
             r = Reason.LOAD
         elif k is Kind.ADVISORY_LOCK:
@@ -123,6 +126,19 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
         if r not in out:
             out.append(r)
     return out
+
+
+def only_listen(c: Classification) -> bool:
+    """A string of LISTEN/UNLISTEN statements only: smart mode answers it itself."""
+    return c.parsed and bool(c.groups) and len(c.groups) == c.statements and \
+        all(g and all(e.kind is Kind.LISTEN or e.kind is Kind.UNLISTEN for e in g) for g in c.groups)
+
+
+def carried_reasons(c: Classification, opts: PolicyOptions | None = None) -> list[Reason]:
+    """What RDS Proxy would pin for here that smart mode carries instead, first seen first:
+    parameters, SQL-prepared statements, LISTEN, sequences, ... (SPEC 2)."""
+    smart = static_smart_reasons(c, opts)
+    return [r for r in rds_reasons(c, opts) if r not in smart]
 
 
 def describe(reason: Reason) -> str:

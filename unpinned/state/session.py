@@ -20,11 +20,12 @@ import logging
 from dataclasses import dataclass
 
 from unpinned.sql.effects import Classification, Effect, Kind, Param, Reason, Unknown
-from unpinned.telemetry.pinlog import CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
+from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
 from unpinned.wire import messages as m
 from unpinned.sql.classifier import classify
 from unpinned.sql.text import param_sync_sql, quote_literal
+from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
 
 # Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
 # Verify mode: every parameter the server connection has from SQL, names joined by \x1f.
@@ -38,7 +39,9 @@ CHECKS: dict[Reason, str] = {
     Reason.LISTEN: "(SELECT count(*) FROM pg_catalog.pg_listening_channels())",
     Reason.ADVISORY_LOCK: "(SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
                           "AND pid = pg_catalog.pg_backend_pid())",
-    Reason.SQL_PREPARE: "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql)",
+    # (U_<n>: the proxy's own names for statements it carries, see relay/carried.py)
+    Reason.SQL_PREPARE: "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql "
+                        "AND name !~ '^U_[0-9]+$')",
 }
 # Effects after which a given check is due.
 _CHECK_TRIGGERS: dict[Kind, Reason] = {
@@ -77,7 +80,7 @@ class Session:
     __slots__ = ("options", "rds", "policy", "startup", "params", "client", "pinlog", "pins", "pinned_at",
                  "_w_params", "_w_server", "_savepoints", "_query_failed", "_in_txn", "_checks", "_unknown",
                  "_unknown_done", "_awaiting_check", "_seq_at", "currval_refusals", "_server_hint",
-                 "_lex_conforming", "_restored", "seen")
+                 "_lex_conforming", "_restored", "seen", "listening", "subscribe")
 
     def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
                  options: SessionOptions | None = None):
@@ -93,7 +96,7 @@ class Session:
         # The transaction in progress: working copies of both views, or None when untouched.
         self._w_params: dict | None = None
         self._w_server: dict | None = None
-        self._savepoints: list[tuple[str, dict | None, dict | None, set]] = []
+        self._savepoints: list[tuple[str, dict | None, dict | None, set, int]] = []
         self._query_failed = False
         self._in_txn = False
         # Due at the end of the transaction.
@@ -109,6 +112,15 @@ class Session:
         self._restored = False        # the statement being applied had its startup values restored
         # Verify mode: the statements since the last check, to name the one that changed state.
         self.seen: list[str] | None = [] if self.options.verify else None
+        # LISTEN carried in smart mode (state/notifications.py): the client's channels, made on
+        # first use by `subscribe` (plugged in by the client connection).
+        self.listening: Subscriptions | None = None
+        self.subscribe = None
+
+    def subscriptions(self) -> Subscriptions:
+        if self.listening is None:
+            self.listening = self.subscribe()
+        return self.listening
 
     # ------------------------------------------------------------------ queries
 
@@ -214,6 +226,11 @@ class Session:
                 else:
                     self._commit(server)
             self._savepoints.clear()
+            if self.listening is not None and self.listening.pending:
+                if self._query_failed:
+                    self.listening.discard()
+                else:
+                    self.listening.commit()
         self._in_txn = in_txn
         self._query_failed = False
         if in_txn or self.rds or not self._checks and not self._unknown_done and not self.options.verify:
@@ -312,6 +329,8 @@ class Session:
                 self._due(Reason.TEMP_OBJECT, c, protocol)
                 for reason in (Reason.CURSOR, Reason.LISTEN, Reason.ADVISORY_LOCK, Reason.SQL_PREPARE):
                     self._due(reason, c, protocol)
+                if self.listening is not None:
+                    self.listening.unlisten_all()
             elif e.name == "TEMP":
                 self._due(Reason.TEMP_OBJECT, c, protocol)
             elif e.name == "SEQUENCES":
@@ -335,6 +354,19 @@ class Session:
         elif k is Kind.DECLARE_CURSOR:
             if e.flag:
                 self._due(Reason.CURSOR, c, protocol)
+        elif k is Kind.LISTEN and self.subscribe is not None and not self.rds:
+            # A LISTEN in a string with other statements: the relay had the server UNLISTEN it
+            # at once (relay/carried.py listen_mixed), the proxy listens for the client. Its
+            # ReadyForQuery waits for the listening connection (a barrier, frontend/client.py).
+            self.subscriptions().op(LISTEN, e.name, False)
+            self.listening.barrier_due = True
+            self._due(Reason.LISTEN, c, protocol)       # the server says it does not listen
+        elif k is Kind.UNLISTEN and self.listening is not None and not self.rds:
+            # An UNLISTEN that reached the server (in a string with other statements, such as
+            # asyncpg's reset): the proxy's own record of the client's channels follows it.
+            self.listening.op(UNLISTEN, e.name, False)
+            if Reason.LISTEN in self.pins:
+                self._due(Reason.LISTEN, c, protocol)
         else:
             reason = _CHECK_TRIGGERS.get(k)
             if reason is not None and (k in (Kind.LISTEN, Kind.PREPARE) or reason in self.pins):
@@ -413,6 +445,8 @@ class Session:
             server.params[name] = current
 
     def _commit(self, server) -> None:
+        if self.listening is not None:
+            self.listening.commit()
         if self._w_params is not None:
             self.params = self._w_params
             if server is not None:
@@ -423,6 +457,8 @@ class Session:
         self._unknown.clear()
 
     def _discard(self) -> None:
+        if self.listening is not None:
+            self.listening.discard()
         self._w_params = self._w_server = None
         self._savepoints.clear()
         self._unknown.clear()
@@ -440,7 +476,8 @@ class Session:
             self._savepoints.append((str(e.value or ""),
                                      dict(self._w_params) if self._w_params is not None else None,
                                      dict(self._w_server) if self._w_server is not None else None,
-                                     set(self._unknown)))
+                                     set(self._unknown),
+                                     self.listening.mark() if self.listening is not None else 0))
         elif op == "release":
             for i in range(len(self._savepoints) - 1, -1, -1):
                 if self._savepoints[i][0] == e.value:
@@ -448,8 +485,10 @@ class Session:
                     break
         elif op == "rollback_to":
             for i in range(len(self._savepoints) - 1, -1, -1):
-                name, wp, ws, unknown = self._savepoints[i]
+                name, wp, ws, unknown, mark = self._savepoints[i]
                 if name == e.value:
+                    if self.listening is not None:
+                        self.listening.rollback_to(mark)
                     del self._savepoints[i + 1:]
                     self._w_params = dict(wp) if wp is not None else None
                     self._w_server = dict(ws) if ws is not None else None
@@ -511,6 +550,10 @@ class Session:
             return
         self.pins[reason] = c.text if c is not None else ""
         self._log(PIN, reason, c, protocol, server)
+
+    def carry(self, reason: Reason, c: Classification, protocol: str, server) -> None:
+        """Smart mode carried state RDS Proxy pins for (LISTEN, SQL PREPARE: relay/carried.py)."""
+        self._log(CARRIED, reason, c, protocol, server)
 
     def _unpin(self, reason: Reason, c: Classification | None, protocol: str, server) -> None:
         if self.pins.pop(reason, None) is not None:

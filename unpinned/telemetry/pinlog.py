@@ -1,7 +1,8 @@
 """Telling why: pin events as JSON lines, RDS Proxy's own WARN line, and the
 aggregates behind SHOW PINS / SHOW PIN_REASONS / the live page.
 
-One `PinEvent` per pin, unpin, would-pin-on-RDS and currval-guard hit. The full SQL
+One `PinEvent` per pin, unpin, would-pin-on-RDS, carried (smart mode kept LISTEN or
+SQL PREPARE going without a pin) and currval-guard hit. The full SQL
 text is kept (also beyond 16 KB) unless truncation or literal redaction is configured.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from unpinned.sql.classifier import digest, fingerprint
 from unpinned.sql.effects import REASON_SENTENCES, RDS_REASON_SQL, RDS_REASON_TOO_LONG, Classification, Reason
 
 PIN, UNPIN, WOULD_PIN, CURRVAL_GUARD = "pin", "unpin", "would_pin_rds", "currval_guard"
+# Smart mode carried state that used to pin (LISTEN, SQL PREPARE): no pin, said so.
+CARRIED = "carried"
 
 
 @dataclass(slots=True)
