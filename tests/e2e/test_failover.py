@@ -126,6 +126,28 @@ def test_reader_endpoint_reads_replicas_and_writer_endpoint_writes_the_primary(c
         w.close()
 
 
+def test_listen_through_either_endpoint_hears_notify_on_the_writer(cluster, proxy) -> None:
+    # LISTEN is carried by the proxy's listening connection: on the writer's host, where NOTIFY
+    # runs, also for a client of the reader endpoint (a replica cannot LISTEN at all).
+    p = cluster.primary
+    sender = connect(proxy.port, p)
+    sender.autocommit = True
+    for port in (proxy.reader_port, proxy.port):     # the reader first: it makes the listener
+        lc = connect(port, p)
+        try:
+            lc.autocommit = True
+            one(lc, "LISTEN topo_events")
+            one(sender, f"NOTIFY topo_events, 'via {port}'")
+
+            def heard():
+                lc.poll()
+                return [n.payload for n in lc.notifies]
+            assert wait_for(heard, timeout=10, what="the notification") == [f"via {port}"]
+        finally:
+            lc.close()
+    sender.close()
+
+
 def test_reader_never_reads_from_a_replica_older_than_it_has_read(cluster, proxy) -> None:
     """Monotonic reads: a client that read a row on one replica is not sent to a replica that
     has not replayed it yet, even when its replica goes away; it waits for one that has."""

@@ -40,8 +40,10 @@ class _NoTransport:
 
 
 class Listener:
-    def __init__(self, config: Config, database: str, server_user: str, password: str | None):
+    def __init__(self, config: Config, database: str, server_user: str, password: str | None, pool=None):
         self.config = config
+        # The writer pool whose host it connects to (it moves at a cluster's failover); None: the upstream.
+        self.pool = pool
         self.database = database
         self.server_user = server_user
         self.password = password
@@ -139,7 +141,7 @@ class Listener:
     async def _open(self) -> None:
         try:
             conn = await server_mod.connect(self.config, self.server_user, self.password, self.database,
-                                            self._forget)
+                                            self._forget, self.pool.host if self.pool is not None else None)
         except Exception as e:
             self._opening = None
             log.warning("could not open the listening connection for %s: %s", self.database, e)

@@ -67,8 +67,10 @@ class Shared:
         key = (pool.database, pool.user)
         listener = self.listeners.get(key)
         if listener is None:
-            listener = self.listeners[key] = Listener(self.config, pool.database, pool.server_user,
-                                                      pool.server_password)
+            # On the writer's host (NOTIFY runs there), whichever endpoint the client came through.
+            writer = self.pool_for(pool.database, pool.user)
+            listener = self.listeners[key] = Listener(self.config, writer.database, writer.server_user,
+                                                      writer.server_password, writer)
         return listener
 
     def new_client_id(self) -> int:
