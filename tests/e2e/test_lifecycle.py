@@ -1,0 +1,162 @@
+"""A proxy's life as a load balancer and an orchestrator see it: /health and /ready, the
+connection budget of a fleet, the drain on SIGTERM, and the takeover restart."""
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.request
+import json
+
+import psycopg
+import psycopg2
+import pytest
+
+from conftest import APP_PASSWORD, APP_USER, SUPERUSER_PASSWORD, backends
+from support.serve import Served, accepting, free_port
+from unpinned.config import ConfigError, load, per_process
+
+
+def _get(port: int, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _connect(port: int, **kw):
+    return psycopg2.connect(host="127.0.0.1", port=port, user=APP_USER, password=APP_PASSWORD, dbname="postgres",
+                            connect_timeout=5, **kw)
+
+
+def _connect3(port: int, **kw) -> psycopg.Connection:
+    # psycopg 3 reads the FATAL a closed connection left behind (psycopg2 reports only the close).
+    return psycopg.connect(host="127.0.0.1", port=port, user=APP_USER, password=APP_PASSWORD, dbname="postgres",
+                           connect_timeout=5, **kw)
+
+
+@pytest.fixture
+def table(pg):
+    name = f"lifecycle_{int(time.time() * 1000) % 10**9}"
+    pg.psql(f"CREATE TABLE {name} (id int PRIMARY KEY, who text)", user="postgres", password=SUPERUSER_PASSWORD)
+    yield name
+    pg.psql(f"DROP TABLE {name}", user="postgres", password=SUPERUSER_PASSWORD)
+
+
+# ------------------------------------------------------------------ /health and /ready
+
+def test_health_and_ready_answer_for_load_balancers(make_proxy):
+    p = make_proxy(http_listen="127.0.0.1:0")
+    port = p.proxy.http.port
+    assert _get(port, "/health") == (200, {"status": "alive"})
+    # No client yet, so no server connection: /ready reaches the server itself.
+    assert _get(port, "/ready") == (200, {"ready": True})
+    p.call(lambda: setattr(p.proxy.shared, "draining", True))
+    status, body = _get(port, "/ready")
+    assert status == 503 and body["ready"] is False and "draining" in body["reason"]
+    assert _get(port, "/health")[0] == 200, "a draining proxy is still alive: no restart"
+
+
+def test_ready_says_503_with_the_reason_when_the_server_is_unreachable(make_proxy):
+    nobody = free_port()
+    p = make_proxy(http_listen="127.0.0.1:0", upstream=f"postgresql://postgres:x@127.0.0.1:{nobody}/postgres")
+    status, body = _get(p.proxy.http.port, "/ready")
+    assert status == 503 and body["ready"] is False
+    assert "upstream unreachable" in body["reason"] and str(nobody) in body["reason"], body
+    assert _get(p.proxy.http.port, "/health")[0] == 200
+
+
+# ------------------------------------------------------------------ fleet_size
+
+def test_fleet_size_divides_the_budget_and_never_exceeds_it():
+    for budget, fleet, workers in [(20, 3, 1), (9, 3, 1), (80, 4, 2), (7, 7, 1), (100, 6, 4)]:
+        cfg = load(None, auth="trust", pool_size=budget, max_idle=budget, fleet_size=fleet, workers=workers)
+        from unpinned.config import WorkerInfo
+        per_worker = [per_process(cfg, WorkerInfo(i, workers, 0) if workers > 1 else None) for i in range(workers)]
+        proxy_total = sum(c.pool_size for c in per_worker)
+        assert proxy_total == budget // fleet, (budget, fleet, workers)
+        assert proxy_total * fleet <= budget
+        assert sum(c.max_idle for c in per_worker) * fleet <= budget
+    with pytest.raises(ConfigError, match="fleet_size"):
+        load(None, auth="trust", pool_size=2, fleet_size=3)
+    with pytest.raises(ConfigError, match="fleet_size must be at least 1"):
+        load(None, auth="trust", fleet_size=0)
+
+
+def test_a_proxy_of_a_fleet_opens_only_its_share(pg, make_proxy):
+    before = backends(pg)
+    p = make_proxy(pool_size=9, fleet_size=3, borrow_timeout=1)
+    assert p.proxy.config.pool_size == 3
+    held = [_connect(p.port) for _ in range(3)]
+    for c in held:
+        c.cursor().execute("SELECT 1")      # a transaction open on each: three server connections
+    assert backends(pg) - before == 3
+    extra = psycopg.connect(**p.kwargs(), connect_timeout=5)
+    with pytest.raises(psycopg.OperationalError, match="Timed-out waiting to acquire database connection"):
+        extra.execute("SELECT 1")
+    assert backends(pg) - before == 3, "the fourth transaction waited instead of opening a fourth"
+    for c in held + [extra]:
+        c.close()
+
+
+# ------------------------------------------------------------------ graceful shutdown
+
+def test_sigterm_lets_the_transaction_in_flight_commit_then_exits(pg, users_file, table):
+    with Served(pg.dsn("postgres", SUPERUSER_PASSWORD), users_file, shutdown_timeout=20) as p:
+        busy = _connect(p.port)
+        idle = _connect3(p.port, autocommit=True)
+        idle.execute("SELECT 1")
+        cur = busy.cursor()
+        cur.execute(f"INSERT INTO {table} VALUES (1, 'before SIGTERM')")     # a transaction is open
+        p.terminate()
+        deadline = time.monotonic() + 5
+        while accepting(p.port):
+            assert time.monotonic() < deadline, "still accepting new connections while draining"
+            time.sleep(0.05)
+        with pytest.raises(psycopg2.OperationalError):
+            _connect(p.port)
+        status, body = p.get("/ready")
+        assert status == 503 and "draining" in body["reason"]
+        # The idle client was closed between transactions, with PostgreSQL's words.
+        with pytest.raises(psycopg.OperationalError, match="terminating connection due to administrator command"):
+            idle.execute("SELECT 1")
+        assert p.process.poll() is None, "the proxy waits for the transaction in flight"
+        time.sleep(0.5)
+        cur.execute(f"INSERT INTO {table} VALUES (2, 'after SIGTERM')")
+        busy.commit()
+        assert p.wait(10) == 0, p.log()
+        with pytest.raises(psycopg2.OperationalError):
+            cur.execute("SELECT 1")
+    rows = pg.psql(f"SELECT string_agg(who, ',' ORDER BY id) FROM {table}", user="postgres",
+                   password=SUPERUSER_PASSWORD)
+    assert rows == "before SIGTERM,after SIGTERM"
+    assert "drained" in p.log()
+
+
+def test_shutdown_timeout_bounds_the_drain(pg, users_file, table):
+    with Served(pg.dsn("postgres", SUPERUSER_PASSWORD), users_file, shutdown_timeout=1) as p:
+        stuck = _connect3(p.port)
+        stuck.execute(f"INSERT INTO {table} VALUES (1, 'never committed')")
+        t0 = time.monotonic()
+        p.terminate()
+        assert p.wait(10) == 0
+        took = time.monotonic() - t0
+        assert 0.9 < took < 5, took
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            stuck.commit()
+    assert "shutdown_timeout (1 s) reached with 1 client(s)" in p.log()
+    assert pg.psql(f"SELECT count(*) FROM {table}", user="postgres", password=SUPERUSER_PASSWORD) == "0"
+
+
+def test_a_second_sigterm_stops_at_once(pg, users_file):
+    with Served(pg.dsn("postgres", SUPERUSER_PASSWORD), users_file, shutdown_timeout=60) as p:
+        stuck = _connect(p.port)
+        stuck.cursor().execute("BEGIN; SELECT 1")
+        p.terminate()
+        time.sleep(0.3)
+        assert p.process.poll() is None
+        p.terminate()
+        assert p.wait(5) == 0
+        stuck.close()
