@@ -10,6 +10,7 @@ import urllib.request
 import json
 
 import psycopg
+from psycopg import pq
 import psycopg2
 import pytest
 
@@ -160,3 +161,79 @@ def test_a_second_sigterm_stops_at_once(pg, users_file):
         p.terminate()
         assert p.wait(5) == 0
         stuck.close()
+
+
+# ------------------------------------------------------------------ takeover restart
+
+def _takeover_worker(port: int, i: int, table: str, stop: threading.Event, moved: threading.Event, out: dict) -> None:
+    """One client: a session SET and a protocol-level prepared statement, then short
+    transactions in a loop, each checking that both are still there."""
+    done = after = 0
+    try:
+        conn = _connect3(port)
+        conn.execute(f"SET unpinned_test.who = 'client {i}'")
+        conn.commit()
+        check = "SELECT current_setting('unpinned_test.who'), %s::int + 1"
+        conn.execute(check, (0,), prepare=True)
+        conn.commit()
+        # A named statement of our own, prepared once (Parse), then only bound by name.
+        res = conn.pgconn.prepare(b"mine", b"SELECT current_setting('unpinned_test.who') || ' ' || $1::text")
+        assert res.status == pq.ExecStatus.COMMAND_OK, res.error_message
+        while not stop.is_set():
+            was_moved = moved.is_set()
+            with conn.transaction():
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (i * 1_000_000 + done, f"client {i}"))
+            row = conn.execute(check, (done,), prepare=True).fetchone()
+            conn.commit()
+            assert row == (f"client {i}", done + 1), row
+            res = conn.pgconn.exec_prepared(b"mine", [str(done).encode()])
+            assert res.status == pq.ExecStatus.TUPLES_OK, res.error_message
+            assert res.get_value(0, 0) == f"client {i} {done}".encode()
+            done += 1
+            after += was_moved
+        conn.close()
+    except Exception as e:      # every client error is reported, none may happen
+        out.setdefault("errors", []).append(f"client {i}: {type(e).__name__}: {e}")
+    out.setdefault("done", {})[i] = (done, after)
+
+
+def test_takeover_under_100_clients_moves_every_session_without_an_error(pg, users_file, table, tmp_path):
+    sock = str(tmp_path / "takeover.sock")
+    upstream = pg.dsn("postgres", SUPERUSER_PASSWORD)
+    old = Served(upstream, users_file, takeover=sock, pool_size=20).start()
+    new = Served(upstream, users_file, port=old.port, http_port=old.http_port, takeover=sock, pool_size=20)
+    stop, moved, out = threading.Event(), threading.Event(), {}
+    threads = [threading.Thread(target=_takeover_worker, args=(old.port, i, table, stop, moved, out))
+               for i in range(100)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        t0 = time.monotonic()
+        new.start(wait=False)
+        assert old.wait(30) == 0, old.log()
+        took = time.monotonic() - t0
+        moved.set()
+        new.wait_ready()
+        time.sleep(2)           # every client keeps working against the new process
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not out.get("errors"), "\n".join(out["errors"][:10])
+        assert len(out["done"]) == 100
+        assert all(after > 0 for _, after in out["done"].values()), "every client ran transactions after the takeover"
+        log = new.log()
+        m = re.search(r"takeover: (\d+) client\(s\) moved in ([\d.]+) s", log)
+        assert m and int(m.group(1)) == 100, log
+        print(f"\ntakeover: 100 clients moved, new process up to old process gone {took:.2f} s, "
+              f"transfer {m.group(2)} s, transactions {sum(d for d, _ in out['done'].values())}")
+        assert re.search(r"takeover: 100 client\(s\) handed over, 0 closed", old.log()), old.log()
+        assert new.get("/ready")[0] == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        new.stop()
+        old.stop()
+    rows = pg.psql(f"SELECT count(*) FROM {table}", user="postgres", password=SUPERUSER_PASSWORD)
+    assert int(rows) == sum(d for d, _ in out["done"].values()), "every committed transaction is there"
