@@ -35,6 +35,45 @@ def shutdown_error(detail: str | None = None) -> bytes:
     return m.fatal("57P01", SHUTDOWN_TEXT, detail=detail)
 
 
+LINGER = 2.0    # seconds a closed client's socket keeps reading, so its last error is not lost
+
+
+def close_gently(client, final: bytes) -> None:
+    """Close a client at rest with `final`, so that it reads it even if it sent a request at
+    the same moment: write, half-close, and discard what arrives until the client closes (or
+    LINGER seconds). Closing with unread bytes makes the kernel send a reset, and a reset can
+    destroy the error before the client reads it ("server closed the connection unexpectedly")."""
+    transport = client.transport
+    if transport is None or transport.is_closing():
+        return
+    transport.write(final)
+    if not transport.can_write_eof():      # TLS: no half-close
+        transport.close()
+        return
+    client.closing = True
+    transport.write_eof()
+    transport.set_protocol(_Lingering(client))
+    transport.resume_reading()
+    asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+
+class _Lingering(asyncio.Protocol):
+    """A closed client's socket until the client hangs up: its bytes are dropped, its end is
+    the client's own (so the books are kept as for any closed client)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self):
+        return False        # close
+
+    def connection_lost(self, exc) -> None:
+        self.client.connection_lost(exc)
+
+
 class Watched(PooledClient):
     """A PooledClient that reports each moment it comes to rest to `shared.on_idle`.
 

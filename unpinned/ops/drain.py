@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from unpinned.frontend.handover import at_rest, shutdown_error, watch
+from unpinned.frontend.handover import at_rest, close_gently, shutdown_error, watch
 
 log = logging.getLogger("unpinned")
 
@@ -30,7 +30,7 @@ def stop_accepting(proxy) -> None:
 
 
 def close_at_rest(client) -> None:
-    client.shutdown(shutdown_error("the proxy is shutting down; reconnect"))
+    close_gently(client, shutdown_error("the proxy is shutting down; reconnect"))
 
 
 async def drain(proxy, timeout: float) -> bool:

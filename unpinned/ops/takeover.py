@@ -33,7 +33,7 @@ import stat
 import struct
 import time
 
-from unpinned.frontend.handover import (at_rest, let_go, restore, shutdown_error, snapshot, watch,
+from unpinned.frontend.handover import (at_rest, close_gently, let_go, restore, shutdown_error, snapshot, watch,
                                         why_not_movable)
 
 log = logging.getLogger("unpinned")
@@ -284,7 +284,7 @@ class Giver:
 
     def _close(self, client, detail: str) -> None:
         self.closed += 1
-        client.shutdown(shutdown_error(detail))
+        close_gently(client, shutdown_error(detail))
 
     def _at_rest(self, client) -> None:
         """A client between transactions: hand it over, close it, or wait (pinned)."""
