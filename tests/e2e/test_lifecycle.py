@@ -237,3 +237,60 @@ def test_takeover_under_100_clients_moves_every_session_without_an_error(pg, use
         old.stop()
     rows = pg.psql(f"SELECT count(*) FROM {table}", user="postgres", password=SUPERUSER_PASSWORD)
     assert int(rows) == sum(d for d, _ in out["done"].values()), "every committed transaction is there"
+
+
+def test_takeover_keeps_a_pinned_session_on_the_old_process_and_closes_tls_clients(pg, users_file, tmp_path):
+    """What cannot move: a pinned session stays with the old process (which keeps serving it)
+    until it ends, then the old process exits; a TLS client is closed between transactions
+    with 57P01 and the reason; the admin console likewise."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    sock = str(tmp_path / "takeover.sock")
+    upstream = pg.dsn("postgres", SUPERUSER_PASSWORD)
+    opts = dict(takeover=sock, pool_size=5, tls_cert_file=str(cert_file), tls_key_file=str(key_file))
+    old = Served(upstream, users_file, **opts).start()
+    new = Served(upstream, users_file, port=old.port, http_port=old.http_port, **opts)
+    try:
+        plain = _connect3(old.port, autocommit=True, sslmode="disable")
+        plain.execute("SET unpinned_test.who = 'plain'")
+        pinned = _connect3(old.port, autocommit=True, sslmode="disable")
+        pinned.execute("SELECT pg_advisory_lock(4242)")     # a session lock: pinned to its server connection
+        tls = _connect3(old.port, autocommit=True, sslmode="require")
+        tls.execute("SELECT 1")
+        admin = psycopg.connect(host="127.0.0.1", port=old.port, user="postgres", password=SUPERUSER_PASSWORD,
+                                dbname="unpinned", autocommit=True, sslmode="disable")
+        new.start(wait=False)
+        new.wait_ready()
+        deadline = time.monotonic() + 10
+        while True:     # the new process lists the plain client once it has it
+            status, clients = new.get("/api/clients")
+            if status == 200 and len(clients) == 1:
+                break
+            assert time.monotonic() < deadline, (clients, old.log(), new.log())
+            time.sleep(0.05)
+        assert plain.execute("SHOW unpinned_test.who").fetchone() == ("plain",)
+        with pytest.raises(psycopg.OperationalError, match="TLS sessions cannot be handed over"):
+            tls.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
+            admin.execute("SHOW POOLS")
+        # The pinned session is still served by the old process, lock and all.
+        time.sleep(0.5)
+        assert old.process.poll() is None
+        assert pinned.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 "
+                              "AND pid = pg_backend_pid()").fetchone() == (1,)
+        # New clients reach the new process; when the pinned session ends, the old one exits.
+        fresh = _connect3(old.port, autocommit=True, sslmode="disable")
+        assert fresh.execute("SELECT 1").fetchone() == (1,)
+        pinned.close()
+        assert old.wait(10) == 0, old.log()
+        assert re.search(r"takeover: 1 client\(s\) handed over, 2 closed", old.log()), old.log()
+        assert plain.execute("SELECT current_setting('unpinned_test.who')").fetchone() == ("plain",)
+        plain.close()
+        fresh.close()
+    finally:
+        new.stop()
+        old.stop()

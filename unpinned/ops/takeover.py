@@ -215,6 +215,8 @@ class Giver:
             self.listener = None
             try:
                 await self._hand_over(conn)
+            except Exception:       # a bug here must not leave this process serving nobody, silently
+                log.exception("takeover: handing over failed; closing the clients left")
             finally:
                 conn.close()
             self.on_done()
@@ -283,6 +285,8 @@ class Giver:
                  time.monotonic() - started)
 
     def _close(self, client, detail: str) -> None:
+        if client.closing or client.transport is None or client.transport.is_closing():
+            return
         self.closed += 1
         close_gently(client, shutdown_error(detail))
 
