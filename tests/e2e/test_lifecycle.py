@@ -294,3 +294,23 @@ def test_takeover_keeps_a_pinned_session_on_the_old_process_and_closes_tls_clien
     finally:
         new.stop()
         old.stop()
+
+
+def test_sigterm_drains_every_worker(pg, users_file, table):
+    """With workers, the supervisor passes SIGTERM on and each worker drains its own clients."""
+    with Served(pg.dsn("postgres", SUPERUSER_PASSWORD), users_file, workers=2, pool_size=8, borrow_timeout=5,
+                shutdown_timeout=20) as p:
+        busy = [_connect3(p.port) for _ in range(4)]      # spread by the kernel over both workers
+        for i, c in enumerate(busy):
+            c.execute(f"INSERT INTO {table} VALUES ({i}, 'in flight')")
+        p.terminate()
+        deadline = time.monotonic() + 5
+        while accepting(p.port):
+            assert time.monotonic() < deadline, "still accepting new connections while draining"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert p.process.poll() is None, "the workers wait for the transactions in flight"
+        for c in busy:
+            c.commit()
+        assert p.wait(15) == 0, p.log()
+    assert pg.psql(f"SELECT count(*) FROM {table}", user="postgres", password=SUPERUSER_PASSWORD) == "4"
