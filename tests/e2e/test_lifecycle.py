@@ -314,3 +314,48 @@ def test_sigterm_drains_every_worker(pg, users_file, table):
             c.commit()
         assert p.wait(15) == 0, p.log()
     assert pg.psql(f"SELECT count(*) FROM {table}", user="postgres", password=SUPERUSER_PASSWORD) == "4"
+
+
+def test_the_old_process_serves_again_when_the_new_one_dies_during_the_takeover(pg, users_file, tmp_path):
+    """A new version that crashes after taking the listeners must not take the service down:
+    the old process takes its listeners back and carries on; a later takeover still works."""
+    import socket as socket_module
+    from unpinned.ops.takeover import FrameReader, send_frame
+    sock = str(tmp_path / "takeover.sock")
+    upstream = pg.dsn("postgres", SUPERUSER_PASSWORD)
+    old = Served(upstream, users_file, takeover=sock, pool_size=5).start()
+    new = Served(upstream, users_file, port=old.port, http_port=old.http_port, takeover=sock, pool_size=5)
+    try:
+        busy = _connect3(old.port)
+        busy.execute("SET unpinned_test.who = 'busy'")
+        busy.execute("SELECT 1")         # a transaction open: it does not move yet
+        # A "new process" that takes the listeners and dies.
+        with socket_module.socket(socket_module.AF_UNIX) as s:
+            s.connect(sock)
+            send_frame(s, {"op": "hello", "pid": 0})
+            frame, fds = FrameReader(s).read()
+            assert frame["op"] == "listeners" and frame["names"] == ["clients", "http"] and len(fds) == 2
+            for fd in fds:
+                __import__("os").close(fd)
+        deadline = time.monotonic() + 10
+        while "serving again" not in old.log():
+            assert time.monotonic() < deadline, old.log()
+            time.sleep(0.05)
+        assert old.get("/ready")[0] == 200
+        busy.commit()
+        assert busy.execute("SHOW unpinned_test.who").fetchone() == ("busy",)
+        busy.commit()
+        other = _connect3(old.port, autocommit=True)
+        assert other.execute("SELECT 2").fetchone() == (2,)
+        # The real takeover afterwards.
+        new.start(wait=False)
+        assert old.wait(20) == 0, old.log()
+        assert busy.execute("SHOW unpinned_test.who").fetchone() == ("busy",)
+        assert other.execute("SELECT 3").fetchone() == (3,)
+        deadline = time.monotonic() + 5
+        while "2 client(s) moved" not in new.log():
+            assert time.monotonic() < deadline, new.log()
+            time.sleep(0.05)
+    finally:
+        new.stop()
+        old.stop()

@@ -33,6 +33,7 @@ import stat
 import struct
 import time
 
+from unpinned.frontend.login import Login
 from unpinned.frontend.handover import (at_rest, close_gently, let_go, restore, shutdown_error, snapshot, watch,
                                         why_not_movable)
 
@@ -89,6 +90,15 @@ class FrameReader:
         # A frame's descriptors arrive with its first byte, so they are all here by now.
         fds, self.fds = self.fds[:count], self.fds[count:]
         return obj, fds
+
+
+def _check_alive(conn: socket.socket) -> None:
+    """Raise if the other process closed the channel (read without taking anything)."""
+    try:
+        if conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+            raise ConnectionError("the other process closed the takeover channel")
+    except BlockingIOError:
+        pass
 
 
 # ------------------------------------------------------------------ the new process
@@ -214,15 +224,21 @@ class Giver:
             self.listener.close()
             self.listener = None
             try:
-                await self._hand_over(conn)
+                done = await self._hand_over(conn)
             except Exception:       # a bug here must not leave this process serving nobody, silently
                 log.exception("takeover: handing over failed; closing the clients left")
+                done = True
             finally:
                 conn.close()
-            self.on_done()
+            if done:
+                self.on_done()
+            else:
+                self.listen()       # serving again: ready for the next attempt
             return
 
-    async def _hand_over(self, conn: socket.socket) -> None:
+    async def _hand_over(self, conn: socket.socket) -> bool:
+        """True when everything was handed over (or closed); False when the new process went
+        away before it said it was done: then this one serves again."""
         proxy = self.proxy
         shared = proxy.shared
         started = time.monotonic()
@@ -231,6 +247,8 @@ class Giver:
             names.append("http")
             socks.append(proxy.http.server.sockets[0])
         fds = [s.fileno() for s in socks]
+        # Copies of the listeners, to serve again if the new process dies before it is done.
+        kept = {name: socket.socket(fileno=os.dup(fd)) for name, fd in zip(names, fds)}
         await asyncio.to_thread(send_frame, conn, {"op": "listeners", "names": names, "fds": len(fds),
                                                    "pid": os.getpid()}, fds)
         # The new process accepts from now on; this one only finishes what it has.
@@ -267,6 +285,7 @@ class Giver:
                     break
                 if sender.done():
                     sender.result()     # the channel broke: raise it
+                _check_alive(conn)
                 await asyncio.sleep(POLL)
             await self.queue.put(None)
             await sender
@@ -276,13 +295,37 @@ class Giver:
             except (OSError, ConnectionError, TimeoutError, ValueError):
                 pass
         except (OSError, ConnectionError) as e:
-            log.error("takeover: the channel to the new process broke: %s; closing the clients left", e)
+            log.error("takeover: the new process went away (%s) after %d client(s); serving again", e, self.moved)
+            shared.on_idle = None
+            if not sender.done():
+                sender.cancel()
+            await self._serve_again(kept)
+            return False
         finally:
             shared.on_idle = None
             if not sender.done():
                 sender.cancel()
+        for sock in kept.values():
+            sock.close()
         log.info("takeover: %d client(s) handed over, %d closed, in %.3f s", self.moved, self.closed,
                  time.monotonic() - started)
+        return True
+
+    async def _serve_again(self, kept: dict[str, socket.socket]) -> None:
+        """The takeover failed: accept on our copies of the listeners again, and read again
+        from the clients that were waiting to move."""
+        proxy = self.proxy
+        shared = proxy.shared
+        loop = asyncio.get_running_loop()
+        proxy.listeners = [await loop.create_server(lambda: Login(shared), sock=kept["clients"], backlog=4096)]
+        if "http" in kept:
+            await proxy.http.start("", 0, sock=kept["http"])
+        for client in self.queued:
+            if not client.closing and client.transport is not None and not client.transport.is_closing():
+                client.transport.resume_reading()
+        self.queued.clear()
+        self.queue = None
+        shared.draining = False
 
     def _close(self, client, detail: str) -> None:
         if client.closing or client.transport is None or client.transport.is_closing():
