@@ -87,6 +87,9 @@ class Watched(PooledClient):
         self._maybe_idle()
 
     def data_received(self, data: bytes) -> None:
+        hook = self.shared.on_request
+        if hook is not None and at_rest(self) and hook(self):
+            return
         super().data_received(data)
         self._maybe_idle()
 
@@ -99,6 +102,10 @@ class Watched(PooledClient):
 def watch(client) -> None:
     if isinstance(client, PooledClient) and not isinstance(client, Watched):
         client.__class__ = Watched
+        if client.transport is not None:
+            # The loop keeps the protocol's bound methods (uvloop caches data_received): set
+            # it again so that they are Watched's.
+            client.transport.set_protocol(client)
 
 
 def at_rest(client) -> bool:

@@ -19,7 +19,8 @@ from unpinned.telemetry.pinlog import PinLog
 
 class Shared:
     __slots__ = ("config", "stats", "tls_context", "registry", "pinlog", "session_options", "clients", "by_key",
-                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "draining", "on_idle")
+                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "draining", "on_idle",
+                 "on_request")
 
     def __init__(self, config: Config, worker: WorkerInfo | None, pinlog: PinLog):
         self.config = config
@@ -43,6 +44,8 @@ class Shared:
         # client that comes to rest between transactions is passed to `on_idle`.
         self.draining = False
         self.on_idle: Callable[[Any], None] | None = None
+        # While draining: a client at rest starts a new request; True = the hook answered it.
+        self.on_request: Callable[[Any], bool] | None = None
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

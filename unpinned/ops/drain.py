@@ -29,8 +29,16 @@ def stop_accepting(proxy) -> None:
         srv.close()
 
 
-def close_at_rest(client) -> None:
+def close_at_rest(client) -> bool:
     close_gently(client, shutdown_error("the proxy is shutting down; reconnect"))
+    return True
+
+
+# A client is closed when it starts its next request (the FATAL is then the answer to it), or
+# after this long at rest. Not at once behind the ReadyForQuery that ended its transaction:
+# a driver that reads both in one go may report only "server closed the connection
+# unexpectedly" when it next sends something (libpq sees the end of the stream first).
+QUIET = 0.1
 
 
 async def drain(proxy, timeout: float) -> bool:
@@ -38,23 +46,32 @@ async def drain(proxy, timeout: float) -> bool:
     within `timeout`."""
     shared = proxy.shared
     stop_accepting(proxy)
-    shared.on_idle = close_at_rest
+    at_rest_since: dict = {}
+
+    def came_to_rest(client) -> None:
+        at_rest_since[client] = time.monotonic()
+
+    shared.on_idle = came_to_rest
+    shared.on_request = close_at_rest
     deadline = time.monotonic() + timeout
     started = len(shared.clients)
     log.info("draining: %d client(s), up to %.0f s for their transactions", started, timeout)
     while True:
+        now = time.monotonic()
         for client in list(shared.clients):
             if not client.active or client.admin:
                 # A login in progress or the admin console: no transaction to wait for.
                 close_at_rest(client)
             elif at_rest(client):
-                close_at_rest(client)
+                watch(client)
+                if now - at_rest_since.get(client, 0.0) >= QUIET:
+                    close_at_rest(client)
             else:
-                watch(client)       # closed by the hook the moment its transaction ends
+                watch(client)       # told when its transaction ends, and closed at its next request
         if not shared.clients:
             log.info("drained: %d client(s) closed between transactions", started)
             return True
-        if time.monotonic() >= deadline:
+        if now >= deadline:
             log.warning("shutdown_timeout (%.0f s) reached with %d client(s) still in a transaction; closing them",
                         timeout, len(shared.clients))
             return False
