@@ -286,6 +286,7 @@ class Giver:
                 if sender.done():
                     sender.result()     # the channel broke: raise it
                 _check_alive(conn)
+                self._shed_idle()
                 await asyncio.sleep(POLL)
             await self.queue.put(None)
             await sender
@@ -327,6 +328,13 @@ class Giver:
         self.queue = None
         shared.draining = False
 
+    def _shed_idle(self) -> None:
+        """Close the server connections no client of ours uses now: the new process opens its
+        own, and the two together should hold little more than one proxy's share."""
+        for pool in self.proxy.shared.pools.values():
+            while pool.idle:
+                pool.idle.popleft().close()
+
     def _close(self, client, detail: str) -> None:
         if client.closing or client.transport is None or client.transport.is_closing():
             return
@@ -354,6 +362,7 @@ class Giver:
             if client.closing or client.transport is None or client.transport.is_closing():
                 self.queued.discard(client)
                 continue
+            self._shed_idle()
             fd = client.transport.get_extra_info("socket").fileno()
             await asyncio.to_thread(send_frame, conn, {"op": "client", "fds": 1, "state": state}, [fd])
             let_go(client)
