@@ -359,3 +359,59 @@ def test_the_old_process_serves_again_when_the_new_one_dies_during_the_takeover(
     finally:
         new.stop()
         old.stop()
+
+
+def test_takeover_keeps_asyncpg_statement_caches_working(pg, users_file, tmp_path):
+    """asyncpg prepares every query under its own statement name and afterwards only binds
+    it: after the takeover the new process must know each client's names."""
+    import asyncio
+    import asyncpg
+    sock = str(tmp_path / "takeover.sock")
+    upstream = pg.dsn("postgres", SUPERUSER_PASSWORD)
+    old = Served(upstream, users_file, takeover=sock, pool_size=10).start()
+    new = Served(upstream, users_file, port=old.port, http_port=old.http_port, takeover=sock, pool_size=10)
+    errors: list[str] = []
+    counts: dict[int, tuple[int, int]] = {}
+
+    async def client(i: int, stop: asyncio.Event, moved: asyncio.Event) -> None:
+        done = after = 0
+        try:
+            conn = await asyncpg.connect(host="127.0.0.1", port=old.port, user=APP_USER, password=APP_PASSWORD,
+                                         database="postgres")
+            await conn.execute(f"SET unpinned_test.who = 'asyncpg {i}'")
+            while not stop.is_set():
+                was_moved = moved.is_set()
+                async with conn.transaction():
+                    n = await conn.fetchval("SELECT $1::int + 1", done)
+                    who = await conn.fetchval("SELECT current_setting('unpinned_test.who')")
+                assert (n, who) == (done + 1, f"asyncpg {i}"), (n, who)
+                done += 1
+                after += was_moved
+            await conn.close()
+        except Exception as e:
+            errors.append(f"client {i}: {type(e).__name__}: {e}")
+        counts[i] = (done, after)
+
+    async def main() -> None:
+        stop, moved = asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(client(i, stop, moved)) for i in range(100)]
+        await asyncio.sleep(2)
+        new.start(wait=False)
+        await asyncio.to_thread(old.wait, 30)
+        moved.set()
+        await asyncio.sleep(2)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(main())
+        assert old.process.returncode == 0, old.log()
+        assert not errors, errors[:10]
+        assert len(counts) == 100 and all(after > 0 for _, after in counts.values())
+        deadline = time.monotonic() + 5
+        while "takeover: 100 client(s) moved" not in new.log():
+            assert time.monotonic() < deadline, new.log()
+            time.sleep(0.05)
+    finally:
+        new.stop()
+        old.stop()
