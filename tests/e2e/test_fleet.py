@@ -190,6 +190,7 @@ def test_three_proxies_behind_haproxy_budget_kill_and_rolling_restart(fleet_db):
         acked = len(work.acked)
         time.sleep(1)
         assert len(work.acked) > acked, "the clients carry on through the other two"
+        proxies[1].stop()
         proxies[1] = serve(1, like=proxies[1])
         lb.wait_states({"p1": "UP"})
 
@@ -199,6 +200,7 @@ def test_three_proxies_behind_haproxy_budget_kill_and_rolling_restart(fleet_db):
             old.terminate()
             assert old.wait(20) == 0, old.log()
             assert "drained" in old.log(), old.log()
+            old.stop()
             proxies[i] = serve(i, like=old)
             lb.wait_states({f"p{i}": "UP"})
             time.sleep(1)
@@ -214,6 +216,7 @@ def test_three_proxies_behind_haproxy_budget_kill_and_rolling_restart(fleet_db):
             budget.phase = "takeover"
             proxies[i] = serve(i, like=old, wait=False)
             assert old.wait(20) == 0, old.log()
+            old.stop()
             proxies[i].wait_ready()
             deadline = time.monotonic() + 5
             while not (found := re.search(r"takeover: (\d+) client\(s\) moved", proxies[i].log())):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ class Served:
         self.dir = Path(tempfile.mkdtemp(prefix="unpinned-serve-"))
         self.log_path = self.dir / "serve.log"
         self.process: subprocess.Popen | None = None
+        self.final_log = ""         # the log, kept when stop() removes the directory
 
     def config(self) -> str:
         proxy = {"listen": f"127.0.0.1:{self.port}", "http_listen": f"127.0.0.1:{self.http_port}",
@@ -70,8 +72,9 @@ class Served:
         if self.takeover:
             args += ["--takeover", self.takeover]
         self.log_file = open(self.log_path, "ab")
+        # A session of its own: stop() kills the whole group, workers included.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log_file,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                        env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -105,7 +108,7 @@ class Served:
         try:
             return self.log_path.read_text(errors="replace")[-6000:]
         except OSError:
-            return ""
+            return self.final_log
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -120,10 +123,14 @@ class Served:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)     # the process and any workers it forked
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
         self.log_file.close()
+        self.final_log = self.log()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "Served":
         return self.start() if self.process is None else self
