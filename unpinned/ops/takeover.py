@@ -12,8 +12,9 @@ The exchange, old -> new, each message a length-prefixed JSON frame whose descri
 on its first byte (SCM_RIGHTS):
   1. "listeners": the client listener and the HTTP listener. The new process serves them at
      once; the old closes its copies, so no connection attempt is refused in between.
-  2. "client" (one per client): the socket and its session (frontend/handover.snapshot),
-     sent the moment the client is at rest between transactions. The old process stops
+  2. "clients": sockets and their sessions (frontend/handover.snapshot), each sent the
+     moment its client is at rest between transactions (up to BATCH in one frame when
+     several are ready together). The old process stops
      reading from it first, so whatever the client sends next waits in the kernel for the
      new process. A client mid-transaction moves when its transaction ends.
   3. "done": nothing left; the old process exits.
@@ -40,6 +41,7 @@ from unpinned.frontend.handover import (at_rest, close_gently, let_go, restore, 
 log = logging.getLogger("unpinned")
 
 POLL = 0.02          # seconds between looks at clients the idle hook has not reported
+BATCH = 32           # clients (descriptors) in one frame at most
 HELLO_TIMEOUT = 10.0
 
 
@@ -151,18 +153,21 @@ class Taker:
                 op = frame.get("op")
                 if op == "done":
                     break
-                if op != "client" or len(fds) != 1:
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                sock = socket.socket(fileno=fds[0])
-                try:
-                    client = restore(shared, frame["state"])
-                    await loop.connect_accepted_socket(lambda: client, sock)
-                    self.moved += 1
-                except Exception:   # one client that cannot be restored must not stop the others
-                    log.exception("takeover: could not restore a client; closing it")
-                    sock.close()
+                states = frame.get("states", []) if op == "clients" else []
+                if len(states) != len(fds):
+                    log.error("takeover: a frame with %d descriptors for %d clients; dropped", len(fds), len(states))
+                    states = []
+                for state, fd in zip(states, fds):
+                    sock = socket.socket(fileno=fd)
+                    try:
+                        client = restore(shared, state)
+                        await loop.connect_accepted_socket(lambda: client, sock)
+                        self.moved += 1
+                    except Exception:   # one client that cannot be restored must not stop the others
+                        log.exception("takeover: could not restore a client; closing it")
+                        sock.close()
+                for fd in fds[len(states):]:
+                    os.close(fd)
             await asyncio.to_thread(send_frame, self.sock, {"op": "bye"})
             log.info("takeover: %d client(s) moved in %.3f s", self.moved, time.monotonic() - self.started)
         except (ConnectionError, OSError, ValueError) as e:
@@ -288,6 +293,7 @@ class Giver:
                 _check_alive(conn)
                 self._shed_idle()
                 await asyncio.sleep(POLL)
+            shared.on_idle = None       # nothing more joins the queue behind its end
             await self.queue.put(None)
             await sender
             await asyncio.to_thread(send_frame, conn, {"op": "done"})
@@ -354,17 +360,29 @@ class Giver:
             self._close(client, "the proxy restarted and TLS sessions cannot be handed over; reconnect")
 
     async def _send(self, conn: socket.socket) -> None:
+        queue = self.queue
         while True:
-            item = await self.queue.get()
-            if item is None:
+            items = [await queue.get()]
+            while len(items) < BATCH and not queue.empty():
+                items.append(queue.get_nowait())
+            last = items[-1] is None
+            batch = []
+            for item in items:
+                if item is None:
+                    continue
+                client, state = item
+                if client.closing or client.transport is None or client.transport.is_closing():
+                    self.queued.discard(client)     # it went away while waiting
+                else:
+                    batch.append((client, state))
+            if batch:
+                self._shed_idle()
+                fds = [client.transport.get_extra_info("socket").fileno() for client, _ in batch]
+                await asyncio.to_thread(send_frame, conn, {"op": "clients", "fds": len(fds),
+                                                           "states": [state for _, state in batch]}, fds)
+                for client, _ in batch:
+                    let_go(client)
+                    self.queued.discard(client)
+                self.moved += len(batch)
+            if last:
                 return
-            client, state = item
-            if client.closing or client.transport is None or client.transport.is_closing():
-                self.queued.discard(client)
-                continue
-            self._shed_idle()
-            fd = client.transport.get_extra_info("socket").fileno()
-            await asyncio.to_thread(send_frame, conn, {"op": "client", "fds": 1, "state": state}, [fd])
-            let_go(client)
-            self.queued.discard(client)
-            self.moved += 1
