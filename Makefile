@@ -44,3 +44,26 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	UNPINNED_BENCH_VIA="make bench-quick" $(PY) bench/run.py --quick $(BENCH_ARGS)
+
+# PostgreSQL's regression scripts run directly and through the proxy, diffed per script;
+# fails on any difference compat/expected_differences.toml does not list (see docs/compat.md).
+# Needs ../shared/compat/pg_regress or UNPINNED_PG_REGRESS. Extra flags: COMPAT_ARGS="--pool-size 5 guc".
+.PHONY: compat
+compat: $(STAMP)
+	$(PY) compat/run.py $(COMPAT_ARGS)
+
+# Coverage-guided fuzzing of the pure code (fuzz/targets.py) with atheris, FUZZ_SECONDS per
+# target. New interesting inputs go to fuzz/work/ (not kept); a crash is written into the
+# target's corpus, fuzz/corpus/<target>/crash-<sha1>, which tests/test_fuzz.py then replays.
+# `make test` runs each target for UNPINNED_FUZZ_SECONDS (default 2).
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS ?= startup backend_fields auth relay
+.PHONY: fuzz
+fuzz: $(STAMP)
+	@status=0; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t; echo "== fuzzing $$t for $(FUZZ_SECONDS) s"; \
+	  $(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=fuzz/corpus/$$t/ fuzz/work/$$t fuzz/corpus/$$t \
+	    2>fuzz/work/$$t.log || { status=1; echo "   crash in $$t: see fuzz/work/$$t.log and fuzz/corpus/$$t/crash-*"; }; \
+	  grep -E "^Done|stat::number_of_executed_units|stat::average_exec_per_sec" fuzz/work/$$t.log | sed 's/^/   /'; \
+	done; exit $$status

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PGPORT:?set PGPORT to a PostgreSQL with a pgbench database}"
 PY=.venv/bin/python
-PGBENCH=${PGBENCH:-$($PY -c "from unpinned.embedded import install_dir; print(install_dir())")/bin/pgbench}
+PGBENCH=${PGBENCH:-$($PY -c "from unpinned.dev.embedded import install_dir; print(install_dir())")/bin/pgbench}
 ARGS=${*:--S -n -c 50 -j 2}
 PORT=${PROXY_PORT:-6499}
 OUT=$(mktemp -d)

@@ -219,7 +219,7 @@ shorter check), which run `bench/run.py`. Benchmarks are not tests: nothing here
 | proxy CPU per transaction | utime + stime of the proxy's processes (`/proc/<pid>/stat` of the process and its workers, all threads) over the `-S` simple run, divided by the transactions. |
 | 1M-row SELECT / COPY | `SELECT g, md5(g::text) FROM generate_series(1, 1000000) g` and the same as `COPY … TO STDOUT` (simple protocol), read by a minimal wire client that counts bytes and discards them: bytes / seconds. One backend producing the rows is usually the slowest part, so this row shows whether a proxy slows the stream down, not its own ceiling. |
 | idle clients | After all the other scenarios, 10,000 connections log in (trust) and stay idle; the proxy's memory with them open (the sum of the PSS in `/proc/<pid>/smaps_rollup` over its processes, so forked workers' shared pages count once), and in brackets the growth from before they opened. |
-| classify | `unpinned.classifier.classify` in-process, best of 5 `timeit` runs: a statement seen before (a cache hit), and first sights of new statements (a SET is parsed by PostgreSQL's parser; a SELECT without session effects skips the parser). "Parsed once": the second sight returns the cached result. |
+| classify | `unpinned.sql.classifier.classify` in-process, best of 5 `timeit` runs: a statement seen before (a cache hit), and first sights of new statements (a SET is parsed by PostgreSQL's parser; a SELECT without session effects skips the parser). "Parsed once": the second sight returns the cached result. |
 
 ## Runs
 

@@ -39,7 +39,9 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see unpinned.example.toml).")
 @click.option("--listen", help="HOST:PORT to accept clients on [127.0.0.1:6432].")
-@click.option("--upstream", help="postgresql://user:password@host:port/db of the server (host may be a unix-socket directory).")
+@click.option("--reader-listen", "reader_listen", help="HOST:PORT of a read-only endpoint served by the replicas.")
+@click.option("--upstream", help="postgresql://user:password@host:port/db of the server (host may be a unix-socket "
+              "directory); several hosts as libpq takes them: host1:port1,host2:port2.")
 @click.option("--mode", type=click.Choice(["smart", "rds"]), help="smart (carry state) or rds (behave like RDS Proxy) [smart].")
 @click.option("--pool-size", type=int, help="Max server connections per (database, user) [20].")
 @click.option("--auth", type=click.Choice(["scram", "md5", "trust"]), help="How clients authenticate [scram].")
@@ -51,11 +53,11 @@ def main() -> None:
               help="Unix socket for takeover restarts: take the clients of the proxy listening there, if any, "
                    "then listen there for the next one (docs/production.md).")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
-def serve(config_path, listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, workers,
+def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, workers,
           takeover_socket, verbose) -> None:
     """Run the proxy until SIGINT/SIGTERM. SIGHUP (or RELOAD in the admin console) re-reads the config."""
     _setup_logging(max(verbose, 1))
-    overrides = dict(listen=listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
+    overrides = dict(listen=listen, reader_listen=reader_listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
                      users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers,
                      takeover_socket=takeover_socket)
     try:

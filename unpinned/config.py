@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, parse_qs
 
+from unpinned.hosts import Host, parse_host_list, split_hosts_url
 from unpinned.wire.auth import UserSecret, parse_scram_verifier
 
 
@@ -31,10 +32,18 @@ class Upstream:
     # require (TLS, certificate not checked), verify-ca, verify-full (checked against sslrootcert).
     sslmode: str = "prefer"
     sslrootcert: str = ""            # CA file for verify-ca/verify-full; "" = the system's CAs
+    # Every host (backend.topology.Host), in order: from a multi-host URL or [upstream] hosts.
+    # host/port above stay the first one's, so one-host code reads them as before.
+    hosts: list = field(default_factory=list)
 
     @classmethod
     def from_url(cls, url: str) -> "Upstream":
         shown = redact_url(url)   # error messages must never carry the password
+        try:
+            # libpq's multi-host form (h1:p1,h2:p2 or ?host=h1,h2): the rest is read from the first.
+            hosts, url = split_hosts_url(url) if "://" in url else (None, url)
+        except ValueError as e:
+            raise ConfigError(f"{e}: {shown!r}") from None
         try:
             u = urlsplit(url)
             if u.scheme not in ("postgresql", "postgres"):
@@ -55,7 +64,16 @@ class Upstream:
                  database=unquote(u.path.lstrip("/")) or "postgres",
                  sslmode=q.get("sslmode", ["prefer"])[0], sslrootcert=q.get("sslrootcert", [""])[0])
         up.check()
+        up.hosts = hosts or []
         return up
+
+    def set_hosts(self, hosts: list) -> None:
+        self.hosts = list(hosts)
+        self.host, self.port = hosts[0].host, hosts[0].port
+
+    @property
+    def all_hosts(self) -> list:
+        return self.hosts or [Host(self.host, self.port)]
 
     def check(self) -> None:
         if self.sslmode not in SSLMODES:
@@ -83,10 +101,22 @@ class Upstream:
         return f"Upstream(host={self.host!r}, port={self.port}, user={self.user!r}, database={self.database!r})"
 
 
+ENDPOINT_ROLES = ("read_write", "read_only")   # RDS Proxy's READ_WRITE and READ_ONLY
+
+
+@dataclass
+class Endpoint:
+    """One address clients connect to, with its own pools: writer or readers."""
+    name: str
+    listen: str
+    role: str = "read_write"
+
+
 @dataclass
 class Config:
     # [proxy]
     listen: str = "127.0.0.1:6432"
+    reader_listen: str = ""              # HOST:PORT of a read-only endpoint (replicas); "" = none
     mode: str = "smart"                  # "smart" | "rds"
     auth: str = "scram"                  # "scram" | "md5" | "trust"
     users_file: str = ""
@@ -120,6 +150,10 @@ class Config:
     connect_timeout: float = 10.0
     # [upstream]
     upstream: Upstream = field(default_factory=Upstream)
+    health_check_interval: float = 1.0   # seconds between checks of each host's health and role
+    max_replica_lag: float = 30.0        # seconds; a replica further behind leaves the readers; 0 = no limit
+    # [[endpoints]]
+    endpoints: list[Endpoint] = field(default_factory=list)
     # [users] (inline) or users_file
     users: dict[str, UserSecret] = field(default_factory=dict)
 
@@ -162,6 +196,11 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         self.listen_address()
+        if self.health_check_interval <= 0:
+            raise ConfigError("health_check_interval must be more than 0")
+        if self.max_replica_lag < 0:
+            raise ConfigError("max_replica_lag must not be negative (0 = no limit)")
+        self.all_endpoints()
         if self.http_listen:
             parse_hostport(self.http_listen, "http_listen")
         if self.auth != "trust" and not self.users:
@@ -184,6 +223,26 @@ class Config:
 
     def listen_address(self) -> tuple[str, int]:
         return parse_hostport(self.listen, "listen")
+
+    def all_endpoints(self) -> list[Endpoint]:
+        """`listen` (read/write, named "default"), `reader_listen` (read-only, "reader"), then [[endpoints]]."""
+        eps = [Endpoint("default", self.listen, "read_write")]
+        if self.reader_listen:
+            eps.append(Endpoint("reader", self.reader_listen, "read_only"))
+        eps += self.endpoints
+        names: set[str] = set()
+        addresses: dict[tuple[str, int], str] = {}
+        for ep in eps:
+            if ep.role not in ENDPOINT_ROLES:
+                raise ConfigError(f"endpoint {ep.name!r}: role must be 'read_write' or 'read_only', not {ep.role!r}")
+            if ep.name in names:
+                raise ConfigError(f"endpoint name {ep.name!r} is used twice")
+            names.add(ep.name)
+            addr = parse_hostport(ep.listen, f"endpoint {ep.name!r} listen")
+            if addr in addresses:
+                raise ConfigError(f"endpoints {addresses[addr]!r} and {ep.name!r} both listen on {ep.listen}")
+            addresses[addr] = ep.name
+        return eps
 
     def secret_for(self, user: str) -> UserSecret | None:
         s = self.users.get(user)
@@ -216,7 +275,8 @@ def redact_url(url: str) -> str:
     except ValueError:
         pass
     # Whatever the parser made of it (no scheme, say): no "user:secret@" survives.
-    return re.sub(r"(^|[/@])([^:/@]*):[^@]*@", r"\1\2:***@", url)
+    # (?!//): the scheme's "postgresql://" is not a "user:password@".
+    return re.sub(r"(^|[/@])([^:/@]*):(?!//)[^@]*@", r"\1\2:***@", url)
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -227,7 +287,7 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 
 _SECTIONS = {
-    "proxy": ("listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
+    "proxy": ("listen", "reader_listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
               "admin_database", "http_listen", "workers", "tls_cert_file", "tls_key_file", "require_tls",
               "fleet_size", "shutdown_timeout", "takeover_socket"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
@@ -255,14 +315,26 @@ def load(path: str | None = None, **overrides) -> Config:
                 raise ConfigError(f"unknown key [{section}] {key}")
             _set(cfg, known[key].type, key, value)
     for section in raw:
-        if section not in (*_SECTIONS, "upstream", "users"):
+        if section not in (*_SECTIONS, "upstream", "users", "endpoints"):
             raise ConfigError(f"unknown section [{section}]")
     up = raw.get("upstream", {})
-    unknown = set(up) - {"url", "host", "port", "user", "password", "database", "sslmode", "sslrootcert"}
+    unknown = set(up) - {"url", "host", "port", "user", "password", "database", "sslmode", "sslrootcert",
+                         "hosts", *_UPSTREAM_KEYS}
     if unknown:
         raise ConfigError(f"unknown key [upstream] {', '.join(sorted(unknown))}")
     if "url" in up:
         cfg.upstream = Upstream.from_url(up["url"])
+    for key in _UPSTREAM_KEYS:
+        if key in up:
+            _set(cfg, known[key].type, key, up[key])
+    if "hosts" in up:
+        if len(cfg.upstream.hosts) > 1 or "host" in up or "port" in up:
+            raise ConfigError("[upstream] hosts replaces host, port and the hosts of url: give only one of them")
+        try:
+            cfg.upstream.set_hosts(parse_host_list(up["hosts"]))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    cfg.endpoints = _endpoints(raw.get("endpoints", []))
     for key in ("host", "user", "password", "database", "sslmode", "sslrootcert"):
         if key in up:
             if not isinstance(up[key], str):
@@ -296,6 +368,26 @@ def load(path: str | None = None, **overrides) -> Config:
         cfg.users.update(_users(users_raw.get("users", users_raw)))
     cfg.users.update(_users(raw.get("users", {})))
     return cfg.validate()
+
+
+_UPSTREAM_KEYS = ("health_check_interval", "max_replica_lag")   # Config fields read from [upstream]
+
+
+def _endpoints(raw) -> list[Endpoint]:
+    if not isinstance(raw, list):
+        raise ConfigError("endpoints must be [[endpoints]] tables")
+    out = []
+    for i, e in enumerate(raw):
+        if not isinstance(e, dict):
+            raise ConfigError("endpoints must be [[endpoints]] tables")
+        unknown = set(e) - {"name", "listen", "role"}
+        if unknown:
+            raise ConfigError(f"unknown key [[endpoints]] {', '.join(sorted(unknown))}")
+        if not all(isinstance(e.get(k), str) for k in ("name", "listen")):
+            raise ConfigError(f"[[endpoints]] number {i + 1} needs name and listen (strings)")
+        role = e.get("role", "read_write")
+        out.append(Endpoint(e["name"], e["listen"], role.lower() if isinstance(role, str) else role))
+    return out
 
 
 def _set(cfg: Config, typ, key: str, value) -> None:

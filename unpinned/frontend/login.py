@@ -171,7 +171,7 @@ class Login(ClientConnection):
         elif isinstance(e, AuthFailed):
             self.shared.stats.clients_failed_auth += 1
             log.info("client %d (%s) failed authentication as %r: %s", self.id, self.addr, self.user, e)
-            self._fatal(e.sqlstate, str(e))
+            self.shutdown(m.fatal(e.sqlstate, str(e), detail=e.detail))
         elif isinstance(e, ServerError):
             self._fatal(e.sqlstate, e.fields.get("M", "server error"))
         elif isinstance(e, BorrowTimeout):
@@ -227,10 +227,12 @@ class Login(ClientConnection):
 
         # Authenticate before any server connection is opened for this user.
         secret = cfg.secret_for(self.user)
-        if secret is None and cfg.auth != "trust":
-            raise AuthFailed(f'password authentication failed for user "{self.user}"')
         self._secret = secret
-        self._auth = ClientAuth(cfg.auth, self.user, secret)
+        if secret is None and cfg.auth != "trust":
+            # Unknown: the same exchange as a wrong password, failing at its end (PostgreSQL's mock).
+            self._auth = ClientAuth.mock(cfg.auth, self.user, cfg.users)
+        else:
+            self._auth = ClientAuth(cfg.auth, self.user, secret)
         first = self._auth.start()
         if first:
             self.transport.write(first)

@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import os
-import struct
 from dataclasses import dataclass, field
 
 import scramp
@@ -18,12 +17,14 @@ import scramp
 from unpinned.wire import messages as m
 
 SCRAM = "SCRAM-SHA-256"
+SALT_LENGTH = 16    # PostgreSQL's; a mock exchange's salt has it too, so both look alike
 
 
 class AuthFailed(Exception):
-    def __init__(self, message: str, sqlstate: str = "28P01"):
+    def __init__(self, message: str, sqlstate: str = "28P01", detail: str | None = None):
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.detail = detail
 
 
 @dataclass
@@ -47,7 +48,8 @@ class UserSecret:
             if self.scram_verifier:
                 self._scram_info = parse_scram_verifier(self.scram_verifier)
             elif self.password is not None:
-                self._scram_info = scramp.ScramMechanism(SCRAM).make_auth_info(self.password, iteration_count=4096)
+                self._scram_info = scramp.ScramMechanism(SCRAM).make_auth_info(
+                    self.password, iteration_count=4096, salt=os.urandom(SALT_LENGTH))
             else:
                 raise AuthFailed(f'password authentication failed for user "{self.name}"')
         return self._scram_info
@@ -76,15 +78,27 @@ def parse_scram_verifier(verifier: str) -> tuple:
 # ---------------------------------------------------------------- proxy as the server
 
 class ClientAuth:
-    """Proxy-side authentication of one client. Drive it with `start()` then `step(body)`."""
+    """Proxy-side authentication of one client. Drive it with `start()` then `step(body)`.
 
-    def __init__(self, method: str, user: str, secret: UserSecret | None):
+    `secret` None (or one that cannot answer the method) runs a doomed exchange: the same
+    messages as a wrong password, failing at the same point with the same error, so that an
+    unknown user cannot be told from a known one (PostgreSQL's "mock authentication").
+    Build that one with `ClientAuth.mock`."""
+
+    def __init__(self, method: str, user: str, secret: UserSecret | None, doomed_key: bytes = b""):
         self.method = method
         self.user = user
         self.secret = secret
         self.done = False
         self._salt = os.urandom(4) if method == "md5" else b""
-        self._scram = None
+        self._scram: ScramServer | None = None
+        self._mech_chosen = False
+        self._doomed_key = doomed_key      # for the mock salt (see mock_key)
+
+    @classmethod
+    def mock(cls, method: str, user: str, users: dict) -> "ClientAuth":
+        """The exchange for a user the proxy does not know; `users` are the configured ones."""
+        return cls(method, user, None, mock_key(users))
 
     def _fail(self) -> AuthFailed:
         return AuthFailed(f'password authentication failed for user "{self.user}"')
@@ -99,78 +113,249 @@ class ClientAuth:
 
     def step(self, body: bytes) -> bytes:
         """Body of the client's 'p' message → bytes to send; sets `done`, or raises AuthFailed."""
-        if self.secret is None:
-            raise self._fail()
         if self.method == "md5":
-            given = body.rstrip(b"\x00").decode("ascii", "replace")
-            if not hmac.compare_digest(given, self.secret.md5_expected(self._salt)):
+            given = read_password_packet(body)
+            expected = self.secret.md5_expected(self._salt) if self.secret is not None else None
+            if expected is None or not hmac.compare_digest(given, expected.encode()):
                 raise self._fail()
             self.done = True
             return b""
-        try:
-            if self._scram is None:
-                mech, pos = m.read_cstr(body, 0)
-                if mech.decode() != SCRAM:
-                    raise AuthFailed(f"unsupported SASL mechanism {mech.decode(errors='replace')!r}", "28000")
-                ln = m.unpack_i32(body, pos)[0]
-                self._scram = ScramServer(self.secret.scram_auth_info())
-                return m.auth_sasl_continue(self._scram.first(body[pos + 4:pos + 4 + ln].decode()).encode())
-            final = self._scram.final(body.decode())
-            self.done = True
-            return m.auth_sasl_final(final.encode())
-        except ScramMismatch:
-            raise self._fail() from None
-        except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error):
-            raise AuthFailed("malformed SASL message", "08P01") from None
+        if not self._mech_chosen:
+            # SASLInitialResponse: mechanism, then Int32 length of the client-first (-1: none yet).
+            mech, pos = _read_string(body, 0)
+            if mech != SCRAM.encode():
+                raise AuthFailed("client selected an invalid SASL authentication mechanism", "08P01")
+            if len(body) - pos < 4:
+                raise AuthFailed("insufficient data left in message", "08P01")
+            ln = m.unpack_i32(body, pos)[0]
+            pos += 4
+            if ln == 0xFFFFFFFF:
+                first = None
+            elif ln > len(body) - pos:
+                raise AuthFailed("insufficient data left in message", "08P01")
+            else:
+                first, pos = body[pos:pos + ln], pos + ln
+            if pos != len(body):
+                raise AuthFailed("invalid message format", "08P01")
+            self._mech_chosen = True
+            self._scram = ScramServer(*self._scram_info())
+            if first is None:
+                return m.auth_sasl_continue(b"")    # the client-first follows in the next message
+            body = first
+        scram = self._scram
+        if not scram.server_first:
+            return m.auth_sasl_continue(scram.first(body).encode())
+        if scram.done:
+            raise AuthFailed("invalid SCRAM exchange state", "08P01")
+        final = scram.final(body)          # raises AuthFailed 08P01 for a malformed message
+        if final is None or scram.doomed:
+            raise self._fail()
+        self.done = True
+        return m.auth_sasl_final(final.encode())
+
+    def _scram_info(self) -> tuple[tuple, bool]:
+        """(auth info, doomed)."""
+        if self.secret is not None:
+            try:
+                return self.secret.scram_auth_info(), False
+            except AuthFailed:
+                # A user with only an md5 hash cannot do SCRAM: the doomed exchange, like PostgreSQL.
+                return mock_scram_info(self.user, mock_key({self.user: self.secret})), True
+        return mock_scram_info(self.user, self._doomed_key), True
 
 
-class ScramMismatch(Exception):
-    pass
+def mock_key(users: dict) -> bytes:
+    """A key known only to this proxy, the same in every worker and across restarts while the
+    users are unchanged: made from every configured secret (PostgreSQL uses a per-cluster
+    nonce). Cached per users mapping."""
+    cached = _mock_keys.get(id(users))
+    if cached is not None and cached[0] is users:
+        return cached[1]
+    h = hashlib.sha256(b"unpinned mock authentication\x00")
+    for name in sorted(users):
+        s = users[name]
+        for part in (name, s.password, s.scram_verifier, s.md5_hash, s.server_password):
+            h.update((part or "").encode() + b"\x00")
+    key = h.digest()
+    if len(_mock_keys) > 8:
+        _mock_keys.clear()
+    _mock_keys[id(users)] = (users, key)
+    return key
+
+
+_mock_keys: dict[int, tuple[dict, bytes]] = {}
+
+
+def mock_scram_info(user: str, key: bytes) -> tuple:
+    """(salt, stored_key, server_key, iterations) for an unknown user: a salt that is the same
+    for every attempt with that name (a real user's salt does not change either), PostgreSQL's
+    salt length and iteration count, keys no proof can match."""
+    salt = hmac.new(key, user.encode(), hashlib.sha256).digest()[:SALT_LENGTH]
+    return salt, bytes(32), bytes(32), 4096
+
+
+def read_password_packet(body: bytes) -> bytes:
+    """A PasswordMessage's password, checked as PostgreSQL checks it."""
+    if not body or body.find(b"\x00") != len(body) - 1:
+        raise AuthFailed("invalid password packet size", "08P01")
+    if len(body) == 1:
+        raise AuthFailed("empty password returned by client", "28P01")
+    return body[:-1]
+
+
+def _read_string(body: bytes, pos: int) -> tuple[bytes, int]:
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise AuthFailed("invalid string in message", "08P01")
+    return body[pos:end], end + 1
+
+
+def _malformed(detail: str) -> AuthFailed:
+    return AuthFailed("malformed SCRAM message", "08P01", detail)
+
+
+def _show(ch: str) -> str:
+    """A character of client input for an error message, as PostgreSQL shows it."""
+    return f"'{ch}'" if "\x21" <= ch <= "\x7e" else f"0x{ord(ch) if ch else 0:02x}"
+
+
+class _Reader:
+    """A cursor over a SCRAM message (RFC 5802 attr=value pairs separated by commas)."""
+
+    __slots__ = ("s", "pos")
+
+    def __init__(self, s: str):
+        self.s = s
+        self.pos = 0
+
+    def peek(self) -> str:
+        return self.s[self.pos] if self.pos < len(self.s) else ""
+
+    def _value(self, attr: str) -> str:
+        if self.s[self.pos + 1:self.pos + 2] != "=":
+            raise _malformed(f'Expected character "=" for attribute "{attr}".')
+        start = self.pos + 2
+        end = self.s.find(",", start)
+        if end < 0:
+            self.pos = len(self.s)
+            return self.s[start:]
+        self.pos = end + 1
+        return self.s[start:end]
+
+    def attr(self, attr: str) -> str:
+        if self.peek() != attr:
+            raise _malformed(f'Expected attribute "{attr}" but found "{_show(self.peek())}".')
+        return self._value(attr)
+
+    def any_attr(self) -> tuple[str, str]:
+        ch = self.peek()
+        if not ch:
+            raise _malformed("Attribute expected, but found end of string.")
+        if not ("A" <= ch <= "Z" or "a" <= ch <= "z"):
+            raise _malformed(f'Attribute expected, but found invalid character "{_show(ch)}".')
+        return ch, self._value(ch)
+
+
+def _printable(s: str) -> bool:
+    return all("\x21" <= ch <= "\x7e" and ch != "," for ch in s)
+
+
+def _text(message: bytes) -> str:
+    """A SCRAM message as text, with PostgreSQL's checks on the bytes: not empty, no zero byte.
+    Latin-1 keeps every byte as one character, so the proof is computed over the exact bytes."""
+    if not message:
+        raise _malformed("The message is empty.")
+    if b"\x00" in message:
+        raise _malformed("Message length does not match input length.")
+    return message.decode("latin-1")
 
 
 class ScramServer:
-    """The server half of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it.
+    """The server half of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, and parses it:
+    the same messages accepted and refused, with PostgreSQL's SQLSTATE and text.
 
     Written here rather than taken from scramp because PostgreSQL clients send an empty
     user name (`n=`) in client-first (the startup packet names the user), which scramp's
-    server rejects.
+    server rejects. No channel binding: the proxy never offers SCRAM-SHA-256-PLUS.
     """
 
-    def __init__(self, auth_info: tuple):
+    def __init__(self, auth_info: tuple, doomed: bool = False):
         self.salt, self.stored_key, self.server_key, self.iterations = auth_info
+        self.doomed = doomed        # a mock exchange: fails at the proof whatever the client sends
+        self.cbind_flag = ""
+        self.cnonce = ""
         self.nonce = ""
-        self.gs2 = ""
         self.client_first_bare = ""
         self.server_first = ""
+        self.done = False
 
-    def first(self, client_first: str) -> str:
-        flag, _authzid, bare = client_first.split(",", 2)
+    def first(self, message: bytes) -> str:
+        """client-first-message → server-first-message; AuthFailed if malformed."""
+        r = _Reader(_text(message))
+        flag = r.peek()
+        if flag == "p":
+            raise _malformed("The client selected SCRAM-SHA-256 without channel binding, "
+                             "but the SCRAM message includes channel binding data.")
         if flag not in ("n", "y"):
-            # "p=...": channel binding, which needs SCRAM-SHA-256-PLUS; we never offered it.
-            raise ValueError("channel binding not supported")
-        self.gs2 = client_first[: len(client_first) - len(bare)]
-        attrs = dict(a.split("=", 1) for a in bare.split(",") if "=" in a)
-        cnonce = attrs["r"]
-        if not cnonce:
-            raise ValueError("empty nonce")
+            raise _malformed(f'Unexpected channel-binding flag "{_show(flag)}".')
+        r.pos += 1
+        if r.peek() != ",":
+            raise _malformed(f'Comma expected, but found character "{_show(r.peek())}".')
+        r.pos += 1
+        if r.peek() == "a":
+            raise AuthFailed("client uses authorization identity, but it is not supported", "0A000")
+        if r.peek() != ",":
+            raise _malformed(f'Unexpected attribute "{_show(r.peek())}" in client-first-message.')
+        r.pos += 1
+        bare = r.s[r.pos:]
+        if r.peek() == "m":
+            raise AuthFailed("client requires an unsupported SCRAM extension", "0A000")
+        r.attr("n")          # the user name: PostgreSQL takes it from the startup packet
+        cnonce = r.attr("r")
+        if not _printable(cnonce):
+            raise AuthFailed("non-printable characters in SCRAM nonce", "08P01")
+        while r.pos < len(r.s):
+            r.any_attr()     # optional extensions, ignored
+        self.cbind_flag = flag
+        self.cnonce = cnonce
         self.client_first_bare = bare
         self.nonce = cnonce + base64.b64encode(os.urandom(18)).decode()
         self.server_first = f"r={self.nonce},s={base64.b64encode(self.salt).decode()},i={self.iterations}"
         return self.server_first
 
-    def final(self, client_final: str) -> str:
-        without_proof, _, proof_b64 = client_final.rpartition(",p=")
-        attrs = dict(a.split("=", 1) for a in without_proof.split(","))
-        if attrs["c"] != base64.b64encode(self.gs2.encode()).decode() or attrs["r"] != self.nonce:
-            raise ScramMismatch()
-        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
-        proof = base64.b64decode(proof_b64)
+    def final(self, message: bytes) -> str | None:
+        """client-final-message → server-final-message, or None for a wrong proof;
+        AuthFailed if malformed or the nonce is not this exchange's."""
+        r = _Reader(_text(message))
+        cbind = r.attr("c")
+        # Without channel binding, c= is the base64 of the GS2 header: "n,," or "y,,", the
+        # flag the client-first gave.
+        if not (cbind == "biws" and self.cbind_flag == "n" or cbind == "eSws" and self.cbind_flag == "y"):
+            raise AuthFailed("unexpected SCRAM channel-binding attribute in client-final-message", "08P01")
+        nonce = r.attr("r")
+        while True:          # optional extensions, ignored, up to the proof
+            proof_at = r.pos - 1
+            attr, value = r.any_attr()
+            if attr == "p":
+                break
+        try:
+            proof = base64.b64decode(value.encode("latin-1"), validate=True)
+        except ValueError:
+            proof = b""
+        if len(proof) != 32:
+            raise _malformed("Malformed proof in client-final-message.")
+        if r.pos < len(r.s):
+            raise _malformed("Garbage found at the end of client-final-message.")
+        if not hmac.compare_digest(nonce.encode("latin-1"), self.nonce.encode()):
+            raise AuthFailed("invalid SCRAM response", "08P01", "Nonce does not match.")
+        self.done = True
+        without_proof = r.s[:proof_at]
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode("latin-1")
+        # Computed for a doomed exchange too, so that it takes as long as a real one.
         signature = hmac.new(self.stored_key, auth_message, hashlib.sha256).digest()
-        if len(proof) != len(signature):
-            raise ScramMismatch()
         client_key = bytes(a ^ b for a, b in zip(proof, signature))
-        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key):
-            raise ScramMismatch()
+        if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.stored_key) or self.doomed:
+            return None
         server_signature = hmac.new(self.server_key, auth_message, hashlib.sha256).digest()
         return "v=" + base64.b64encode(server_signature).decode()
 

@@ -252,7 +252,9 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
     n = len(body)
     while pos < n and body[pos] != 0:
         code = chr(body[pos])
-        end = body.index(b"\x00", pos + 1)
+        end = body.find(b"\x00", pos + 1)
+        if end < 0:     # a last field without its terminator: taken as it is, not an IndexError
+            end = n
         out[code] = body[pos + 1:end].decode("utf-8", "replace")
         pos = end + 1
     return out
@@ -261,4 +263,4 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
 def split_parameter_status(body: bytes) -> tuple[str, str]:
     name, _, rest = body.partition(b"\x00")
     value = rest[:-1] if rest.endswith(b"\x00") else rest
-    return name.decode(), value.decode("utf-8", "replace")
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
