@@ -24,7 +24,6 @@ The readers are in audit_logs.py; this module aggregates, runs and renders.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re

@@ -108,7 +108,8 @@ class ResponseWalk:
                     self._row = _data_row(data[pos + 5:end])
             elif t in TERMINALS[kind]:
                 queue.popleft()
-                if t == READY_FOR_QUERY and (self._ready(data[pos + 5:pos + 6], action) or queue and queue[0].action == QUIET) \
+                if t == READY_FOR_QUERY and (self._ready(data[pos + 5:pos + 6], action)
+                                             or queue and queue[0].action == QUIET) \
                         and all(e.action == CHECK or e.action == QUIET for e in queue):
                     # Hold the client's ReadyForQuery until the check is answered, so the
                     # pin state is settled by the time the client's statement returns (and
