@@ -49,13 +49,17 @@ def main() -> None:
 @click.option("--http", "http_listen", help="HOST:PORT for /metrics, /api/* and the live page.")
 @click.option("--pin-log", "pin_log", help="JSON-lines pin log: '-' for stderr or a file path.")
 @click.option("--workers", type=int, help="Processes sharing the port, each with its share of the pools; 0 = one per CPU [1].")
+@click.option("--takeover", "takeover_socket", type=click.Path(dir_okay=True),
+              help="Unix socket for takeover restarts: take the clients of the proxy listening there, if any, "
+                   "then listen there for the next one (docs/production.md).")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, workers,
-          verbose) -> None:
+          takeover_socket, verbose) -> None:
     """Run the proxy until SIGINT/SIGTERM. SIGHUP (or RELOAD in the admin console) re-reads the config."""
     _setup_logging(max(verbose, 1))
     overrides = dict(listen=listen, reader_listen=reader_listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
-                     users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers)
+                     users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers,
+                     takeover_socket=takeover_socket)
     try:
         cfg = load(config_path, **overrides)
     except ConfigError as e:

@@ -129,6 +129,9 @@ class Config:
     tls_cert_file: str = ""              # PEM certificate (chain) the proxy shows clients; "" = no TLS
     tls_key_file: str = ""               # its private key
     require_tls: bool = False            # refuse clients that do not use TLS
+    fleet_size: int = 1                  # proxies sharing the server's connection budget (pool_size)
+    shutdown_timeout: float = 30.0       # seconds SIGTERM waits for transactions in flight
+    takeover_socket: str = ""            # unix socket a restarted proxy takes the clients over through
     # [pins]
     pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
@@ -170,6 +173,15 @@ class Config:
         if workers > self.pool_size:
             raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
                               "each worker holds a share of every pool")
+        if self.fleet_size < 1:
+            raise ConfigError("fleet_size must be at least 1")
+        if workers * self.fleet_size > self.pool_size:
+            raise ConfigError(f"pool_size ({self.pool_size}) is the fleet's budget: it must be at least "
+                              f"fleet_size ({self.fleet_size}) x workers ({workers}), one connection each")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown_timeout must not be negative")
+        if self.takeover_socket and workers > 1:
+            raise ConfigError("takeover_socket (serve --takeover) works with one process: set workers = 1")
         self.upstream.check()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
@@ -276,7 +288,8 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 _SECTIONS = {
     "proxy": ("listen", "reader_listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
-              "admin_database", "http_listen", "workers", "tls_cert_file", "tls_key_file", "require_tls"),
+              "admin_database", "http_listen", "workers", "tls_cert_file", "tls_key_file", "require_tls",
+              "fleet_size", "shutdown_timeout", "takeover_socket"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),
@@ -455,3 +468,18 @@ def share(cfg: Config, info: WorkerInfo) -> Config:
     def part(total: int) -> int:
         return total // info.count + (1 if info.index < total % info.count else 0)
     return replace(cfg, pool_size=max(1, part(cfg.pool_size)), max_idle=part(cfg.max_idle))
+
+
+def fleet_share(cfg: Config) -> Config:
+    """One proxy's part of the fleet's budget: `pool_size` (and `max_idle`) are what all
+    `fleet_size` proxies open together, as RDS Proxy's MaxConnectionsPercent is a share of
+    max_connections; rounded down, so the fleet never opens more than the budget."""
+    if cfg.fleet_size <= 1:
+        return cfg
+    return replace(cfg, pool_size=max(1, cfg.pool_size // cfg.fleet_size), max_idle=cfg.max_idle // cfg.fleet_size)
+
+
+def per_process(cfg: Config, info: WorkerInfo | None) -> Config:
+    """What one serving process may open: its proxy's part of the fleet, then its worker's part."""
+    cfg = fleet_share(cfg)
+    return share(cfg, info) if info is not None else cfg

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from unpinned.ops import admin
+from unpinned.ops.health import readiness
 from unpinned.ops.metrics import make_registry, render
 from unpinned.ops.workers import merge_history, merge_metrics
 from unpinned.ops.live_state import ProxyView
@@ -26,7 +27,10 @@ class HttpServer:
         self.registry = proxy.metrics_registry = make_registry(proxy)
         self.server: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False, sock=None) -> None:
+        if sock is not None:    # handed over by the process this one replaces (ops/takeover.py)
+            self.server = await asyncio.start_server(self._serve, sock=sock)
+            return
         self.server = await asyncio.start_server(self._serve, host, port, reuse_port=reuse_port or None)
 
     @property
@@ -41,6 +45,9 @@ class HttpServer:
         """With several workers, whichever one a request reaches answers for all of them."""
         path = path.split("?", 1)[0]
         peers = self.proxy.peers
+        if path in ("/health", "/ready"):
+            status, body = (200, {"status": "alive"}) if path == "/health" else await readiness(self.proxy)
+            return status, "application/json", json.dumps(body).encode()
         if path == "/metrics":
             text = render(self.registry) if peers is None else merge_metrics(await peers.ask_all({"op": "metrics"}))
             return 200, "text/plain; version=0.0.4; charset=utf-8", text
