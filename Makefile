@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py unpinned/compiled.txt $(COMPILED_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import unpinned; print('unpinned installed:', unpinned.build_description())"
 	touch $(STAMP)
 
 install: $(STAMP)

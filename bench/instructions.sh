@@ -22,11 +22,14 @@ valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.%p" $PY -m unpinned.cli 
     --upstream "postgresql://postgres@127.0.0.1:$PGPORT/postgres" --auth trust --pool-size 20 2>"$OUT/serve.log" &
 VG=$!
 trap 'kill $VG 2>/dev/null || true; wait $VG 2>/dev/null || true; rm -rf "$OUT"' EXIT
-for _ in $(seq 180); do sleep 1; grep -q " listening on " "$OUT/serve.log" && break; done
+# Under valgrind on a busy machine the start-up alone can take minutes.
+for _ in $(seq 600); do sleep 1; grep -q " listening on " "$OUT/serve.log" && break; done
 run() { PGPASSWORD=x "$PGBENCH" -h 127.0.0.1 -p "$PORT" -U postgres $ARGS -t "$1" postgres 2>&1; }
-run 40 >/dev/null
+fail() { echo "pgbench $ARGS: failed: $1"; tail -5 "$OUT/serve.log"; exit 1; }
+WARM=$(run 40) || fail "$WARM"
 callgrind_control -d "$VG" >/dev/null
-TX=$(run "${N:-100}" | awk '/actually processed/ {split($NF, a, "/"); print a[1]}')
+COUNTED=$(run "${N:-100}") || fail "$COUNTED"
+TX=$(echo "$COUNTED" | awk '/actually processed/ {split($NF, a, "/"); print a[1]}')
 callgrind_control -d "$VG" >/dev/null
 sleep 1
 IR=$(callgrind_annotate --auto=no "$(ls "$OUT"/cg.*.2)" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
