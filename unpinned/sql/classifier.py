@@ -76,7 +76,7 @@ def classify(query: Any) -> Classification:      # bytes or str; a bytearray or 
     return _classify_new(query)
 
 
-def _classify_new(query: bytes | str) -> Classification:
+def _classify_new(query: Any) -> Classification:
     global _cache_bytes
     if isinstance(query, str):
         text = query
