@@ -151,8 +151,10 @@ _ASIDES = (m.notice_response("fuzz notice"), m.parameter_status("application_nam
            m.parameter_status("TimeZone", "UTC"), m.message(b"A", b"\0\0\0\1ch\0payload\0"),
            m.parameter_status("search_path", "x, y"))
 _ERRORS = ("42703", "57014", "25P02", "40001", "0A000", "26000", "42P05")
-_R_PARSE, _R_BIND, _R_DESC_STMT, _R_DESC_PORTAL, _R_EXEC, _R_CLOSE, _R_SYNC, _R_QUERY, _R_FUNC, _R_SYNTH = range(10)
-_CHECK = 3      # relay.CHECK: the proxy's own question about session state
+from unpinned.relay.pending import (CHECK as _CHECK, R_BIND as _R_BIND, R_CLOSE as _R_CLOSE,  # noqa: E402
+                                    R_DESC_PORTAL as _R_DESC_PORTAL, R_DESC_STMT as _R_DESC_STMT,
+                                    R_EXEC as _R_EXEC, R_FUNC as _R_FUNC, R_PARSE as _R_PARSE,
+                                    R_QUERY as _R_QUERY, R_SYNC as _R_SYNC, R_SYNTH as _R_SYNTH)
 
 
 def _check_row(relay: Relay, choose: _Choices) -> bytes:
@@ -233,7 +235,7 @@ class Server:
         out: list[bytes] = []
         skipping = False
         for entry in list(relay.queue):
-            kind = entry[0]
+            kind = entry.kind
             if kind == _R_SYNTH:
                 continue
             if skipping and kind != _R_SYNC:
@@ -246,7 +248,7 @@ class Server:
             fail = c % 8 == 7
             if kind == _R_QUERY:
                 text = self.queries.pop(0) if self.queries else "SELECT 1"
-                if entry[1] == _CHECK:
+                if entry.action == _CHECK:
                     out += [m.row_description(["x"]), _check_row(relay, choose), m.command_complete("SELECT 1")]
                 else:
                     try:
@@ -278,8 +280,8 @@ class Server:
                     out.append(m.message(b"t", b"\0\0"))
                 out.append(m.NO_DATA if c & 8 else m.row_description(["x"]))
             elif kind == _R_EXEC:
-                stmt = entry[2]
-                text = stmt[0].text if stmt is not None and stmt[0] is not None else "SELECT 1"
+                c_ = entry.payload      # the statement's classification (a StatementRun's)
+                text = c_.text if c_ is not None else "SELECT 1"
                 if c & 8:
                     out.append(m.message(b"s"))      # PortalSuspended: a row limit was reached
                 else:
@@ -327,7 +329,7 @@ def relay(data: bytes) -> None:
     # the relay's own requests (checks it asks while reading answers) need answers too.
     choose = _Choices(server)
     for _ in range(4):
-        if not r.queue or all(e[0] == _R_SYNTH for e in r.queue):
+        if not r.queue or all(e.kind == _R_SYNTH for e in r.queue):
             break
         answers = pg.answers(r, choose)
         cut = choose() * len(answers) // 256

@@ -473,11 +473,11 @@ def test_continuation_without_tab_with_given_prefix():
 
 
 def test_statement_size_cap(monkeypatch):
-    import unpinned.kit.audit as audit_mod
-    monkeypatch.setattr(audit_mod, "MAX_STATEMENT_CHARS", 1000)
+    import unpinned.kit.audit_logs as logs_mod
+    monkeypatch.setattr(logs_mod, "MAX_STATEMENT_CHARS", 1000)
     body = "".join(f"\t, col{i}\n" for i in range(500))
     log = f"2024-05-01 10:00:00 UTC [1] LOG:  statement: SET a = 1\n{body}2024-05-01 10:00:01 UTC [1] LOG:  statement: SELECT 2\n"
-    stats = audit_mod.ParseStats()
+    stats = logs_mod.ParseStats()
     sts = list(stderr_statements(io.StringIO(log), stats=stats))
     assert [s.truncated for s in sts] == [True, False] and stats.truncated == 1
     assert len(sts[0].text) <= 1000 and sts[1].text == "SELECT 2"

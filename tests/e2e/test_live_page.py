@@ -71,6 +71,6 @@ def test_live_page_says_when_the_proxy_is_unreachable(tmp_path):
     # The same page with no proxy behind its API (opened from a file): it says so.
     from importlib.resources import files
     static = tmp_path / "live.html"
-    static.write_text(files("unpinned").joinpath("live.html").read_text(encoding="utf-8"), encoding="utf-8")
+    static.write_text(files("unpinned.ops").joinpath("live.html").read_text(encoding="utf-8"), encoding="utf-8")
     dom = rendered(static.as_uri(), tmp_path)
     assert "proxy unreachable" in dom and "loading…" not in dom

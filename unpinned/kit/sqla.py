@@ -23,11 +23,8 @@ Nothing here needs the unpinned proxy. See docs/sqlalchemy.md.
 from __future__ import annotations
 
 import datetime
-import inspect
 import logging
 import re
-import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,9 +33,21 @@ import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
-from unpinned.sql.classifier import classify
-from unpinned.sql.effects import Kind, Reason, Scope
-from unpinned.state.policy import PolicyOptions, rds_reasons
+from unpinned.kit.sqla_check import (
+    TIMEOUT_OPTIONS,
+    PinSafeWarning,
+    SessionSetError,
+    SessionSetWarning,
+    _Reporter,
+    _warn,
+    check_statement,
+)
+from unpinned.kit.sqla_drivers import (
+    _asyncpg_clear_jit,
+    _psycopg2_transaction_ping,
+    _psycopg2_watch_class,
+    asyncpg_connection_class,
+)
 from unpinned.sql.text import quote_literal
 
 __all__ = [
@@ -48,345 +57,10 @@ __all__ = [
 
 log = logging.getLogger("unpinned.kit.sqla")
 
-# Execution options the kit turns into SET LOCAL (option name == GUC name).
-TIMEOUT_OPTIONS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+# Execution options the kit turns into SET LOCAL: TIMEOUT_OPTIONS (in sqla_check.py), and this
+# one's {name: value} mapping.
 SET_LOCAL_OPTION = "set_local"
 _MODES = ("warn", "error", "ignore")
-# The reasons this kit reports: session settings. Other pin causes (temp tables,
-# nextval, advisory locks, ...) are for `unpinned audit` / the proxy's pin log.
-_SET_REASONS = frozenset({Reason.SET, Reason.SET_CONFIG, Reason.ROLE})
-_POLICY = PolicyOptions()   # default: SET LOCAL does not pin
-
-
-class PinSafeWarning(UserWarning):
-    """Something the kit could not make pin-safe (e.g. timeouts under AUTOCOMMIT)."""
-
-
-class SessionSetWarning(PinSafeWarning):
-    """A statement about to be sent changes a session setting: RDS Proxy pins the session."""
-
-    def __init__(self, message: str, sql: str = "", reasons: tuple[str, ...] | list[str] = ()):
-        super().__init__(message)
-        self.sql = sql
-        self.reasons = list(reasons)
-
-
-class SessionSetError(sqlalchemy.exc.InvalidRequestError):
-    """Raised (on_session_set="error") before a session-changing statement reaches the server."""
-
-    def __init__(self, message: str, sql: str, reasons: list[str]):
-        super().__init__(message)
-        self.sql = sql
-        self.reasons = reasons
-
-
-# --------------------------------------------------------------------------- statement check
-
-_PYFORMAT = re.compile(r"%\((?:[^)]*)\)s|%s|%%")
-
-
-def _dollar_params(sql: str) -> str:
-    """psycopg-style placeholders -> $n, so PostgreSQL's parser can classify the text."""
-    n = 0
-
-    def sub(m: re.Match) -> str:
-        nonlocal n
-        if m.group(0) == "%%":
-            return "%"
-        n += 1
-        return f"${n}"
-    return _PYFORMAT.sub(sub, sql)
-
-
-def check_statement(sql: str, paramstyle: str | None = None) -> tuple[list[str], str] | None:
-    """(pin reasons, advice) if `sql` changes a session setting RDS Proxy would pin on, else None.
-
-    Uses the proxy's own classifier and rds policy. SET LOCAL, SET TRANSACTION and the
-    kit's own statements are fine; set_config() is not, even with is_local => true,
-    because RDS Proxy pins on set_config in any form.
-    """
-    low = sql.lower()
-    if "set" not in low and "u&" not in low:
-        return None     # every SET / RESET / set_config / SET ROLE has "set" in it; the common case
-    if paramstyle in ("pyformat", "format") and "%" in sql:
-        sql = _dollar_params(sql)
-    c = classify(sql)
-    reasons = [r for r in rds_reasons(c, _POLICY) if r in _SET_REASONS]
-    if not reasons:
-        return None
-    return [str(r) for r in reasons], _advice(c)
-
-
-def _advice(c) -> str:
-    names: list[str] = []
-    set_config = role = False
-    for e in c.effects:
-        if e.kind is Kind.SET_CONFIG:
-            set_config = True
-        elif e.kind is Kind.ROLE and e.scope is Scope.SESSION:
-            role = True
-        elif e.kind in (Kind.SET, Kind.RESET) and e.scope is Scope.SESSION:
-            names.append(e.name if isinstance(e.name, str) else "ALL")
-    tips: list[str] = []
-    timeouts = [n for n in names if n in TIMEOUT_OPTIONS]
-    others = [n for n in names if n not in TIMEOUT_OPTIONS]
-    if timeouts:
-        opts = ", ".join(f"{n}='5s'" for n in timeouts)
-        tips.append(f"use the execution option instead: conn.execution_options({opts}) "
-                    "(applied with SET LOCAL per transaction)")
-    if others:
-        tips.append(f"use SET LOCAL {others[0]} = ... inside the transaction "
-                    f"(or execution_options(set_local={{'{others[0]}': ...}})), or make it the role/database "
-                    f"default: ALTER ROLE ... SET {others[0]} = ...")
-    if set_config:
-        tips.append("replace set_config(...) with SET LOCAL name = value: RDS Proxy pins on set_config "
-                    "even when is_local is true")
-    if role:
-        tips.append("use SET LOCAL ROLE inside the transaction")
-    return "; ".join(tips) or "use SET LOCAL inside the transaction"
-
-
-def _short(sql: str, limit: int = 300) -> str:
-    sql = " ".join(sql.split())
-    return sql if len(sql) <= limit else sql[:limit] + "..."
-
-
-def _internal_frame(f) -> bool:
-    mod = f.f_globals.get("__name__", "")
-    return mod == __name__ or mod.startswith(("sqlalchemy.", "greenlet", "asyncio.", "psycopg", "asyncpg"))
-
-
-def _user_frame() -> Any:
-    """The innermost application frame, also across SQLAlchemy's asyncio greenlet boundary."""
-    f = sys._getframe(1)
-    g = None
-    while True:
-        while f is not None and _internal_frame(f):
-            f = f.f_back
-        if f is not None:
-            return f
-        try:    # AsyncEngine: the caller waits in the parent greenlet
-            import greenlet
-            g = (g or greenlet.getcurrent()).parent
-        except Exception:
-            return None
-        if g is None:
-            return None
-        f = g.gr_frame
-
-
-def _warn(warning: Warning) -> None:
-    # Point the warning at the application's line, not at SQLAlchemy's internals
-    # (the default filter then shows each statement once per call site).
-    f = _user_frame()
-    if f is None:
-        warnings.warn(warning, stacklevel=2)
-        return
-    warnings.warn_explicit(warning, type(warning), f.f_code.co_filename, f.f_lineno,
-                           module=f.f_globals.get("__name__"),
-                           registry=f.f_globals.setdefault("__warningregistry__", {}),
-                           module_globals=f.f_globals)
-
-
-class _Reporter:
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def report(self, sql: str, reasons: list[str], advice: str, origin: str) -> None:
-        if self.mode == "ignore":
-            return
-        msg = (f"{_short(sql)!r} ({origin}) changes a session setting: RDS Proxy pins the client session "
-               f"to its database connection for the rest of the session (reason: {', '.join(reasons)}). "
-               f"Fix: {advice}.")
-        if self.mode == "error":
-            raise SessionSetError(msg + " Not sent: on_session_set='error'.", sql, reasons)
-        _warn(SessionSetWarning(msg, sql, reasons))
-
-
-# --------------------------------------------------------------------------- asyncpg: the JIT toggle
-
-_asyncpg_classes: dict[type, type] = {}
-
-
-def asyncpg_connection_class(base: type | None = None) -> type:
-    """An asyncpg `Connection` subclass (of `base`, default asyncpg.Connection) without the JIT toggle.
-
-    asyncpg's `_introspect_types` runs `SELECT current_setting('jit'), set_config('jit', 'off',
-    false)` whenever `_server_caps.jit` is true (PostgreSQL >= 11), whatever `jit` is set to.
-    That session-level set_config pins on RDS Proxy. Clearing the capability skips it; the
-    introspection query then runs with the server's jit setting (set jit=off per role or in
-    the parameter group if that query is slow).
-    """
-    import asyncpg
-
-    base = base or asyncpg.Connection
-    if getattr(base, "_unpinned_no_jit_toggle", False):
-        return base
-    cls = _asyncpg_classes.get(base)
-    if cls is None:
-        class PinSafeConnection(base):   # type: ignore[misc, valid-type]
-            __slots__ = ()
-            _unpinned_no_jit_toggle = True
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                # An immutable namedtuple: replace it, do not mutate.
-                self._server_caps = self._server_caps._replace(jit=False)
-
-        if base is not asyncpg.Connection:
-            PinSafeConnection.__name__ = PinSafeConnection.__qualname__ = f"PinSafe{base.__name__}"
-        cls = _asyncpg_classes.setdefault(base, PinSafeConnection)
-    return cls
-
-
-def _asyncpg_clear_jit(driver_connection: Any) -> None:
-    caps = getattr(driver_connection, "_server_caps", None)
-    if caps is not None and getattr(caps, "jit", False):
-        driver_connection._server_caps = caps._replace(jit=False)
-
-
-# --------------------------------------------------------------------------- psycopg2: its own SETs
-
-_UNCHANGED = object()
-_ISO_NAMES = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
-
-
-def _iso_value(v: Any) -> str | None:
-    """What psycopg2 would put in SET default_transaction_isolation (None = TO DEFAULT)."""
-    if v is None or (isinstance(v, str) and v.lower() == "default"):
-        return None
-    if isinstance(v, int):
-        return _ISO_NAMES.get(v, str(v))
-    return str(v).upper()
-
-
-def _onoff_value(v: Any) -> str | None:
-    if v is None or (isinstance(v, str) and v.lower() == "default"):
-        return None
-    return "on" if v else "off"
-
-
-def _guc(name: str, value: str | None) -> str:
-    return f"SET {name} TO DEFAULT" if value is None else f"SET {name} TO '{value}'"
-
-
-def _psycopg2_session_sets(conn: Any, autocommit: Any = _UNCHANGED, iso: Any = _UNCHANGED,
-                           readonly: Any = _UNCHANGED, deferrable: Any = _UNCHANGED) -> list[str]:
-    """The SETs psycopg2's conn_set_session() sends for this change (psycopg/connection_int.c)."""
-    want = conn.autocommit if autocommit is _UNCHANGED else bool(autocommit)
-    out: list[str] = []
-    if want:
-        # In (or going into) autocommit there is no BEGIN to carry them: psycopg2 SETs session defaults.
-        if iso is not _UNCHANGED:
-            out.append(_guc("default_transaction_isolation", _iso_value(iso)))
-        if readonly is not _UNCHANGED:
-            out.append(_guc("default_transaction_read_only", _onoff_value(readonly)))
-        if deferrable is not _UNCHANGED:
-            out.append(_guc("default_transaction_deferrable", _onoff_value(deferrable)))
-    elif conn.autocommit:
-        # Leaving autocommit: psycopg2 resets whatever is not default, set before or not.
-        if conn.isolation_level is not None:
-            out.append(_guc("default_transaction_isolation", None))
-        if conn.readonly is not None:
-            out.append(_guc("default_transaction_read_only", None))
-        if conn.deferrable is not None:
-            out.append(_guc("default_transaction_deferrable", None))
-    return out
-
-
-def _psycopg2_watch_class(base: type, reporter: _Reporter) -> type:
-    """A psycopg2 connection subclass that reports the SETs psycopg2 sends on its own.
-
-    They never pass through SQLAlchemy's cursor events, so they are predicted from the
-    call and the connection's state, and reported before psycopg2 sends them.
-    """
-    def desc(name: str) -> Any:
-        return inspect.getattr_static(base, name)
-
-    ac_d, iso_d, ro_d, df_d = desc("autocommit"), desc("isolation_level"), desc("readonly"), desc("deferrable")
-
-    def check(self: Any, origin: str, **change: Any) -> None:
-        for sql in _psycopg2_session_sets(self, **change):
-            found = check_statement(sql)
-            if found:
-                reasons, _ = found
-                reporter.report(sql, reasons, _PSYCOPG2_ADVICE, f"sent by psycopg2 itself, for {origin}")
-
-    def prop(d: Any, key: str, origin: str) -> property:
-        def get(self: Any) -> Any:
-            return d.__get__(self, type(self))
-
-        def set_(self: Any, value: Any) -> None:
-            check(self, origin, **{key: value})
-            d.__set__(self, value)
-        return property(get, set_)
-
-    base_set_session = base.set_session
-    base_set_isolation_level = base.set_isolation_level
-    base_set_client_encoding = base.set_client_encoding
-
-    def set_session(self: Any, isolation_level: Any = None, readonly: Any = None, deferrable: Any = None,
-                    autocommit: Any = None) -> None:
-        # In set_session() None means "unchanged".
-        def u(v: Any) -> Any:
-            return _UNCHANGED if v is None else v
-        check(self, "set_session()", autocommit=u(autocommit), iso=u(isolation_level), readonly=u(readonly),
-              deferrable=u(deferrable))
-        base_set_session(self, isolation_level, readonly, deferrable, autocommit)
-
-    def set_isolation_level(self: Any, level: Any) -> None:
-        if level == 0:
-            check(self, "set_isolation_level() (isolation_level, AUTOCOMMIT)", autocommit=True)
-        else:
-            check(self, "set_isolation_level() (isolation_level, AUTOCOMMIT)", autocommit=False, iso=level)
-        base_set_isolation_level(self, level)
-
-    def set_client_encoding(self: Any, encoding: str) -> None:
-        clean = "".join(ch for ch in encoding.upper() if ch.isalnum())
-        if clean != self.encoding:
-            sql = _guc("client_encoding", clean)
-            reporter.report(sql, ["set"], "pass client_encoding in the URL or connect_args (a startup "
-                                          "parameter) instead of create_engine(client_encoding=...)",
-                            "sent by psycopg2 itself, for set_client_encoding()")
-        base_set_client_encoding(self, encoding)
-
-    return type(f"PinWatch{base.__name__}", (base,), {
-        "autocommit": prop(ac_d, "autocommit", "autocommit (AUTOCOMMIT, pool_pre_ping)"),
-        "isolation_level": prop(iso_d, "iso", "isolation_level"),
-        "readonly": prop(ro_d, "readonly", "readonly (postgresql_readonly)"),
-        "deferrable": prop(df_d, "deferrable", "deferrable (postgresql_deferrable)"),
-        "set_session": set_session,
-        "set_isolation_level": set_isolation_level,
-        "set_client_encoding": set_client_encoding,
-        "_unpinned_watch": True,
-        "__module__": __name__,
-    })
-
-
-_PSYCOPG2_ADVICE = (
-    "psycopg2 sets session defaults when isolation_level / postgresql_readonly / postgresql_deferrable "
-    "are used with AUTOCOMMIT, and resets them with SET ... TO DEFAULT when leaving AUTOCOMMIT "
-    "(pool_pre_ping does that on every checkout unless make_pin_safe(psycopg2_ping='transaction')); "
-    "avoid those options together with AUTOCOMMIT, or set them per transaction")
-
-
-def _psycopg2_transaction_ping(dialect: Any) -> Callable[[Any], bool]:
-    select_one = getattr(dialect, "_dialect_specific_select_one", None) or "SELECT 1"
-
-    def do_ping(dbapi_connection: Any) -> bool:
-        # SQLAlchemy's ping toggles autocommit on and off; leaving autocommit makes
-        # psycopg2 send SET default_transaction_* TO DEFAULT when an isolation level,
-        # readonly or deferrable was ever set. Ping in a transaction instead
-        # (BEGIN; SELECT 1; ROLLBACK), like SQLAlchemy's asyncpg dialect does for PgBouncer.
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(select_one)
-        finally:
-            cursor.close()
-        if not dbapi_connection.autocommit:
-            dbapi_connection.rollback()
-        return True
-    return do_ping
 
 
 # --------------------------------------------------------------------------- per-transaction settings

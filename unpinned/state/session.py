@@ -152,7 +152,7 @@ class Session:
         the string or batch can see the difference (errors before it skip both alike; a
         rollback undoes both together). `local`: also for SET LOCAL ... TO DEFAULT.
         (set_config(name, NULL, ...) is a reset too: the relay rewrites its value argument,
-        see relay._value_edits.)"""
+        see relay/restore.py, value_edits.)"""
         startup = self.startup
         if not startup:
             return None

@@ -1,0 +1,235 @@
+"""The client -> server half of the relay: each client message is forwarded as it is, rewritten,
+or answered by the proxy itself, and each request that gets a response is queued (relay/pending.py).
+Also the requests and responses the proxy makes up in the client's place."""
+from __future__ import annotations
+
+from unpinned.relay.pending import (
+    BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_SWALLOW, FORWARD,
+    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, R_EXEC, R_QUERY, R_SYNTH, READY_NOW,
+    SYNC_FORWARD, Pending, StatementRun, statement_run)
+from unpinned.sql.classifier import classify
+from unpinned.sql.effects import Kind
+from unpinned.sql.text import raise_sql
+from unpinned.state.policy import STATEMENT_LIMIT
+from unpinned.wire import messages as m
+from unpinned.wire.messages import (
+    BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
+
+unpack_i32 = m.unpack_i32
+
+_MAX_LENGTH = m.MAX_MESSAGE_LENGTH
+# Parse, Bind, Describe, Close: names may need rewriting (see _extended).
+_NAMED = frozenset((PARSE, BIND, DESCRIBE, CLOSE))
+# What still reaches the server while the rest of a batch is skipped up to its Sync.
+_PAST_SKIP = frozenset((QUERY, SYNC, COPY_DATA, COPY_DONE, COPY_FAIL))
+_OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
+
+
+class RequestWalk:
+    """Relay's client -> server side (a part of Relay: its state is Relay's)."""
+
+    __slots__ = ()
+
+    def from_client(self, data: bytes) -> bytes:
+        if len(data) > 5 and data[0] == QUERY and not self.cbuf and not self.skip_to_sync \
+                and len(data) == 1 + unpack_i32(data, 1)[0]:
+            # One whole simple Query, alone in this read (most requests of most clients):
+            # without session effects it goes as it is, with no walk.
+            c = classify(data[5:-1])
+            if not c.effects and c.byte_length <= STATEMENT_LIMIT:
+                self.stats.query_requests += 1
+                # The queue entry made here rather than by statement_run: no call on the hot path.
+                run = StatementRun()
+                run.kind = R_QUERY
+                run.action = FORWARD
+                run.payload = c
+                run.count = 0
+                run.protocol = "simple"
+                run.restored = run.own_after = run.shifts = None
+                self.queue.append(run)
+                return data
+        if self.cbuf:
+            data = self.cbuf + data
+            self.cbuf = b""
+        n = len(data)
+        pos = 0
+        out: list[bytes] = []
+        fwd_start = 0          # start of a run of bytes forwarded unchanged
+        queue = self.queue
+        while n - pos >= 5:
+            t = data[pos]
+            ln = unpack_i32(data, pos + 1)[0]
+            if ln < 4 or ln > _MAX_LENGTH:
+                raise m.ProtocolError(f"invalid message length {ln}")
+            end = pos + 1 + ln
+            if end > n:
+                break
+            if self.skip_to_sync and t not in _PAST_SKIP:
+                # After an error the proxy made up, the server must not see the rest of the batch.
+                out.append(data[fwd_start:pos])
+                fwd_start = end
+            elif t == BIND and ln > 5 and data[pos + 5] == 0 and data[pos + 6] == 0:
+                # Bind of the unnamed portal to the unnamed statement (most drivers' every query):
+                # nothing to rename, so no call into _extended.
+                self.batch_open = True
+                self.portal_c[b""] = self.unnamed_c
+                queue.append(BIND_FORWARD)
+            elif t == EXECUTE:
+                self.batch_open = True
+                portal = data[pos + 5:data.index(b"\x00", pos + 5)]
+                c = self.portal_c.get(portal)
+                refusal = None if c is None or not c.effects and c.byte_length <= STATEMENT_LIMIT else \
+                    self.session.statement(c, "extended", self.server)
+                if refusal is None:
+                    if c is None:
+                        queue.append(EXEC_FORWARD)
+                    else:
+                        run = StatementRun()    # made here as in the fast path above: no call
+                        run.kind = R_EXEC
+                        run.action = FORWARD
+                        run.payload = c
+                        run.count = 0
+                        run.protocol = "extended"
+                        run.restored = run.own_after = run.shifts = None
+                        queue.append(run)
+                    if c is not None and c.groups and self.session.startup:
+                        sql = self.session.restore_sql(c.groups[0])
+                        if sql is not None:
+                            # Right behind it, before anything else of the batch runs.
+                            queue[-1].restored = (0,)
+                            out.append(data[fwd_start:end])
+                            out.append(self._run_own(sql))
+                            fwd_start = end
+                else:
+                    fields = m.parse_error_fields(refusal[5:])
+                    out.append(data[fwd_start:pos])
+                    out.append(self._fail(fields.get("C", "XX000").encode(), fields.get("M", ""), fields.get("H")))
+                    fwd_start = end
+            elif t == DESCRIBE and ln > 4 and data[pos + 5] == 80:  # of a portal: nothing to rename
+                self.batch_open = True
+                queue.append(DESC_PORTAL_FORWARD)
+            elif t == PARSE and ln > 4 and data[pos + 5] == 0 and (qend := data.find(b"\x00", pos + 6, end)) > 0 \
+                    and not (c := classify(data[pos + 6:qend])).effects:
+                # Parse of the unnamed statement, without session effects: nothing to rewrite.
+                self.batch_open = True
+                self.unnamed_c = c
+                queue.append(PARSE_FORWARD)
+            elif t == SYNC:
+                self.stats.query_requests += 1
+                self.skip_to_sync = False
+                self.batch_open = False
+                queue.append(SYNC_FORWARD)
+            elif t == QUERY:
+                self.stats.query_requests += 1
+                if self.skip_to_sync:
+                    # PostgreSQL ignores it too while it discards messages up to Sync.
+                    out.append(data[fwd_start:pos])
+                    fwd_start = pos = end
+                    continue
+                c = classify(data[pos + 5:end - 1])
+                answer = self._simple_query(c) if c.effects or c.byte_length > STATEMENT_LIMIT else None
+                if answer is None:
+                    if not (c.groups and self.session.startup):
+                        queue.append(statement_run(R_QUERY, c, "simple"))
+                    else:
+                        stmt = statement_run(R_QUERY, c, "simple")
+                        text, after = self._restore_query(c, data[pos + 5:end - 1], stmt)
+                        if text is not None:
+                            out.append(data[fwd_start:pos])
+                            out.append(m.query(text))
+                            fwd_start = end
+                        queue.append(stmt)
+                        if after is not None:
+                            out.append(data[fwd_start:end])
+                            out.append(m.query(after))
+                            fwd_start = end
+                            queue.append(QUERY_QUIET)
+                elif answer[:1] == b"E":
+                    # Refused: the server raises it, so the transaction fails as it would have.
+                    fields = m.parse_error_fields(answer[5:])
+                    out.append(data[fwd_start:pos])
+                    out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H"))))
+                    fwd_start = end
+                    queue.append(QUERY_FORWARD)
+                else:
+                    out.append(data[fwd_start:pos])
+                    fwd_start = end
+                    self._synth(answer)
+                    self._synth(READY_NOW)
+            elif t in _NAMED:
+                self.batch_open = True
+                repl = self._extended(t, data, pos + 5, end)
+                if repl is not None:
+                    out.append(data[fwd_start:pos])
+                    out.append(repl)
+                    fwd_start = end
+            elif t == FUNCTION_CALL:
+                queue.append(FUNC_FORWARD)
+            elif t == TERMINATE:  # nothing after it counts; the shell closes
+                self.terminated = True
+                out.append(data[fwd_start:pos])
+                fwd_start = pos = n
+                break
+            elif t not in m.FRONTEND_TYPES:
+                raise m.ProtocolError(f"invalid frontend message type {t}")
+            pos = end
+        if pos < n:
+            self.cbuf = data[pos:]
+            if data[pos] not in m.FRONTEND_TYPES:
+                raise m.ProtocolError(f"invalid frontend message type {data[pos]}")
+            if n - pos >= 5:
+                ln = unpack_i32(data, pos + 1)[0]
+                if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
+                    raise m.ProtocolError(f"invalid message length {ln}")
+        if not out:
+            return data[:pos] if pos < n else data
+        out.append(data[fwd_start:pos])
+        return b"".join(out)
+
+    def _simple_query(self, c) -> bytes | None:
+        """A simple query the proxy answers itself (refused, or about names only it knows)."""
+        refusal = self.session.statement(c, "simple", self.server)
+        if refusal is not None:
+            return refusal
+        # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
+        # knows them under other names, so the proxy forgets them itself.
+        effects = c.effects
+        if effects and all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
+               for e in effects):
+            for e in effects:
+                self.statements.pop(e.name.encode(), None)
+            return m.command_complete("DEALLOCATE")
+        return None
+
+    def _synth(self, msg: bytes | None, undo: tuple | None = None) -> None:
+        """A response the proxy makes up, in its place among the server's. `undo` is
+        (client name, statement or None) to restore if the server ends up skipping it."""
+        if self.queue:
+            self.queue.append(Pending(R_SYNTH, FORWARD, msg, undo))
+        else:
+            self.to_client.append(msg if msg is not None else m.ready_for_query(self.status))
+
+    def _run_own(self, sql: str) -> bytes:
+        """The proxy's own statement in the middle of an extended batch, answers swallowed.
+        Its own statement and portal name, so that the client's unnamed ones are left alone;
+        closed first in case an error once skipped the closing."""
+        q = self.queue
+        for entry in (CLOSE_SWALLOW, PARSE_SWALLOW, BIND_SWALLOW, EXEC_SWALLOW, CLOSE_SWALLOW, CLOSE_SWALLOW):
+            q.append(entry)
+        return (m.close_statement(_OWN)
+                + m.message(b"P", _OWN + b"\x00" + m.cstr(sql) + b"\x00\x00")
+                + m.message(b"B", _OWN + b"\x00" + _OWN + b"\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+                + m.message(b"E", _OWN + b"\x00" + m.pack_i32(0))
+                + m.message(b"C", b"P" + _OWN + b"\x00")
+                + m.close_statement(_OWN))
+
+    def _fail(self, code: bytes, text: str, hint: str | None = None) -> bytes:
+        """An error PostgreSQL would raise for this message, raised on the server itself so that
+        the transaction fails and the rest of the batch is skipped exactly as PostgreSQL does."""
+        q = self.queue
+        q.append(PARSE_SWALLOW)
+        q.append(BIND_SWALLOW)
+        q.append(EXEC_FORWARD)
+        return (m.message(b"P", b"\x00" + m.cstr(raise_sql(code.decode(), text, hint)) + b"\x00\x00")
+                + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+                + m.message(b"E", b"\x00" + m.pack_i32(0)))
