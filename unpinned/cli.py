@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from unpinned import __version__
+from unpinned import __version__, build_description
 from unpinned.config import ConfigError, effective_workers, load
 from unpinned.dev.demo import run_demo
 from unpinned.kit.audit import AuditError, exit_status, render_json, render_markdown, render_table, run_audit
@@ -26,7 +26,8 @@ def _setup_logging(verbose: int) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="unpinned")
+@click.version_option(__version__, prog_name="unpinned",
+                      message=f"%(prog)s, version %(version)s; {build_description()}")
 def main() -> None:
     """unpinned: a PostgreSQL transaction-pooling proxy that carries session state
     across server connections instead of pinning, and says why when it must pin.
@@ -64,6 +65,7 @@ def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, u
         cfg = load(config_path, **overrides)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    logging.getLogger("unpinned").info("unpinned %s: %s", __version__, build_description())   # once, before any fork
     if effective_workers(cfg) > 1:
         sys.exit(supervise(cfg, config_path, overrides,
                            lambda info: run_worker(cfg, config_path, overrides, info)))

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from typing import Any
 
 from pglast import parser as _pg
 
@@ -43,7 +44,7 @@ def cache_clear() -> None:
     _cache_bytes = 0
 
 
-def classify(query: bytes | str) -> Classification:
+def classify(query: Any) -> Classification:      # bytes or str; a bytearray or memoryview is copied
     """Session effects of a statement string. Cached by the exact text."""
     global _cache_bytes
     try:
@@ -66,7 +67,7 @@ def classify(query: bytes | str) -> Classification:
     return _classify_new(query)
 
 
-def _classify_new(query: bytes | str) -> Classification:
+def _classify_new(query: Any) -> Classification:
     global _cache_bytes
     if isinstance(query, str):
         text = query
@@ -80,6 +81,13 @@ def _classify_new(query: bytes | str) -> Classification:
         text = raw.decode("utf-8", "replace")
         if _may_have_effects(raw):
             c = _parse_effects(text, raw)
+            if not c.effects and c.parsed and shape != raw and len(raw) <= SHAPE_MAX_BYTES \
+                    and _digits_are_literals(raw):
+                # Parsed, no effects (an UPDATE ... SET, TPC-B's statements): the same text
+                # with other digits parses the same way (see _digits_are_literals).
+                if len(_plain_shapes) >= SHAPE_CACHE_SIZE:
+                    _plain_shapes.popitem(last=False)
+                _plain_shapes[shape] = None
         else:
             c = Classification(text, EMPTY, None, (), len(raw), True)
             if shape != raw and len(raw) <= SHAPE_MAX_BYTES:
@@ -106,6 +114,17 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 SHAPE_CACHE_SIZE = 5_000
 SHAPE_MAX_BYTES = 2048          # so the shapes stay under 10 MB
 _plain_shapes: "OrderedDict[bytes, None]" = OrderedDict()
+
+
+def _digits_are_literals(raw: bytes) -> bool:
+    """Whether other digits in this text could not change its effects, for a text the parser
+    found none in: every digit is then part of a number, a string or an identifier, and
+    changing it keeps each token's kind (a leading 0 of 0x/0o/0b only turns a valid number
+    into a syntax error, which runs nothing). Three things break that and are left out:
+    dollar-quote tags ($a1$ ... $a2$ decides where a string ends), U& escapes
+    (U&"\\0073et_config" spells a name in digits), and the functions the classifier knows,
+    whose literal arguments decide the effect (set_config(..., 1 = 1) is local)."""
+    return b"$" not in raw and b"u&" not in raw and b"U&" not in raw and _FUNC_HINT.search(raw.lower()) is None
 
 
 # --------------------------------------------------------------------------- pre-check
