@@ -532,6 +532,8 @@ class Relay:
                 break
             if not queue:
                 # Nothing asked for it: notices, notifications, parameter changes. Forward.
+                if t == _E and _is_fatal(data, pos, end):
+                    self.fatal = b""    # the server's own FATAL ends the client: nothing to add
                 pos = end
                 continue
             head = queue[0]
@@ -558,6 +560,8 @@ class Relay:
                         out.append(_unshift_position(data[pos:end], head[2][5]))
                         fwd_start = end
                 drop = action == PRELUDE or action == CHECK or action == QUIET
+                if not drop and _is_fatal(data, pos, end):
+                    self.fatal = b""    # the server's own FATAL reaches the client: it is the one error
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests,
                     # and so must whatever the client sends before its Sync.
@@ -803,6 +807,13 @@ def _unshift_position(msg: bytes, shifts: list[tuple[int, int, int]]) -> bytes:
             fields[k] = b"P" + str(at - delta + 1).encode()
             return m.message(b"E", b"\x00".join(fields))
     return msg
+
+
+def _is_fatal(data: bytes, pos: int, end: int) -> bool:
+    """The ErrorResponse at `pos` ends the server's session (severity FATAL or PANIC, field V,
+    which is never translated)."""
+    body = data[pos + 5:end]
+    return b"\x00VFATAL\x00" in body or b"\x00VPANIC\x00" in body or body.startswith((b"VFATAL\x00", b"VPANIC\x00"))
 
 
 def _as_fatal(fields: bytes) -> bytes:
