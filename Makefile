@@ -44,3 +44,8 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	UNPINNED_BENCH_VIA="make bench-quick" $(PY) bench/run.py --quick $(BENCH_ARGS)
+
+# Large client messages at full size (issue 16): a 100 MB Query, 4 x 60 MB at once.
+.PHONY: bench-large
+bench-large: $(STAMP)
+	$(PY) bench/large.py $(BENCH_ARGS)

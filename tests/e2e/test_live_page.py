@@ -37,7 +37,7 @@ def cells(dom: str, table_id: str) -> list[list[str]]:
 
 
 def test_live_page_shows_pools_pins_and_reasons(make_proxy, tmp_path):
-    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0")
+    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0", http_sql_literals=True)
     pinned = psycopg2.connect(**h.kwargs(), application_name="live-viewer")
     pinned.autocommit = True
     try:

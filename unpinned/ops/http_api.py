@@ -2,18 +2,28 @@
 
 GET only; a tiny HTTP/1.1 server on asyncio so it shares the proxy's loop and sees
 its state without locks.
+
+Access: with `http_token` set, /api/* and the live page answer 401 without it (a Bearer
+header, basic auth with it as the password, or ?token=); /metrics too with
+`http_metrics_auth`. Statements in /api/* have their literals replaced by $n unless
+`http_sql_literals` is on (the pin log's own redaction: PostgreSQL's normalization).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hmac
 import json
 import logging
+from urllib.parse import parse_qs, urlsplit
 from pathlib import Path
 
 from unpinned.ops import admin
 from unpinned.ops.metrics import make_registry, render
 from unpinned.ops.workers import merge_history, merge_metrics
 from unpinned.ops.live_state import ProxyView
+from unpinned.sql.classifier import redact_sql
 
 
 log = logging.getLogger("unpinned.ops.http_api")
@@ -58,6 +68,8 @@ class HttpServer:
                 body = await admin.gather_view(self.proxy, name)
             else:
                 return 404, "application/json", b'{"error": "not found"}'
+            if not self.proxy.config.http_sql_literals:
+                body = _redacted(body)
             return 200, "application/json", json.dumps(body, default=str).encode()
         if path in ("/", "/index.html"):
             try:
@@ -75,8 +87,12 @@ class HttpServer:
                     return
                 line = request.split(b"\r\n", 1)[0].decode("latin-1")
                 parts = line.split()
+                extra = ""
                 if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
                     status, ctype, body = 405, "text/plain", b"GET only"
+                elif not self._allowed(parts[1], request):
+                    status, ctype, body = 401, "text/plain", b"a token is needed: Authorization: Bearer TOKEN"
+                    extra = 'WWW-Authenticate: Bearer realm="unpinned"\r\n'
                 else:
                     try:
                         status, ctype, body = await self.route(parts[1])
@@ -85,7 +101,7 @@ class HttpServer:
                         status, ctype, body = 500, "text/plain", b"internal error"
                 keep = b"connection: close" not in request.lower()
                 head = (f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"
-                        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}"
                         f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode()
                 writer.write(head + (body if parts and parts[0] != "HEAD" else b""))
                 await writer.drain()
@@ -95,3 +111,40 @@ class HttpServer:
             pass
         finally:
             writer.close()
+
+    def _allowed(self, target: str, request: bytes) -> bool:
+        """The token, when one is set, for everything but /metrics (unless that is asked for too)."""
+        cfg = self.proxy.config
+        token = cfg.http_token
+        if not token:
+            return True
+        url = urlsplit(target)
+        if url.path == "/metrics" and not cfg.http_metrics_auth:
+            return True
+        given = [v for v in parse_qs(url.query).get("token", [])]
+        for raw in request.split(b"\r\n")[1:]:
+            name, sep, value = raw.partition(b":")
+            if sep and name.strip().lower() == b"authorization":
+                scheme, _, cred = value.strip().decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer":
+                    given.append(cred.strip())
+                elif scheme.lower() == "basic":
+                    try:
+                        given.append(base64.b64decode(cred.strip(), validate=True).decode().partition(":")[2])
+                    except (binascii.Error, UnicodeDecodeError):
+                        pass
+        want = token.encode()
+        return any(hmac.compare_digest(g.encode(), want) for g in given)
+
+
+_SQL_KEYS = ("sql", "sample", "digest")
+
+
+def _redacted(body):
+    """The same JSON with every statement's literals replaced by $n."""
+    if isinstance(body, list):
+        return [_redacted(x) for x in body]
+    if isinstance(body, dict):
+        return {k: (redact_sql(v) if k in _SQL_KEYS and isinstance(v, str) else _redacted(v))
+                for k, v in body.items()}
+    return body

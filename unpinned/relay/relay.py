@@ -20,10 +20,12 @@ import re
 from collections import deque
 from typing import TYPE_CHECKING
 
-from unpinned.sql.classifier import classify
+from unpinned.relay import large
+from unpinned.sql.classifier import classify, unheld
 from unpinned.sql.effects import Kind
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
+from unpinned.wire.framing import FRONTEND_LIMITS
 from unpinned.relay.statements import ServerStatement, StatementRegistry
 from unpinned.sql.text import param_sync_sql, quote_literal, raise_sql
 from unpinned.state.server_state import ServerState
@@ -51,7 +53,7 @@ READY_NOW = None   # a made-up response that is ReadyForQuery with the status of
 
 _E, _Z, _C, _S, _N, _A = b"EZCSNA"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
-_MAX_LENGTH = m.MAX_MESSAGE_LENGTH
+_LIMITS = FRONTEND_LIMITS     # PostgreSQL's longest message of each type
 # What the answer to a simple Query without effects may hold besides CommandComplete, for the
 # fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
 _PLAIN_ANSWER = frozenset(b"TDINA")
@@ -63,10 +65,11 @@ class Relay:
     """One client's view of the protocol across server connections."""
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
-                 "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
+                 "skip_to_sync", "cin", "buffer_limit", "sbuf", "_need", "unnamed_c", "portal_c", "status",
                  "to_client", "to_server", "terminated", "_row", "stats", "batch_open")
 
-    def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
+    def __init__(self, registry: StatementRegistry, session: "Session", stats=None,
+                 buffer_limit: int = large.DEFAULT_BUFFER_LIMIT):
         self.registry = registry
         self.stats = stats if stats is not None else _NoStats()
         self.session = session                                   # the client's session state
@@ -76,7 +79,8 @@ class Relay:
         self.releasable = False
         self.fatal: bytes | None = None
         self.skip_to_sync = False
-        self.cbuf = b""            # incomplete client message
+        self.cin = None            # an incomplete client message, held or streaming (large.py)
+        self.buffer_limit = buffer_limit   # the longest client message held whole
         self.sbuf = b""            # incomplete server message
         self._need = 0             # bytes sbuf must reach before a message completes
         self.unnamed_c = None      # classification of the unnamed statement
@@ -125,7 +129,14 @@ class Relay:
     # ------------------------------------------------------------------ client -> server
 
     def from_client(self, data: bytes) -> bytes:
-        if len(data) > 5 and data[0] == 81 and not self.cbuf and not self.skip_to_sync \
+        if self.cin is not None:
+            # The rest of a message begun in an earlier read (relay/large.py).
+            head, data = self.cin.feed(self, data)
+            if not data:
+                return head
+            if head:
+                return head + self.from_client(data)
+        if len(data) > 5 and data[0] == 81 and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk.
@@ -134,9 +145,6 @@ class Relay:
                 self.stats.query_requests += 1
                 self.queue.append([R_QUERY, FORWARD, [c, 0, "simple"]])
                 return data
-        if self.cbuf:
-            data = self.cbuf + data
-            self.cbuf = b""
         n = len(data)
         pos = 0
         out: list[bytes] = []
@@ -145,8 +153,8 @@ class Relay:
         while n - pos >= 5:
             t = data[pos]
             ln = unpack_i32(data, pos + 1)[0]
-            if ln < 4 or ln > _MAX_LENGTH:
-                raise m.ProtocolError(f"invalid message length {ln}")
+            if ln < 4 or ln > _LIMITS[t]:
+                raise m.ProtocolError("invalid message length")
             end = pos + 1 + ln
             if end > n:
                 break
@@ -249,18 +257,66 @@ class Relay:
             elif t not in m.FRONTEND_TYPES:
                 raise m.ProtocolError(f"invalid frontend message type {t}")
             pos = end
-        if pos < n:
-            self.cbuf = data[pos:]
-            if data[pos] not in m.FRONTEND_TYPES:
-                raise m.ProtocolError(f"invalid frontend message type {data[pos]}")
-            if n - pos >= 5:
-                ln = unpack_i32(data, pos + 1)[0]
-                if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
-                    raise m.ProtocolError(f"invalid message length {ln}")
+        more = b"" if pos == n else large.partial(self, data, pos)   # held, or streamed from here
         if not out:
-            return data[:pos] if pos < n else data
+            return data if pos == n else data[:pos] + more
         out.append(data[fwd_start:pos])
+        out.append(more)
         return b"".join(out)
+
+    def stream_start(self, t: int, data: bytes, pos: int, total: int) -> bytes | None:
+        """A message longer than the relay holds starts at `pos` (`data` has its first
+        large.HEAD bytes): queue what it asks for and stream it. None: hold it whole."""
+        queue = self.queue
+        if self.skip_to_sync and t != 100:
+            return large.start(self, data, pos, total, None, True, None)    # skipped, as in the walk
+        if t == 81:     # Query: judged by the pre-check over all of it, when its last byte is through
+            self.stats.query_requests += 1
+            entry = [R_QUERY, FORWARD, None]
+            queue.append(entry)
+
+            def query_done(big) -> None:
+                c = unheld(big.prefix, big.length - 1, big.scan)
+                self.session.statement(c, "simple", self.server)    # (rds: pins, too long)
+                entry[2] = [c, 0, "simple"]
+            return large.start(self, data, pos, total, pos + 5, False, query_done)
+        if t == 80:     # Parse: only of the unnamed statement (a named one's text is kept)
+            if data[pos + 5] != 0:
+                return None
+            self.batch_open = True
+            queue.append([R_PARSE, FORWARD, None])
+
+            def parse_done(big) -> None:
+                self.unnamed_c = unheld(big.prefix, big.length, big.scan)
+            return large.start(self, data, pos, total, pos + 6, False, parse_done)
+        if t == 66:     # Bind: large parameters; the statement name may need renaming
+            nul = data.find(b"\x00", pos + 5)
+            nul2 = data.find(b"\x00", nul + 1) if nul >= 0 else -1
+            if nul2 < 0:
+                return None
+            self.batch_open = True
+            portal = data[pos + 5:nul]
+            name = data[nul + 1:nul2]
+            if not name:
+                self.portal_c[portal] = self.unnamed_c
+                queue.append([R_BIND, FORWARD, None])
+                return large.start(self, data, pos, total, None, False, None)
+            st = self.statements.get(name)
+            if st is None:
+                failed = self._unknown_statement(name, R_BIND)
+                if failed is None:
+                    return large.start(self, data, pos, total, None, False, None)
+                return failed + large.start(self, data, pos, total, None, True, None)
+            if st.classification is None:
+                st.classification = classify(_statement_text(st))
+            self.portal_c[portal] = st.classification
+            pre = self._ensure_prepared(st)
+            queue.append([R_BIND, FORWARD, None])
+            head = b"B" + m.pack_i32(total - 1 - len(name) + len(st.name)) + data[pos + 5:nul + 1] + st.name
+            return pre + head + large.start(self, data, nul2, total - (nul2 - pos), None, False, None)
+        if t == 70:     # FunctionCall
+            queue.append([R_FUNC, FORWARD, None])
+        return large.start(self, data, pos, total, None, False, None)     # CopyData, FunctionCall
 
     def _extended(self, t: int, data: bytes, start: int, end: int) -> bytes | None:
         """Handle Parse/Bind/Describe/Close. Returns replacement bytes, or None to forward as is."""
