@@ -45,6 +45,17 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	UNPINNED_BENCH_VIA="make bench-quick" $(PY) bench/run.py --quick $(BENCH_ARGS)
 
+# The fault suite, longer than its run in make test (CHAOS_SECONDS, default 120), and an hour of
+# mixed load with faults and the proxy's memory sampled every 10 s (SOAK_SECONDS). Not in CI.
+.PHONY: chaos soak
+CHAOS_SECONDS ?= 120
+SOAK_SECONDS ?= 3600
+chaos: $(STAMP)
+	$(PY) tests/support/chaos.py $(CHAOS_SECONDS)
+
+soak: $(STAMP)
+	$(PY) tests/support/chaos.py $(SOAK_SECONDS) --soak
+
 # Large client messages at full size (issue 16): a 100 MB Query, 4 x 60 MB at once.
 .PHONY: bench-large
 bench-large: $(STAMP)
