@@ -6,12 +6,14 @@ from __future__ import annotations
 import signal
 import struct
 import subprocess
+import threading
 import time
 
+import psycopg
 import pytest
 
 from conftest import SUPERUSER_PASSWORD
-from support.large import concurrent_big_queries, one_big_query
+from support.large import big_sql, concurrent_big_queries, one_big_query
 from test_cli import UNPINNED, _free_port, _wait_port
 from test_robustness import Raw
 
@@ -68,3 +70,38 @@ def test_a_sync_declaring_more_than_10000_bytes_is_fatal_at_once(served):
     raw.send(b"S" + struct.pack("!I", 34_000))
     raw.expect_fatal("08P01")
     assert time.monotonic() - start < 3
+
+
+def test_a_client_waiting_for_a_server_connection_is_not_read_past_the_limit(pg, make_proxy):
+    # Pool of one, held by a transaction: the second client's 8 MB query waits in the proxy,
+    # which stops reading it at the buffer limit instead of taking all of it in.
+    h = make_proxy(pool_size=1, max_client_message_buffer=65536)
+    holder = psycopg.connect(h.dsn(), autocommit=False)
+    holder.execute("SELECT 1")            # in a transaction: keeps the only server connection
+    waiter = psycopg.connect(h.dsn(), autocommit=True)
+    result: dict = {}
+
+    def send():
+        result["n"] = waiter.execute(big_sql(8 * MB).decode()).fetchone()[0]
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        held = None
+        while time.monotonic() < deadline:
+            held = h.call(lambda: [(sum(map(len, c.pending)), c._paused_self) for c in h.proxy.shared.clients
+                                   if getattr(c, "pending", None)])
+            if held and held[0][1]:
+                break
+            time.sleep(0.05)
+        assert held and held[0][1], held
+        time.sleep(0.3)
+        assert h.call(lambda: [sum(map(len, c.pending)) for c in h.proxy.shared.clients
+                               if getattr(c, "pending", None)])[0] <= 65536 + 256 * 1024
+    finally:
+        holder.commit()
+        t.join(30)
+        holder.close()
+        waiter.close()
+    assert result["n"] == 8 * MB
