@@ -104,3 +104,30 @@ def test_statements_in_the_api_lose_their_literals_unless_configured(make_proxy,
     else:
         assert sql == "SELECT pg_advisory_lock($1), $2" and sample == sql
         assert b"4111" not in summary and b"4243" not in summary
+
+
+def _raw_http(h, data: bytes) -> bytes:
+    import socket
+    with socket.create_connection(("127.0.0.1", h.proxy.http.port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_keep_alive_pipelining_head_and_bad_requests(locked):
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    # Two requests pipelined on one connection, the second asking to close it.
+    out = _raw_http(locked, b"GET /api/pools HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+                    b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200") == 2
+    head_part = out[out.index(b"HTTP/1.1 200", 10):]
+    assert b"\r\n\r\n" in head_part and head_part.split(b"\r\n\r\n", 1)[1] == b""   # HEAD: no body
+    assert _raw_http(locked, b"POST /api/pools HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                     ).startswith(b"HTTP/1.1 405")
+    # Headers that go on and on: refused once past 16 KB, without waiting for their end.
+    assert _raw_http(locked, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000).startswith(b"HTTP/1.1 431")
+    assert _raw_http(locked, b"this is not http\r\n\r\n").startswith(b"HTTP/1.1 400")
+    # The listener is still there.
+    assert get(locked, "/metrics")[0] == 200
