@@ -105,3 +105,40 @@ def test_a_client_waiting_for_a_server_connection_is_not_read_past_the_limit(pg,
         holder.close()
         waiter.close()
     assert result["n"] == 8 * MB
+
+
+def test_real_drivers_stream_large_binds_parses_and_copy_data(pg, make_proxy):
+    """Messages over the limit from real drivers, each kind: asyncpg's Bind of a named
+    statement (renamed on the way), psycopg 3's unnamed Parse and prepared Bind, COPY data;
+    the answers are right and the session is not pinned by any of them."""
+    import asyncio
+
+    import asyncpg
+
+    h = make_proxy(pool_size=2, max_client_message_buffer=65536)
+    blob = bytes(range(256)) * 8000          # 2 MB, every byte value
+
+    async def with_asyncpg():
+        conn = await asyncpg.connect(h.dsn())
+        try:
+            assert await conn.fetchval("SELECT length($1::bytea)", blob) == len(blob)
+            assert await conn.fetchval("SELECT md5($1::bytea)", blob) == await conn.fetchval(
+                "SELECT md5(decode($1, 'hex'))", blob.hex())
+            assert await conn.fetchval("SELECT 40 + 2") == 42
+        finally:
+            await conn.close()
+
+    asyncio.run(with_asyncpg())
+    with psycopg.connect(h.dsn(), autocommit=True) as conn:
+        text = "y" * 3_000_000
+        assert conn.execute(f"SELECT length('{text}')").fetchone() == (3_000_000,)          # unnamed Parse
+        for _ in range(3):
+            assert conn.execute("SELECT length(%s::text)", (text,), prepare=True).fetchone() == (3_000_000,)
+        conn.execute("CREATE TABLE IF NOT EXISTS big_copy (b text)")
+        conn.execute("TRUNCATE big_copy")
+        with conn.cursor().copy("COPY big_copy FROM STDIN") as copy:
+            copy.write(("z" * 2_000_000 + "\n") * 2)
+        assert conn.execute("SELECT count(*), sum(length(b)) FROM big_copy").fetchone() == (2, 4_000_000)
+        conn.execute("DROP TABLE big_copy")
+        pinned = h.call(lambda: [c.relay.session.pins for c in h.proxy.shared.clients if c.relay is not None])
+        assert pinned == [{}], pinned
