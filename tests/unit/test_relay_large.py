@@ -131,6 +131,21 @@ def test_the_server_connection_is_not_released_in_the_middle_of_a_streamed_messa
     assert relay.releasable
 
 
+def test_the_server_connection_is_kept_while_copy_data_streams_even_after_an_error(registry):
+    # COPY fails on the server while the client is still sending a large CopyData: the
+    # rest of that message must reach the same server connection, so it is not released
+    # before the message ends (releasing it would hand half a message to another client).
+    relay = relay_with_limit(registry)
+    relay.from_client(m.query("COPY t FROM STDIN"))
+    relay.from_server(m.message(b"G", b"\x00\x00\x00"))
+    data = m.message(b"d", b"r" * 300_000)
+    relay.from_client(data[:100_000])
+    relay.from_server(m.error_response("22P02", "bad row") + ZI)
+    assert not relay.releasable and not relay.can_release
+    assert relay.from_client(data[100_000:]) == data[100_000:]
+    assert relay.can_release
+
+
 def test_a_large_bind_to_a_named_statement_is_renamed_and_streamed(registry):
     relay = relay_with_limit(registry)
     relay.from_client(parse(b"ins", b"INSERT INTO t VALUES ($1)") + SYNC)

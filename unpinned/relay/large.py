@@ -32,6 +32,7 @@ class Held:
     """An incomplete message (or the head of one about to be streamed), as the reads came."""
 
     __slots__ = ("chunks", "have", "need")
+    streaming = False           # nothing of it reached the server yet
 
     def __init__(self, first: bytes, need: int):
         self.chunks = [first]
@@ -53,6 +54,7 @@ class Streaming:
     come, and the pre-check's state for a statement text, stay here."""
 
     __slots__ = ("remaining", "scan", "drop", "done", "prefix", "length")
+    streaming = True            # the server has part of it: the connection cannot change hands
 
     def __init__(self, remaining: int, scan: EffectScan | None, drop: bool, done, prefix: bytes, length: int):
         self.remaining = remaining

@@ -124,7 +124,8 @@ class Relay:
 
     @property
     def can_release(self) -> bool:
-        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins
+        return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins \
+            and (self.cin is None or not self.cin.streaming)    # half a message is on the server
 
     # ------------------------------------------------------------------ client -> server
 
