@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(150)
 
 
 def test_transfers_survive_faults():
-    seconds = float(os.environ.get("CHAOS_SECONDS", "24"))
+    seconds = float(os.environ.get("CHAOS_TEST_SECONDS", "24"))
     out = run(seconds, clients=6, fault_every=1.5, seed=int(os.environ.get("CHAOS_SEED", "7")))
     print(out.summary())
     assert not out.problems(), out.summary()

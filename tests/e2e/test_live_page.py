@@ -71,6 +71,19 @@ def test_live_page_says_when_the_proxy_is_unreachable(tmp_path):
     # The same page with no proxy behind its API (opened from a file): it says so.
     from importlib.resources import files
     static = tmp_path / "live.html"
-    static.write_text(files("unpinned").joinpath("live.html").read_text(encoding="utf-8"), encoding="utf-8")
+    static.write_text(files("unpinned.ops").joinpath("live.html").read_text(encoding="utf-8"), encoding="utf-8")
     dom = rendered(static.as_uri(), tmp_path)
     assert "proxy unreachable" in dom and "loading…" not in dom
+
+
+def test_live_page_with_a_token_in_its_address_reaches_the_api(make_proxy, tmp_path):
+    # With http_token set, the page opened as /?token=... passes the token on to /api/summary;
+    # without it, the page itself is refused.
+    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0", http_token="page-token")
+    base = f"http://127.0.0.1:{h.proxy.http.port}/"
+    dom = rendered(base + "?token=page-token", tmp_path)
+    summary = html.unescape(re.search(r'<p id="summary">(.*?)</p>', dom, re.S).group(1))
+    assert re.search(r"queries \d+ · pins \d+", summary), summary
+    assert "— smart mode" in dom
+    refused = rendered(base, tmp_path / "second")
+    assert "<table" not in refused and "a token is needed" in refused
