@@ -197,3 +197,23 @@ def test_a_small_type_at_the_limit_and_a_large_type_above_it_are_waited_for(regi
     assert relay.from_client(b"H" + struct.pack("!I", 10_000)) == b""     # PostgreSQL waits for it too
     relay = relay_with_limit(registry)
     assert relay.from_client(b"d" + struct.pack("!I", 10_001)) == b""     # CopyData may be large
+
+
+def test_a_large_bind_to_a_name_shaped_like_the_proxys_own_is_refused_and_not_forwarded(registry):
+    relay = relay_with_limit(registry)
+    value = b"w" * 200_000
+    out, _ = feed(relay, bind(b"", b"U_99", (value,)) + execute() + SYNC, 16384)
+    assert value not in out                      # none of it reached the server
+    assert b"26000" in out or b"does not exist" in out    # raised on the server instead
+
+
+def test_a_large_message_after_an_error_in_its_batch_is_skipped(registry):
+    relay = relay_with_limit(registry)
+    relay.from_client(parse(b"", b"SELECT 1/0") + bind(b"", b"") + execute())
+    relay.from_server(P1 + B2 + m.error_response("22012", "division by zero"))
+    assert relay.skip_to_sync
+    value = b"s" * 200_000
+    out, _ = feed(relay, bind(b"", b"", (value,)) + execute() + SYNC, 16384)
+    assert out == SYNC                           # PostgreSQL would skip them too
+    relay.from_server(ZI)
+    assert relay.releasable
