@@ -48,7 +48,8 @@ class PooledClient(ClientConnection):
             if conn is None:
                 self.pending.append(data)
                 self.acquiring = True
-                self._bound_pending()
+                if len(data) > self.relay.buffer_limit:     # (pending holds only this read)
+                    self._bound_pending()
             else:
                 self._attach(conn, data, now)
 

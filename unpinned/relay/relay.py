@@ -102,7 +102,7 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
     @property
     def can_release(self) -> bool:
         return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins \
-            and (self.cin is None or not self.cin.streaming)    # half a message is on the server
+            and not (self.cin and self.cin.streaming)    # half a message is on the server
 
 
 class _NoStats:

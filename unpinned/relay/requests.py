@@ -34,14 +34,7 @@ class RequestWalk:
     __slots__ = ()
 
     def from_client(self, data: bytes) -> bytes:
-        if self.cin is not None:
-            # The rest of a message begun in an earlier read (relay/large.py).
-            head, data = self.cin.feed(self, data)
-            if not data:
-                return head
-            if head:
-                return head + self.from_client(data)
-        if len(data) > 5 and data[0] == QUERY and not self.skip_to_sync \
+        if len(data) > 5 and data[0] == QUERY and self.cin is None and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk.
@@ -58,6 +51,13 @@ class RequestWalk:
                 run.restored = run.own_after = run.shifts = None
                 self.queue.append(run)
                 return data
+        if self.cin is not None:
+            # The rest of a message begun in an earlier read (relay/large.py); checked after the
+            # fast path above, which a whole Query alone in its read never needs to wait for.
+            head, data = self.cin.feed(self, data)
+            if not data:
+                return head
+            return head + self.from_client(data)
         n = len(data)
         pos = 0
         out: list[bytes] = []
