@@ -77,3 +77,19 @@ fuzz: $(STAMP)
 	    2>fuzz/work/$$t.log || { status=1; echo "   crash in $$t: see fuzz/work/$$t.log and fuzz/corpus/$$t/crash-*"; }; \
 	  grep -E "^Done|stat::number_of_executed_units|stat::average_exec_per_sec" fuzz/work/$$t.log | sed 's/^/   /'; \
 	done; exit $$status
+
+# The fault suite, longer than its run in make test (CHAOS_SECONDS, default 120), and an hour of
+# mixed load with faults and the proxy's memory sampled every 10 s (SOAK_SECONDS). Not in CI.
+.PHONY: chaos soak
+CHAOS_SECONDS ?= 120
+SOAK_SECONDS ?= 3600
+chaos: $(STAMP)
+	$(PY) tests/support/chaos.py $(CHAOS_SECONDS)
+
+soak: $(STAMP)
+	$(PY) tests/support/chaos.py $(SOAK_SECONDS) --soak
+
+# Large client messages at full size (issue 16): a 100 MB Query, 4 x 60 MB at once.
+.PHONY: bench-large
+bench-large: $(STAMP)
+	$(PY) bench/large.py $(BENCH_ARGS)

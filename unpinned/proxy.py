@@ -119,6 +119,9 @@ class Proxy:
             http_host, http_port = parse_hostport(self.config.http_listen, "http_listen")
             await self.http.start(http_host, http_port, reuse_port=self.worker is not None, sock=sockets.pop("http", None))
             log.info("metrics and live page on http://%s:%d/", http_host, self.http.port)
+            if not self.config.http_token and http_host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("the HTTP listener on %s has no http_token: /api/* (pins, clients) and the live "
+                            "page are open to anyone who can reach it", self.config.http_listen)
         for unused in sockets.values():
             unused.close()
         self._housekeeper = loop.create_task(self._housekeeping())

@@ -115,7 +115,7 @@ def at_rest(client) -> bool:
         return False
     relay = client.relay
     return (not client.acquiring and not client.pending and relay is not None and not relay.queue
-            and relay.status == b"I" and not relay.batch_open and not relay.cbuf and not relay.to_client
+            and relay.status == b"I" and not relay.batch_open and relay.cin is None and not relay.to_client
             and client.transport is not None and not client.transport.is_closing())
 
 
