@@ -68,12 +68,15 @@ def test_exactly_one_error_response_on_the_wire(pg, oproxy, idle):
 
 
 def test_server_connection_lost_without_a_word_gets_the_proxys_08006(pg, oproxy):
-    """When PostgreSQL says nothing (the socket just closes), the proxy's own FATAL 08006 is the one error."""
+    """When PostgreSQL says nothing (the socket just closes), the proxy's own FATAL 08006 is the one
+    error. The client is idle in its transaction, so it hears it at its next request (closing at
+    once, libpq would mostly report only "server closed the connection unexpectedly")."""
     raw = Raw(oproxy.port)
     raw.login()
     assert raw.query("BEGIN")[-1] == (b"Z", b"T")
     client = next(iter(c for c in oproxy.call(lambda: list(oproxy.proxy.shared.clients)) if c.server is not None))
     oproxy.call(lambda: client.server.transport.abort())
+    raw.send(m.query("SELECT 1"))
     rest = raw.expect_closed()
     errors = [m.parse_error_fields(body) for t, body in rest if t == b"E"]
     assert [(e["S"], e["C"]) for e in errors] == [("FATAL", "08006")], rest
