@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from unpinned.backend.server import open_stream
+
 CHECK_TIMEOUT = 1.0
 REMEMBER = 2.0      # seconds a successful connect check counts
 
@@ -35,10 +37,7 @@ async def readiness(proxy) -> tuple[int, dict]:
 async def _connect_check(up) -> str | None:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
-            if up.is_unix:
-                _, writer = await asyncio.open_unix_connection(f"{up.host}/.s.PGSQL.{up.port}")
-            else:
-                _, writer = await asyncio.open_connection(up.host, up.port)
+            _, writer = await open_stream(up.host, up.port)
     except TimeoutError:
         return f"no answer from {up.host}:{up.port} within {CHECK_TIMEOUT:.0f} s"
     except OSError as e:
