@@ -26,7 +26,8 @@ ENV PATH=/opt/unpinned/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 10001:10001
 # 6432: PostgreSQL clients (listen). 8080: /metrics, /health, /ready (http_listen).
 EXPOSE 6432 8080
-# SIGTERM (docker stop, the kubelet) drains: being built in issue 13.
+# SIGTERM (docker stop, the kubelet) drains: stop accepting, finish transactions in flight,
+# exit within shutdown_timeout (docs/production.md).
 STOPSIGNAL SIGTERM
 # For plain Docker; Kubernetes uses the Deployment's probes instead.
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \

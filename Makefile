@@ -6,10 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+# `pip install` compiles the hot path (the modules in unpinned/compiled.txt) with mypyc when
+# it can, and installs pure Python when it cannot (setup.py). An edit to one of those modules
+# reinstalls, so the compiled build never lags behind its source.
+COMPILED_SRC := $(shell grep -v '^ *\#' unpinned/compiled.txt)
+
+$(STAMP): pyproject.toml setup.py unpinned/compiled.txt $(COMPILED_SRC)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c "import unpinned; print('unpinned installed:', unpinned.build_description())"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +26,9 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+	@# The unit tests once more against the interpreted .py files (unpinned/__init__.py), so
+	@# the pure-Python fallback stays tested; tests marked interpreted_only run only here.
+	UNPINNED_PURE_PYTHON=1 $(PY) -m pytest -q tests/unit
 
 # The live-page test renders the page in headless Chromium (Debian's package). Installed
 # here when missing and possible (root with apt-get); otherwise that one test is skipped.
@@ -35,6 +44,7 @@ browser:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	find unpinned -name '*.so' -delete
 
 # Benchmarks are not tests: SPEC 8 figures side by side with PgBouncer and a direct
 # connection, appended to docs/benchmarks.md (see there). Extra flags: BENCH_ARGS="--note ...".
@@ -67,3 +77,19 @@ fuzz: $(STAMP)
 	    2>fuzz/work/$$t.log || { status=1; echo "   crash in $$t: see fuzz/work/$$t.log and fuzz/corpus/$$t/crash-*"; }; \
 	  grep -E "^Done|stat::number_of_executed_units|stat::average_exec_per_sec" fuzz/work/$$t.log | sed 's/^/   /'; \
 	done; exit $$status
+
+# The fault suite, longer than its run in make test (CHAOS_SECONDS, default 120), and an hour of
+# mixed load with faults and the proxy's memory sampled every 10 s (SOAK_SECONDS). Not in CI.
+.PHONY: chaos soak
+CHAOS_SECONDS ?= 120
+SOAK_SECONDS ?= 3600
+chaos: $(STAMP)
+	$(PY) tests/support/chaos.py $(CHAOS_SECONDS)
+
+soak: $(STAMP)
+	$(PY) tests/support/chaos.py $(SOAK_SECONDS) --soak
+
+# Large client messages at full size (issue 16): a 100 MB Query, 4 x 60 MB at once.
+.PHONY: bench-large
+bench-large: $(STAMP)
+	$(PY) bench/large.py $(BENCH_ARGS)

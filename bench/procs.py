@@ -73,11 +73,12 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of the process and its children (all threads), from /proc/<pid>/stat.
+def proc_cpu_seconds(pid: int | list[int]) -> float:
+    """utime + stime of the process and its children (all threads), from /proc/<pid>/stat;
+    of several processes when given a list (the two-process PgBouncer).
     Workers keep running for the whole bench, so their counters only grow between reads."""
     total = 0.0
-    for p in proc_tree(pid):
+    for p in [t for one in (pid if isinstance(pid, list) else [pid]) for t in proc_tree(one)]:
         try:
             total += _cpu(p)
         except OSError:
@@ -217,9 +218,21 @@ def pgbouncer_version(path: str) -> str:
         return "unknown"
 
 
-def start_pgbouncer(path: str, pg_port: int, pool_size: int, max_clients: int) -> Child:
-    d = make_tempdir("unpinned-bench-pgbouncer-")
+def start_pgbouncer(path: str, pg_port: int, pool_size: int, max_clients: int, processes: int = 1) -> list[Child]:
+    """PgBouncer as one process, or as `processes` processes on one port with so_reuseport
+    (PgBouncer's own way to use several cores; the kernel spreads the connections). The pool
+    is split between them, as unpinned splits it between its workers. PgBouncer 1.19 adds
+    peer_id and [peers] so that a cancel request reaches the right process; 1.18 (Debian 12)
+    has only so_reuseport, and pgbench sends no cancel requests, so the figures are the same."""
     port = free_port()
+    return [_start_one_pgbouncer(path, pg_port, max(1, pool_size // processes), max_clients, port,
+                                 reuseport=processes > 1, name="pgbouncer" if processes == 1 else f"pgbouncer-{processes}.{i}")
+            for i in range(processes)]
+
+
+def _start_one_pgbouncer(path: str, pg_port: int, pool_size: int, max_clients: int, port: int,
+                         reuseport: bool, name: str) -> Child:
+    d = make_tempdir("unpinned-bench-pgbouncer-")
     Path(d, "userlist.txt").write_text('"postgres" ""\n')   # trust still wants the user listed
     Path(d, "pgbouncer.ini").write_text(f"""\
 [databases]
@@ -238,10 +251,11 @@ reserve_pool_size = 0
 max_client_conn = {max_clients}
 max_db_connections = 0
 ignore_startup_parameters = extra_float_digits
+so_reuseport = {int(reuseport)}
 """)
     for f in ("userlist.txt", "pgbouncer.ini"):
         os.chmod(os.path.join(d, f), 0o644)
-    child = Child("pgbouncer", [path, os.path.join(d, "pgbouncer.ini")], cwd=d,
+    child = Child(name, [path, os.path.join(d, "pgbouncer.ini")], cwd=d,
                   log_path=os.path.join(d, "pgbouncer.log"), as_nobody=True)
     child.port = port
     return child.start()

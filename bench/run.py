@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"that row may show failed connections")
 
     from unpinned import __version__ as unpinned_version
+    from unpinned import build_description
     from unpinned.dev.embedded import EmbeddedPostgres
 
     if args.no_pgbouncer:
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         say(why)
         meta["skipped"].append(why)
-    meta["versions"] = {"unpinned": unpinned_version, "python": platform.python_version(),
+    meta["versions"] = {"unpinned": unpinned_version, "unpinned_build": build_description(),
+                        "python": platform.python_version(),
                         "pgbouncer": procs.pgbouncer_version(pgbouncer_path) if pgbouncer_path else "PgBouncer n/a"}
 
     say("classifier micro-benchmark")
@@ -210,20 +212,23 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
     pg.psql("VACUUM ANALYZE")
 
     ports = {"direct": pg.port}
-    pids: dict[str, int] = {}
+    pids: dict[str, int | list[int]] = {}
     targets = ["direct"]
     if pgbouncer_path:
         say("starting PgBouncer")
-        bouncer = procs.start_pgbouncer(pgbouncer_path, pg.port, POOL_SIZE, MAX_CLIENTS)
-        try:
-            bouncer.wait_ready()
-            ports["pgbouncer"], pids["pgbouncer"] = bouncer.port, bouncer.pid
-            targets.append("pgbouncer")
-        except RuntimeError as e:
-            msg = f"PgBouncer did not start, its rows show n/a: {e}"
-            say(msg)
-            meta["skipped"].append(msg.splitlines()[0])
-            bouncer.stop()
+        for name, processes in (("pgbouncer", 1), ("pgbouncer-2", 2)):
+            bouncers = procs.start_pgbouncer(pgbouncer_path, pg.port, POOL_SIZE, MAX_CLIENTS, processes)
+            try:
+                for b in bouncers:
+                    b.wait_ready()
+                ports[name], pids[name] = bouncers[0].port, [b.pid for b in bouncers]
+                targets.append(name)
+            except RuntimeError as e:
+                msg = f"PgBouncer ({processes} process(es)) did not start, its rows show n/a: {e}"
+                say(msg)
+                meta["skipped"].append(msg.splitlines()[0])
+                for b in bouncers:
+                    b.stop()
     say(f"starting unpinned ({args.workers} worker(s)), and unpinned with 1 for reference")
     proxy, info = procs.start_unpinned(REPO, pg.dsn(), POOL_SIZE, MAX_CLIENTS, workers=args.workers)
     proxy.wait_ready()
@@ -256,7 +261,7 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
         for i, scenario in enumerate(pg_names):
             these = targets + (["unpinned-1"] if single and scenario in reference else [])
             for t in rotated(rnd, i, these):
-                if scenario == "select_prepared" and t == "pgbouncer":
+                if scenario == "select_prepared" and t.startswith("pgbouncer"):
                     continue   # PgBouncer 1.18 cannot do protocol-level prepared statements in transaction mode
                 if scenario == "latency":
                     out = scenarios.run_latency(pgbench, env, ports[t], args.duration, workdir, t)
@@ -273,7 +278,7 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
                 note(scenario, t, out)
             _check_alive(proxy, pids, meta)
         for j, kind in enumerate(scenarios.LARGE):
-            for t in rotated(rnd, j, targets):
+            for t in rotated(rnd, j, [t for t in targets if t != "pgbouncer-2"]):
                 out = scenarios.run_large(ports[t], kind)
                 say(f"round {rnd + 1}/{args.rounds} large_{kind:10} {t:10} {out['mb_per_s'] or 0:,.1f} MB/s"
                     + (f"  !! {out['errors'][0]}" if out["errors"] else ""))
@@ -283,7 +288,7 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
         if t not in pids:
             continue
         say(f"{args.idle_clients:,} idle clients via {t}")
-        out = scenarios.run_idle(ports[t], pids[t], args.idle_clients)
+        out = scenarios.run_idle(ports[t], pids[t] if isinstance(pids[t], int) else pids[t][0], args.idle_clients)
         say(f"  {t}: RSS {out['rss_before_mb']:.1f} → {out['rss_after_mb']:.1f} MB, "
             f"{out['connected']:,} connected in {out['open_seconds']:.1f} s"
             + (f"  !! {out['errors'][0]}" if out["errors"] else ""))

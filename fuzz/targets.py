@@ -319,9 +319,10 @@ def relay(data: bytes) -> None:
         pg.sent(out)
         split_messages(b"".join(r.to_client))
         r.to_client.clear()
-        if len(r.cbuf) > fed:
+        held = r.cin if r.cin is not None and not r.cin.streaming else None   # relay/large.py
+        if held is not None and held.have > fed:
             raise Broken("the relay holds more client bytes than it was given")
-        if len(r.cbuf) >= 5 and len(r.cbuf) >= 1 + struct.unpack_from("!I", r.cbuf, 1)[0]:
+        if held is not None and held.have >= held.need:
             raise Broken("a whole client message was left in the buffer")
         if r.terminated:
             return

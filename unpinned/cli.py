@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from unpinned import __version__
+from unpinned import __version__, build_description
 from unpinned.config import ConfigError, effective_workers, load
 from unpinned.dev.demo import run_demo
 from unpinned.kit.audit import AuditError, exit_status, render_json, render_markdown, render_table, run_audit
@@ -26,7 +26,8 @@ def _setup_logging(verbose: int) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="unpinned")
+@click.version_option(__version__, prog_name="unpinned",
+                      message=f"%(prog)s, version %(version)s; {build_description()}")
 def main() -> None:
     """unpinned: a PostgreSQL transaction-pooling proxy that carries session state
     across server connections instead of pinning, and says why when it must pin.
@@ -49,17 +50,22 @@ def main() -> None:
 @click.option("--http", "http_listen", help="HOST:PORT for /metrics, /api/* and the live page.")
 @click.option("--pin-log", "pin_log", help="JSON-lines pin log: '-' for stderr or a file path.")
 @click.option("--workers", type=int, help="Processes sharing the port, each with its share of the pools; 0 = one per CPU [1].")
+@click.option("--takeover", "takeover_socket", type=click.Path(dir_okay=True),
+              help="Unix socket for takeover restarts: take the clients of the proxy listening there, if any, "
+                   "then listen there for the next one (docs/production.md).")
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, users_file, http_listen, pin_log, workers,
-          verbose) -> None:
+          takeover_socket, verbose) -> None:
     """Run the proxy until SIGINT/SIGTERM. SIGHUP (or RELOAD in the admin console) re-reads the config."""
     _setup_logging(max(verbose, 1))
     overrides = dict(listen=listen, reader_listen=reader_listen, upstream=upstream, mode=mode, pool_size=pool_size, auth=auth,
-                     users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers)
+                     users_file=users_file, http_listen=http_listen, pin_log=pin_log, workers=workers,
+                     takeover_socket=takeover_socket)
     try:
         cfg = load(config_path, **overrides)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    logging.getLogger("unpinned").info("unpinned %s: %s", __version__, build_description())   # once, before any fork
     if effective_workers(cfg) > 1:
         sys.exit(supervise(cfg, config_path, overrides,
                            lambda info: run_worker(cfg, config_path, overrides, info)))

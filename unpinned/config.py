@@ -125,10 +125,20 @@ class Config:
     login_timeout: float = 60.0          # seconds a client may take to log in
     admin_database: str = "unpinned"
     http_listen: str = ""                # HOST:PORT for /metrics, /api/* and the live page; "" = off
+    http_token: str = ""                 # required by /api/* and the live page (env UNPINNED_HTTP_TOKEN); "" = open
+    http_metrics_auth: bool = False      # /metrics needs the token too
+    http_sql_literals: bool = False      # /api/* show statements with their literals (else as $n)
     workers: int = 1                     # processes sharing the port (SO_REUSEPORT); 0 = one per CPU
     tls_cert_file: str = ""              # PEM certificate (chain) the proxy shows clients; "" = no TLS
     tls_key_file: str = ""               # its private key
     require_tls: bool = False            # refuse clients that do not use TLS
+    fleet_size: int = 1                  # proxies sharing the server's connection budget (pool_size)
+    shutdown_timeout: float = 30.0       # seconds SIGTERM waits for transactions in flight
+    takeover_socket: str = ""            # unix socket a restarted proxy takes the clients over through
+    # Bytes of one client message the proxy holds whole (1 MiB); a longer Query, Parse, Bind,
+    # CopyData or FunctionCall is streamed to the server as it arrives, and a statement text
+    # longer than this that the keyword pre-check cannot clear is pinned as unparsed.
+    max_client_message_buffer: int = 1048576
     # [pins]
     pin_log: str = ""                    # JSON-lines pin log: "" none, "-" stderr, or a file path
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
@@ -170,6 +180,15 @@ class Config:
         if workers > self.pool_size:
             raise ConfigError(f"workers ({workers}) must not exceed pool_size ({self.pool_size}): "
                               "each worker holds a share of every pool")
+        if self.fleet_size < 1:
+            raise ConfigError("fleet_size must be at least 1")
+        if workers * self.fleet_size > self.pool_size:
+            raise ConfigError(f"pool_size ({self.pool_size}) is the fleet's budget: it must be at least "
+                              f"fleet_size ({self.fleet_size}) x workers ({workers}), one connection each")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown_timeout must not be negative")
+        if self.takeover_socket and workers > 1:
+            raise ConfigError("takeover_socket (serve --takeover) works with one process: set workers = 1")
         self.upstream.check()
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
@@ -179,6 +198,8 @@ class Config:
             self.tls_context()      # a missing or bad file fails here, at start, not at a client's login
         if self.login_timeout <= 0:
             raise ConfigError("login_timeout must be more than 0")
+        if self.max_client_message_buffer < 16389:
+            raise ConfigError("max_client_message_buffer must be at least 16389 (a 16 KB statement is always held whole)")
         for name in ("max_idle", "server_idle_timeout", "borrow_timeout", "client_idle_timeout",
                      "health_check_after", "connect_timeout"):
             if getattr(self, name) < 0:
@@ -191,6 +212,8 @@ class Config:
         self.all_endpoints()
         if self.http_listen:
             parse_hostport(self.http_listen, "http_listen")
+        if self.http_metrics_auth and not self.http_token:
+            raise ConfigError("http_metrics_auth needs http_token (or UNPINNED_HTTP_TOKEN)")
         if self.auth != "trust" and not self.users:
             raise ConfigError("auth is not 'trust' but no users are configured: give --users FILE or [users] entries")
         return self
@@ -276,7 +299,9 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
 
 _SECTIONS = {
     "proxy": ("listen", "reader_listen", "mode", "auth", "users_file", "max_client_connections", "client_idle_timeout", "login_timeout",
-              "admin_database", "http_listen", "workers", "tls_cert_file", "tls_key_file", "require_tls"),
+              "admin_database", "http_listen", "http_token", "http_metrics_auth", "http_sql_literals", "workers",
+              "tls_cert_file", "tls_key_file", "require_tls", "fleet_size", "shutdown_timeout", "takeover_socket",
+              "max_client_message_buffer"),
     "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),
@@ -342,6 +367,8 @@ def load(path: str | None = None, **overrides) -> Config:
             _set(cfg, known[key].type, key, value)
         else:
             raise ConfigError(f"unknown option {key}")
+    if os.environ.get("UNPINNED_HTTP_TOKEN"):
+        cfg.http_token = os.environ["UNPINNED_HTTP_TOKEN"]
     if os.environ.get("UNPINNED_UPSTREAM_PASSWORD"):
         cfg.upstream.password = os.environ["UNPINNED_UPSTREAM_PASSWORD"]
     cfg.users = {}
@@ -455,3 +482,18 @@ def share(cfg: Config, info: WorkerInfo) -> Config:
     def part(total: int) -> int:
         return total // info.count + (1 if info.index < total % info.count else 0)
     return replace(cfg, pool_size=max(1, part(cfg.pool_size)), max_idle=part(cfg.max_idle))
+
+
+def fleet_share(cfg: Config) -> Config:
+    """One proxy's part of the fleet's budget: `pool_size` (and `max_idle`) are what all
+    `fleet_size` proxies open together, as RDS Proxy's MaxConnectionsPercent is a share of
+    max_connections; rounded down, so the fleet never opens more than the budget."""
+    if cfg.fleet_size <= 1:
+        return cfg
+    return replace(cfg, pool_size=max(1, cfg.pool_size // cfg.fleet_size), max_idle=cfg.max_idle // cfg.fleet_size)
+
+
+def per_process(cfg: Config, info: WorkerInfo | None) -> Config:
+    """What one serving process may open: its proxy's part of the fleet, then its worker's part."""
+    cfg = fleet_share(cfg)
+    return share(cfg, info) if info is not None else cfg

@@ -17,12 +17,15 @@ from collections import deque
 
 from unpinned import __version__
 from unpinned.backend.cluster_pools import Cluster, needs_cluster
-from unpinned.config import Config, WorkerInfo, load, parse_hostport, share
+from unpinned.config import Config, WorkerInfo, load, parse_hostport, per_process
 from unpinned.frontend.login import Login
 from unpinned.frontend.shared import Shared
+from unpinned.frontend.handover import shutdown_error
 from unpinned.ops import admin
+from unpinned.ops.drain import drain
 from unpinned.ops.http_api import HttpServer
 from unpinned.ops.live_state import history_sample
+from unpinned.ops.takeover import Giver, Taker
 from unpinned.ops.workers import Peers
 from unpinned.state.server_state import number_servers_from
 from unpinned.telemetry.pinlog import PinLog, open_stream
@@ -36,7 +39,7 @@ class Proxy:
                  worker: WorkerInfo | None = None):
         self.worker = worker                    # one of several processes (ops/workers.py), or None
         self.total_config = config
-        config = share(config, worker) if worker else config
+        config = per_process(config, worker)
         self.config_path = config_path          # for RELOAD / SIGHUP
         self.overrides = overrides or {}        # command-line flags, kept across reloads
         self.shared = Shared(config, worker, PinLog(open_stream(config.pin_log), mode=config.mode,
@@ -51,6 +54,8 @@ class Proxy:
         self.endpoint_ports: dict[str, int] = {}    # endpoint name -> the port it listens on
         self._housekeeper: asyncio.Task | None = None
         self.started = time.time()
+        self.handed_over = False                # a takeover took the clients: no drain at exit
+        self.upstream_seen = float("-inf")      # when /ready last reached the server (ops/health.py)
 
     # What the operator's views read (ops/ takes the proxy as it is).
     @property
@@ -87,7 +92,9 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    async def start(self, sockets: dict | None = None) -> None:
+        """Listen, or serve the listening `sockets` handed over by a process being replaced."""
+        sockets = sockets or {}
         loop = asyncio.get_running_loop()
         host, port = self.config.listen_address()
         if self.worker is not None:
@@ -97,8 +104,11 @@ class Proxy:
         if needs_cluster(self.config):
             shared.cluster = Cluster(self.config, shared.stats)
             await shared.cluster.start()
-        srv = await loop.create_server(lambda: Login(shared), host, port, reuse_address=True,
-                                       reuse_port=self.worker is not None, backlog=4096)
+        if "clients" in sockets:
+            srv = await loop.create_server(lambda: Login(shared), sock=sockets.pop("clients"), backlog=4096)
+        else:
+            srv = await loop.create_server(lambda: Login(shared), host, port, reuse_address=True,
+                                           reuse_port=self.worker is not None, backlog=4096)
         self.listeners.append(srv)
         self.endpoint_ports["default"] = srv.sockets[0].getsockname()[1]
         for ep in self.config.all_endpoints()[1:]:
@@ -111,8 +121,13 @@ class Proxy:
         if self.config.http_listen:
             self.http = HttpServer(self)
             http_host, http_port = parse_hostport(self.config.http_listen, "http_listen")
-            await self.http.start(http_host, http_port, reuse_port=self.worker is not None)
+            await self.http.start(http_host, http_port, reuse_port=self.worker is not None, sock=sockets.pop("http", None))
             log.info("metrics and live page on http://%s:%d/", http_host, self.http.port)
+            if not self.config.http_token and http_host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("the HTTP listener on %s has no http_token: /api/* (pins, clients) and the live "
+                            "page are open to anyone who can reach it", self.config.http_listen)
+        for unused in sockets.values():
+            unused.close()
         self._housekeeper = loop.create_task(self._housekeeping())
         if self.config.auth == "trust":
             log.warning("client authentication is 'trust': anyone who can reach %s logs in. Development only.",
@@ -136,7 +151,7 @@ class Proxy:
         if self._housekeeper:
             self._housekeeper.cancel()
         for client in list(self.clients):
-            client.shutdown(m.fatal("57P01", "terminating connection because the proxy is shutting down"))
+            client.shutdown(shutdown_error("the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close_all()
         for listener in self.shared.listeners.values():
@@ -176,8 +191,7 @@ class Proxy:
         """Re-read the config file; new settings apply to new borrows and logins, nobody is dropped."""
         new = load(self.config_path, **self.overrides)
         self.total_config = new
-        if self.worker is not None:
-            new = share(new, self.worker)
+        new = per_process(new, self.worker)
         if new.listen != self.config.listen:
             log.warning("listen address changes need a restart; keeping %s", self.config.listen)
             new.listen = self.config.listen
@@ -216,17 +230,45 @@ class Proxy:
 
 async def run(config: Config, config_path: str | None = None, overrides: dict | None = None,
               ready: asyncio.Event | None = None, worker: WorkerInfo | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+    """Serve until SIGINT/SIGTERM (drain, then exit; a second signal exits at once) or until a
+    newer process took everything over (ops/takeover.py); SIGHUP reloads the configuration."""
     proxy = Proxy(config, config_path, overrides, worker)
-    await proxy.start()
+    stop = asyncio.Event()
+    taker = giver = None
+    path = proxy.config.takeover_socket
+    if path:
+        taker = Taker(proxy, path)
+        await proxy.start(await taker.connect())
+    else:
+        await proxy.start()
     # Latency: what was built at start-up (modules, pglast's tables) is never garbage, so keep
     # the collector from walking it again, and collect the young generation less often (the
     # hot path's short-lived lists would otherwise trigger it every few hundred requests).
     gc.collect()
     gc.freeze()
     gc.set_threshold(20000, 20, 20)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signals = asyncio.Event()
+
+    def handed_over() -> None:
+        proxy.handed_over = True
+        stop.set()
+
+    if path:
+        receiving = loop.create_task(taker.receive()) if taker.sock is not None else None
+        giver = Giver(proxy, path, handed_over)
+
+        async def listen_when_received() -> None:
+            # The path is the old process's until it is done; then ours, for the next restart.
+            if receiving is not None:
+                await receiving
+            giver.listen()
+        proxy.spawn(listen_when_received())
+
+    def on_signal() -> None:
+        if signals.is_set():
+            stop.set()          # a second signal: no more waiting
+        signals.set()
 
     def reload() -> None:
         try:
@@ -236,7 +278,7 @@ async def run(config: Config, config_path: str | None = None, overrides: dict | 
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):
             pass
     try:
@@ -245,9 +287,19 @@ async def run(config: Config, config_path: str | None = None, overrides: dict | 
         pass
     if ready is not None:
         ready.set()
+    first_signal, done = loop.create_task(signals.wait()), loop.create_task(stop.wait())
     try:
-        await stop.wait()
+        await asyncio.wait((first_signal, done), return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            # SIGTERM: drain (ops/drain.py); a second signal ends the wait sooner.
+            draining = loop.create_task(drain(proxy, proxy.config.shutdown_timeout))
+            await asyncio.wait((draining, done), return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
     finally:
+        first_signal.cancel()
+        done.cancel()
+        if giver is not None:
+            giver.close()
         await proxy.stop()
     log.info("unpinned stopped (pid %d)", os.getpid())
 

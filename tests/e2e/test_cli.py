@@ -82,7 +82,13 @@ def test_help_lists_commands():
 
 
 @pytest.mark.timeout(180)
+def _demo_servers() -> set[str]:
+    """Pids of embedded servers of a demo (their data directory names it), on the whole machine."""
+    return {p for p in os.listdir("/proc") if p.isdigit() and "unpinned-db-demo" in _cmdline(p)}
+
+
 def test_demo_runs_and_leaves_nothing_running():
+    before = _demo_servers()     # another demo on this machine (not this test's) is not a leftover
     env = dict(os.environ, COLUMNS="220")
     r = subprocess.run(UNPINNED + ["demo", "--clients", "60", "--pool-size", "5", "--seconds", "2"],
                        capture_output=True, text=True, timeout=150, env=env)
@@ -117,8 +123,7 @@ def test_demo_runs_and_leaves_nothing_running():
     assert m and float(m.group(1)) < 5, out
     assert len(re.findall(r"money conserved.*│\s*yes", out)) == 2, out
     # No embedded server of the demo survives it.
-    leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find("unpinned-db-demo") >= 0]
-    assert leftovers == []
+    assert _demo_servers() - before == set()
 
 
 def _cmdline(pid: str) -> str:
@@ -141,17 +146,16 @@ def test_config_reference_in_sync():
 
 @pytest.mark.timeout(120)
 def test_demo_ctrl_c_leaves_nothing_running():
+    before = _demo_servers()
     proc = subprocess.Popen(UNPINNED + ["demo", "--clients", "40", "--seconds", "30"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     # Wait until the workload runs (the embedded server is up), then press Ctrl-C.
-    while time.monotonic() < deadline and not any("unpinned-db-demo" in _cmdline(p)
-                                                  for p in os.listdir("/proc") if p.isdigit()):
+    while time.monotonic() < deadline and not _demo_servers() - before:
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     time.sleep(0.5)
-    leftovers = [p for p in os.listdir("/proc") if p.isdigit() and "unpinned-db-demo" in _cmdline(p)]
-    assert leftovers == []
+    assert _demo_servers() - before == set()

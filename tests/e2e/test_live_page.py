@@ -37,7 +37,7 @@ def cells(dom: str, table_id: str) -> list[list[str]]:
 
 
 def test_live_page_shows_pools_pins_and_reasons(make_proxy, tmp_path):
-    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0")
+    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0", http_sql_literals=True)
     pinned = psycopg2.connect(**h.kwargs(), application_name="live-viewer")
     pinned.autocommit = True
     try:
@@ -74,3 +74,16 @@ def test_live_page_says_when_the_proxy_is_unreachable(tmp_path):
     static.write_text(files("unpinned.ops").joinpath("live.html").read_text(encoding="utf-8"), encoding="utf-8")
     dom = rendered(static.as_uri(), tmp_path)
     assert "proxy unreachable" in dom and "loading…" not in dom
+
+
+def test_live_page_with_a_token_in_its_address_reaches_the_api(make_proxy, tmp_path):
+    # With http_token set, the page opened as /?token=... passes the token on to /api/summary;
+    # without it, the page itself is refused.
+    h = make_proxy(pool_size=2, http_listen="127.0.0.1:0", http_token="page-token")
+    base = f"http://127.0.0.1:{h.proxy.http.port}/"
+    dom = rendered(base + "?token=page-token", tmp_path)
+    summary = html.unescape(re.search(r'<p id="summary">(.*?)</p>', dom, re.S).group(1))
+    assert re.search(r"queries \d+ · pins \d+", summary), summary
+    assert "— smart mode" in dom
+    refused = rendered(base, tmp_path / "second")
+    assert "<table" not in refused and "a token is needed" in refused

@@ -78,9 +78,6 @@ SERVICEMONITOR_SCHEMA = {
     },
 }
 
-# A key being built in issue 13 appears in the config as a commented "# key = value" line until
-# the loader knows it; the manifests must already agree with that value.
-COMING_KEYS = ("fleet_size", "shutdown_timeout")
 
 
 def render(kustomization: str) -> list[dict]:
@@ -117,12 +114,9 @@ def config_text(by_kind: dict) -> str:
 
 
 def setting(text: str, section: str, key: str):
-    """A key's value in the TOML, or, for a key still being built, its commented value."""
+    """A key's value in the TOML (a key the manifests' checks rely on must be set)."""
     value = tomllib.loads(text).get(section, {}).get(key)
-    if value is None and key in COMING_KEYS:
-        m = re.search(rf"^#\s*{key}\s*=\s*(\d+)\s*$", text, re.M)
-        assert m, f"{key} is neither set nor given as a commented value in the config"
-        value = int(m.group(1))
+    assert value is not None, f"[{section}] {key} is not set in the config"
     return value
 
 

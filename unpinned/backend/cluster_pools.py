@@ -30,7 +30,7 @@ import logging
 import time
 from collections import Counter, deque
 
-from unpinned.backend.pool import Borrower, BorrowTimeout, Pool
+from unpinned.backend.pool import BorrowTimeout, Pool, FutureBorrower
 from unpinned.backend.probe import HealthChecker, probe_for
 from unpinned.backend.server import ServerConnection, ServerError
 from unpinned.backend.topology import ALL_LAGGING, BEHIND_CLIENT, NO_REPLICAS, NONE_HEALTHY, Event, Topology, parse_lsn
@@ -301,21 +301,6 @@ def _pinned(conn: ServerConnection) -> bool:
     return relay is not None and relay.pinned
 
 
-class _FutureBorrower(Borrower):
-    def __init__(self, fut: asyncio.Future):
-        self.fut = fut
-
-    @property
-    def closing(self) -> bool:
-        return self.fut.done()
-
-    def borrowed(self, conn) -> None:
-        self.fut.set_result(conn)
-
-    def borrow_failed(self, exc) -> None:
-        self.fut.set_exception(exc)
-
-
 class ReaderPools:
     """What a reader endpoint's client sees as its pool, for one (database, user): one Pool
     per replica, a replica chosen per borrow. Same methods as Pool's that clients use."""
@@ -375,7 +360,7 @@ class ReaderPools:
         for h in serving:
             t.states[h].borrowed = self._load(h)
         host = t.pick_reader(min_lsn)
-        if host is not None and not isinstance(borrower, _FutureBorrower):
+        if host is not None and not isinstance(borrower, FutureBorrower):
             self.last[borrower] = host
         return host
 
@@ -400,7 +385,7 @@ class ReaderPools:
 
     async def acquire(self) -> ServerConnection:
         fut = asyncio.get_running_loop().create_future()
-        conn = self.borrow(_FutureBorrower(fut))
+        conn = self.borrow(FutureBorrower(fut))
         conn = conn if conn is not None else await fut
         if self._reported is None:
             self._reported = dict(conn.state.reported)

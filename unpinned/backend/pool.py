@@ -27,7 +27,7 @@ class Borrower:
     def borrow_failed(self, exc: Exception) -> None: ...
 
 
-class _FutureBorrower(Borrower):
+class FutureBorrower(Borrower):
     """Adapter for the few places that want `await pool.acquire()` (login, checks)."""
 
     def __init__(self, fut: asyncio.Future):
@@ -135,7 +135,7 @@ class Pool:
 
     async def acquire(self) -> ServerConnection:
         fut = asyncio.get_running_loop().create_future()
-        conn = self.borrow(_FutureBorrower(fut))
+        conn = self.borrow(FutureBorrower(fut))
         return conn if conn is not None else await fut
 
     def _supply(self) -> None:

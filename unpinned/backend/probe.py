@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from unpinned.backend.server import open_stream
 from unpinned.backend.topology import Event, Host, ProbeResult, Topology, parse_lsn
 from unpinned.wire import messages as m
 from unpinned.wire.auth import AuthFailed, ServerAuth
@@ -65,10 +66,7 @@ async def probe(host: Host, user: str, password: str | None, database: str = "po
 
     try:
         async with asyncio.timeout(timeout):
-            if host.is_unix:
-                reader, writer = await asyncio.open_unix_connection(f"{host.host}/.s.PGSQL.{host.port}")
-            else:
-                reader, writer = await asyncio.open_connection(host.host, host.port)
+            reader, writer = await open_stream(host.host, host.port)
             if sslmode != "disable" and not host.is_unix:
                 await _start_tls(reader, writer, host, sslmode, tls_context)
             row = await _login_and_query(reader, writer, user, password, database)

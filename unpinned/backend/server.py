@@ -206,14 +206,18 @@ class ServerConnection(asyncio.Protocol):
         await self._lost
 
 
+async def open_stream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain connection to PostgreSQL at host:port; a host that is a directory is its unix socket."""
+    if host.startswith("/"):
+        return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+    return await asyncio.open_connection(host, port)
+
+
 async def send_cancel(up: Upstream, conn: ServerConnection) -> None:
     """Ask PostgreSQL to cancel whatever `conn` is running (a CancelRequest on a new socket)."""
     host, port = (conn.host.host, conn.host.port) if conn.host is not None else (up.host, up.port)
     try:
-        if host.startswith("/"):
-            _, w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
-        else:
-            _, w = await asyncio.open_connection(host, port)
+        _, w = await open_stream(host, port)
         w.write(m.cancel_request(conn.state.pid, conn.state.secret))
         await w.drain()
         w.close()

@@ -17,7 +17,7 @@ from unpinned.wire import messages as m
 
 
 class PooledClient(ListeningClient, ClientConnection):
-    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server")
+    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")
 
     active = True
 
@@ -28,6 +28,7 @@ class PooledClient(ListeningClient, ClientConnection):
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
+        self._paused_self = False      # reading stopped: pending holds the buffer limit already
 
     def take_over(self, old) -> None:
         super().take_over(old)
@@ -41,6 +42,7 @@ class PooledClient(ListeningClient, ClientConnection):
             self._to_server(data, now)
         elif self.pending or self.acquiring:
             self.pending.append(data)
+            self._bound_pending()
             if not self.acquiring:
                 self._acquire()
         elif data[:1] == b"X":
@@ -51,6 +53,8 @@ class PooledClient(ListeningClient, ClientConnection):
             if conn is None:
                 self.pending.append(data)
                 self.acquiring = True
+                if len(data) > self.relay.buffer_limit:     # (pending holds only this read)
+                    self._bound_pending()
             else:
                 self._attach(conn, data, now)
 
@@ -120,9 +124,19 @@ class PooledClient(ListeningClient, ClientConnection):
             self.acquiring = False
             self.pool.withdraw(self)
 
+    def _bound_pending(self) -> None:
+        """Waiting for a server connection, the client's bytes are held here: no more than the
+        relay would hold of one message (reading resumes once a server connection is there)."""
+        if not self._paused_self and sum(map(len, self.pending)) > self.relay.buffer_limit:
+            self._paused_self = True
+            self.transport.pause_reading()
+
     def _attach(self, conn: ServerConnection, data: bytes | None = None, now: float = 0.0) -> None:
         conn.client = self
         self.server = conn
+        if self._paused_self:
+            self._paused_self = False
+            self.transport.resume_reading()
         prelude = self.relay.attach(conn.state)
         if data is None:
             data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)

@@ -266,7 +266,8 @@ class Login(ClientConnection):
     def _logged_in(self, reported: dict[str, str]) -> None:
         info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
         self.relay = Relay(self.shared.registry, Session(self._wanted, info, self.shared.pinlog,
-                                                        self.shared.session_options), self.shared.stats)
+                                                        self.shared.session_options), self.shared.stats,
+                           buffer_limit=self.config.max_client_message_buffer)
         pid, secret_key = self._new_key()
         # The ParameterStatus block is the same for every client with these startup
         # parameters: encoded once per pool (login cost matters for connect-per-request clients).

@@ -20,8 +20,8 @@ from unpinned.telemetry.pinlog import PinLog
 
 class Shared:
     __slots__ = ("config", "stats", "tls_context", "registry", "pinlog", "session_options", "clients", "by_key",
-                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "cluster",
-                 "listeners")
+                 "worker", "pools", "tasks", "admin_command", "cancel", "_next_client", "draining", "on_idle",
+                 "on_request", "cluster", "listeners")
 
     def __init__(self, config: Config, worker: WorkerInfo | None, pinlog: PinLog):
         self.config = config
@@ -44,6 +44,12 @@ class Shared:
         # when several workers answer), and a cancel request -> routed to its client.
         self.admin_command: Callable[[str, Any], bytes | asyncio.Future] = lambda sql, client: b""
         self.cancel: Callable[[int, int], Awaitable[None]] = _no_cancel
+        # Shutting down or handing the clients over (frontend/handover.py): not ready, and each
+        # client that comes to rest between transactions is passed to `on_idle`.
+        self.draining = False
+        self.on_idle: Callable[[Any], None] | None = None
+        # While draining: a client at rest starts a new request; True = the hook answered it.
+        self.on_request: Callable[[Any], bool] | None = None
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

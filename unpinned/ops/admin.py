@@ -142,6 +142,8 @@ def config_rows(proxy: ProxyView) -> list[dict]:
         if f.name in ("users",):
             continue
         value = getattr(cfg, f.name)
+        if f.name == "http_token" and value:
+            value = "***"       # a secret: shown as set, never shown
         out.append({"key": f.name, "value": repr(value) if f.name == "upstream" else str(value)})
     return out
 

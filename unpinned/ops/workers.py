@@ -61,7 +61,7 @@ def supervise(cfg: Config, config_path: str | None, overrides: dict, start_worke
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
                     signal.signal(sig, signal.SIG_DFL)
                 code = start_worker(info)
             except BaseException:   # a worker must never return into the supervisor's loop
@@ -74,10 +74,24 @@ def supervise(cfg: Config, config_path: str | None, overrides: dict, start_worke
 
     def stop(signum, frame) -> None:
         nonlocal stopping
+        if stopping and signum is not None:
+            force(signum, frame)        # a second signal: no more waiting
+            return
         stopping = True
+        # Each worker drains (stops accepting, waits for transactions in flight) for up to
+        # shutdown_timeout; whatever is still running a little after that is killed.
+        signal.signal(signal.SIGALRM, force)
+        signal.alarm(int(cfg.shutdown_timeout) + 5)
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def force(signum, frame) -> None:
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 

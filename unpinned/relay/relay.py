@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from unpinned.relay import large
 from unpinned.relay.extended import ExtendedNames
 from unpinned.relay.pending import QUERY_PRELUDE
 from unpinned.relay.requests import RequestWalk
@@ -41,10 +42,11 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
     """One client's view of the protocol across server connections."""
 
     __slots__ = ("registry", "session", "statements", "server", "queue", "releasable", "fatal",
-                 "skip_to_sync", "cbuf", "sbuf", "_need", "unnamed_c", "portal_c", "status",
+                 "skip_to_sync", "cin", "buffer_limit", "sbuf", "_need", "unnamed_c", "portal_c", "status",
                  "to_client", "to_server", "terminated", "_row", "stats", "batch_open", "held", "carried")
 
-    def __init__(self, registry: StatementRegistry, session: "Session", stats=None):
+    def __init__(self, registry: StatementRegistry, session: "Session", stats=None,
+                 buffer_limit: int = large.DEFAULT_BUFFER_LIMIT):
         self.registry = registry
         self.stats = stats if stats is not None else _NoStats()
         self.session = session                                   # the client's session state
@@ -54,7 +56,8 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
         self.releasable = False
         self.fatal: bytes | None = None
         self.skip_to_sync = False
-        self.cbuf = b""            # incomplete client message
+        self.cin = None            # an incomplete client message, held or streaming (large.py)
+        self.buffer_limit = buffer_limit   # the longest client message held whole
         self.sbuf = b""            # incomplete server message
         self._need = 0             # bytes sbuf must reach before a message completes
         self.unnamed_c = None      # classification of the unnamed statement
@@ -105,7 +108,8 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
     @property
     def can_release(self) -> bool:
         return not self.queue and self.status == b"I" and not self.batch_open and not self.session.pins \
-            and self.held is None
+            and not (self.cin and self.cin.streaming) \
+            and self.held is None       # (cin: half a message is on the server; held: a LISTEN waits)
 
 
 class _NoStats:

@@ -3,22 +3,24 @@ or answered by the proxy itself, and each request that gets a response is queued
 Also the requests and responses the proxy makes up in the client's place."""
 from __future__ import annotations
 
-from unpinned.relay import carried
+from unpinned.relay import carried, large
+from unpinned.relay.extended import _statement_text
 from unpinned.relay.pending import (
     BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_SWALLOW, FORWARD,
-    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_SWALLOW, R_EXEC, R_QUERY, R_SYNTH,
-    READY_NOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
-from unpinned.sql.classifier import classify
+    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_SWALLOW, R_BIND, R_EXEC, R_QUERY,
+    R_SYNTH, READY_NOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
+from unpinned.sql.classifier import classify, unheld
 from unpinned.sql.effects import Kind
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
+from unpinned.wire.framing import FRONTEND_LIMITS
 from unpinned.wire.messages import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
 
 unpack_i32 = m.unpack_i32
 
-_MAX_LENGTH = m.MAX_MESSAGE_LENGTH
+_LIMITS = FRONTEND_LIMITS     # PostgreSQL's longest message of each type
 # Parse, Bind, Describe, Close: names may need rewriting (see _extended).
 _NAMED = frozenset((PARSE, BIND, DESCRIBE, CLOSE))
 # What still reaches the server while the rest of a batch is skipped up to its Sync.
@@ -33,9 +35,14 @@ class RequestWalk:
 
     def from_client(self, data: bytes) -> bytes:
         if self.held is not None:
-            self.cbuf += data       # after a LISTEN still waiting for the listening connection
+            # After a LISTEN still waiting for the listening connection: kept, walked once it listens.
+            if data:
+                if self.cin is None:
+                    self.cin = large.Held(data, 0)
+                else:
+                    self.cin.chunks.append(data)
             return b""
-        if len(data) > 5 and data[0] == QUERY and not self.cbuf and not self.skip_to_sync \
+        if len(data) > 5 and data[0] == QUERY and self.cin is None and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk.
@@ -52,9 +59,13 @@ class RequestWalk:
                 run.restored = run.own_after = run.shifts = None
                 self.queue.append(run)
                 return data
-        if self.cbuf:
-            data = self.cbuf + data
-            self.cbuf = b""
+        if self.cin is not None:
+            # The rest of a message begun in an earlier read (relay/large.py); checked after the
+            # fast path above, which a whole Query alone in its read never needs to wait for.
+            head, data = self.cin.feed(self, data)
+            if not data:
+                return head
+            return head + self.from_client(data)
         n = len(data)
         pos = 0
         out: list[bytes] = []
@@ -63,8 +74,8 @@ class RequestWalk:
         while n - pos >= 5:
             t = data[pos]
             ln = unpack_i32(data, pos + 1)[0]
-            if ln < 4 or ln > _MAX_LENGTH:
-                raise m.ProtocolError(f"invalid message length {ln}")
+            if ln < 4 or ln > _LIMITS[t]:
+                raise m.ProtocolError("invalid message length")
             end = pos + 1 + ln
             if end > n:
                 break
@@ -208,18 +219,71 @@ class RequestWalk:
             elif t not in m.FRONTEND_TYPES:
                 raise m.ProtocolError(f"invalid frontend message type {t}")
             pos = end
-        if pos < n:
-            self.cbuf = data[pos:]
-            if data[pos] not in m.FRONTEND_TYPES:
-                raise m.ProtocolError(f"invalid frontend message type {data[pos]}")
-            if n - pos >= 5:
-                ln = unpack_i32(data, pos + 1)[0]
-                if ln < 4 or ln > m.MAX_MESSAGE_LENGTH:
-                    raise m.ProtocolError(f"invalid message length {ln}")
+        if self.held is not None:
+            more = b""
+            if pos < n:
+                self.cin = large.Held(data[pos:], 0)    # after the held LISTEN (see the top)
+        else:
+            more = b"" if pos == n else large.partial(self, data, pos)   # held, or streamed from here
         if not out:
-            return data[:pos] if pos < n else data
+            return data if pos == n else data[:pos] + more
         out.append(data[fwd_start:pos])
+        out.append(more)
         return b"".join(out)
+
+    def stream_start(self, t: int, data: bytes, pos: int, total: int) -> bytes | None:
+        """A message longer than the relay holds starts at `pos` (`data` has its first
+        large.HEAD bytes): queue what it asks for and stream it. None: hold it whole."""
+        queue = self.queue
+        if self.skip_to_sync and t != COPY_DATA:
+            return large.start(self, data, pos, total, None, True, None)    # skipped, as in the walk
+        if t == QUERY:  # judged by the pre-check over all of it, when its last byte is through
+            self.stats.query_requests += 1
+            run = statement_run(R_QUERY, None, "simple")
+            queue.append(run)
+
+            def query_done(big) -> None:
+                c = unheld(big.prefix, big.length - 1, big.scan)
+                self.session.statement(c, "simple", self.server)    # (rds: pins, too long)
+                run.payload = c
+            return large.start(self, data, pos, total, pos + 5, False, query_done)
+        if t == PARSE:  # only of the unnamed statement (a named one's text is kept)
+            if data[pos + 5] != 0:
+                return None
+            self.batch_open = True
+            queue.append(PARSE_FORWARD)
+
+            def parse_done(big) -> None:
+                self.unnamed_c = unheld(big.prefix, big.length, big.scan)
+            return large.start(self, data, pos, total, pos + 6, False, parse_done)
+        if t == BIND:   # large parameters; the statement name may need renaming
+            nul = data.find(b"\x00", pos + 5)
+            nul2 = data.find(b"\x00", nul + 1) if nul >= 0 else -1
+            if nul2 < 0:
+                return None
+            self.batch_open = True
+            portal = data[pos + 5:nul]
+            name = data[nul + 1:nul2]
+            if not name:
+                self.portal_c[portal] = self.unnamed_c
+                queue.append(BIND_FORWARD)
+                return large.start(self, data, pos, total, None, False, None)
+            st = self.statements.get(name)
+            if st is None:
+                failed = self._unknown_statement(name, R_BIND)
+                if failed is None:
+                    return large.start(self, data, pos, total, None, False, None)
+                return failed + large.start(self, data, pos, total, None, True, None)
+            if st.classification is None:
+                st.classification = classify(_statement_text(st))
+            self.portal_c[portal] = st.classification
+            pre = self._ensure_prepared(st)
+            queue.append(BIND_FORWARD)
+            head = b"B" + m.pack_i32(total - 1 - len(name) + len(st.name)) + data[pos + 5:nul + 1] + st.name
+            return pre + head + large.start(self, data, nul2, total - (nul2 - pos), None, False, None)
+        if t == FUNCTION_CALL:
+            queue.append(FUNC_FORWARD)
+        return large.start(self, data, pos, total, None, False, None)     # CopyData, FunctionCall
 
     def _simple_query(self, c, raw: bytes) -> bytes | tuple | None:
         """A simple query the proxy answers itself (refused, or about names only it knows), or

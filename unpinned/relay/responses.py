@@ -63,6 +63,8 @@ class ResponseWalk:
                 break
             if not queue:
                 # Nothing asked for it: notices, notifications, parameter changes. Forward.
+                if t == ERROR_RESPONSE and _is_fatal(data, pos, end):
+                    self.fatal = b""    # the server's own FATAL ends the client: nothing to add
                 pos = end
                 continue
             head = queue[0]
@@ -89,6 +91,8 @@ class ResponseWalk:
                         out.append(unshift_position(data[pos:end], head.shifts))
                         fwd_start = end
                 drop = action == PRELUDE or action == CHECK or action == QUIET
+                if not drop and _is_fatal(data, pos, end):
+                    self.fatal = b""    # the server's own FATAL reaches the client: it is the one error
                 if kind in EXTENDED:
                     # The server skips everything up to the next Sync; so do the queued requests,
                     # and so must whatever the client sends before its Sync.
@@ -290,6 +294,13 @@ class ResponseWalk:
                 self.statements.pop(name, None)     # a Parse that never happened
             else:
                 self.statements[name] = st          # a Close that never happened
+
+
+def _is_fatal(data: bytes, pos: int, end: int) -> bool:
+    """The ErrorResponse at `pos` ends the server's session (severity FATAL or PANIC, field V,
+    which is never translated)."""
+    body = data[pos + 5:end]
+    return b"\x00VFATAL\x00" in body or b"\x00VPANIC\x00" in body or body.startswith((b"VFATAL\x00", b"VPANIC\x00"))
 
 
 def _as_fatal(fields: bytes) -> bytes:

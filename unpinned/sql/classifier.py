@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
+from typing import Any
 
 from pglast import parser as _pg
 
@@ -23,7 +24,7 @@ from unpinned.sql.ast_effects import Ctx, statement_effects
 from unpinned.sql.text import _count_statements, count_statements  # noqa: F401  (count_statements: public here too)
 from unpinned.sql.effects import EMPTY, Classification, Effect, Kind
 
-__all__ = ["classify", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES"]
+__all__ = ["classify", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES", "EffectScan", "unheld", "redact_sql"]
 
 # --------------------------------------------------------------------------- cache
 
@@ -43,7 +44,7 @@ def cache_clear() -> None:
     _cache_bytes = 0
 
 
-def classify(query: bytes | str) -> Classification:
+def classify(query: Any) -> Classification:      # bytes or str; a bytearray or memoryview is copied
     """Session effects of a statement string. Cached by the exact text."""
     global _cache_bytes
     try:
@@ -66,7 +67,7 @@ def classify(query: bytes | str) -> Classification:
     return _classify_new(query)
 
 
-def _classify_new(query: bytes | str) -> Classification:
+def _classify_new(query: Any) -> Classification:
     global _cache_bytes
     if isinstance(query, str):
         text = query
@@ -80,6 +81,13 @@ def _classify_new(query: bytes | str) -> Classification:
         text = raw.decode("utf-8", "replace")
         if _may_have_effects(raw):
             c = _parse_effects(text, raw)
+            if not c.effects and c.parsed and shape != raw and len(raw) <= SHAPE_MAX_BYTES \
+                    and _digits_are_literals(raw):
+                # Parsed, no effects (an UPDATE ... SET, TPC-B's statements): the same text
+                # with other digits parses the same way (see _digits_are_literals).
+                if len(_plain_shapes) >= SHAPE_CACHE_SIZE:
+                    _plain_shapes.popitem(last=False)
+                _plain_shapes[shape] = None
         else:
             c = Classification(text, EMPTY, None, (), len(raw), True)
             if shape != raw and len(raw) <= SHAPE_MAX_BYTES:
@@ -106,6 +114,17 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 SHAPE_CACHE_SIZE = 5_000
 SHAPE_MAX_BYTES = 2048          # so the shapes stay under 10 MB
 _plain_shapes: "OrderedDict[bytes, None]" = OrderedDict()
+
+
+def _digits_are_literals(raw: bytes) -> bool:
+    """Whether other digits in this text could not change its effects, for a text the parser
+    found none in: every digit is then part of a number, a string or an identifier, and
+    changing it keeps each token's kind (a leading 0 of 0x/0o/0b only turns a valid number
+    into a syntax error, which runs nothing). Three things break that and are left out:
+    dollar-quote tags ($a1$ ... $a2$ decides where a string ends), U& escapes
+    (U&"\\0073et_config" spells a name in digits), and the functions the classifier knows,
+    whose literal arguments decide the effect (set_config(..., 1 = 1) is local)."""
+    return b"$" not in raw and b"u&" not in raw and b"U&" not in raw and _FUNC_HINT.search(raw.lower()) is None
 
 
 # --------------------------------------------------------------------------- pre-check
@@ -234,3 +253,65 @@ def digest(c: Classification) -> str:
         d = _WS.sub(" ", d).strip().lower()
         c._digest = d
     return d
+
+
+def redact_sql(text: str) -> str:
+    """The statement with its literals replaced by $n (PostgreSQL's normalization, as in the
+    digest), for showing where literals may be secrets. Text the parser cannot read is not
+    shown at all: it could hold anything."""
+    try:
+        return _WS.sub(" ", _pg.normalize(text)).strip()
+    except Exception:
+        return f"(not shown: {len(text.encode())} bytes that PostgreSQL's parser could not read)"
+
+
+# --------------------------------------------------------------------------- text in pieces
+
+class EffectScan:
+    """The pre-check over a statement that arrives in pieces too large to hold whole (see
+    relay/large.py): `hit` ends up True whenever `_may_have_effects` of the whole text would be.
+
+    Each piece is checked together with the last `OVERLAP` bytes of the text before it, so a word
+    cut in two is seen whole (the longest word and its context bytes fit). A word found at the
+    very end of a piece waits for the next one: it may begin a longer identifier. A word right at
+    the start of the overlap was already judged, with the byte before it, in the piece before
+    (OVERLAP is more than twice the longest word), so it is skipped there."""
+
+    __slots__ = ("tail", "hit", "inside")
+    OVERLAP = 32
+
+    def __init__(self) -> None:
+        self.tail = b""
+        self.hit = False
+        self.inside = False     # the overlap starts after the text's first byte
+
+    def feed(self, piece: bytes, final: bool = False) -> None:
+        if self.hit:
+            return
+        buf = self.tail + piece
+        words = buf.translate(_WORD_BYTES)
+        # _may_have_effects, cheapest test first (a long text costs its bytes several times).
+        if b"&" in buf and (b"u&" in buf or b"U&" in buf) or b"pg_temp" in words or b"advisory" in words \
+                or not _KEYWORDS.isdisjoint(words.split()):
+            size = len(buf)
+            for found in _PRECHECK_WORDS.finditer(buf.lower()):
+                if (found.end() < size or final) and (found.start() > 0 or not self.inside):
+                    self.hit = True
+                    return
+        if len(buf) > self.OVERLAP:
+            self.tail = buf[-self.OVERLAP:]
+            self.inside = True
+        else:
+            self.tail = buf
+
+
+def unheld(prefix: bytes, byte_length: int, scan: EffectScan) -> Classification:
+    """The classification of a statement of `byte_length` bytes that was forwarded as it arrived
+    without being held whole, from the pre-check over all of it: no effects when the pre-check
+    clears it (it never misses one); otherwise it cannot be judged, and counts as unparsed
+    (pinned, conservatively). `prefix`: its first bytes, for the pin log."""
+    text = prefix.decode("utf-8", "replace") + f"... ({byte_length} bytes, not held by the proxy)"
+    if not scan.hit:
+        return Classification(text, EMPTY, 1, (), byte_length, True)
+    return Classification(text=text, effects=(Effect(Kind.UNPARSED),), _statements=1,
+                          byte_length=byte_length, parsed=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 _server_ids = count(1)
 
@@ -55,6 +56,6 @@ class ServerState:
     reported: dict = field(default_factory=dict)
     # Bumped whenever a different client borrows it (currval guard: "no other client since").
     epoch: int = 0
-    last_client: object = None
+    last_client: Any = None
     # The proxy's own parameter sync failed on it: `params` is not what it has. Never pool it.
     dirty: bool = False

@@ -201,11 +201,11 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
             raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
         if len(parts) % 2:      # names and values in pairs (the two final empty strings keep the parity)
             raise ProtocolError("invalid startup packet layout: missing value")
-        try:
-            texts = body[4:-2].decode().split("\x00")
-        except UnicodeDecodeError:
-            raise ProtocolError("invalid startup packet: not UTF-8") from None
-        if len(texts) > 1:
+        if len(parts) > 2:      # (not only the terminator: compiled, body[4:-2] of 5 bytes fails)
+            try:
+                texts = body[4:-2].decode().split("\x00")
+            except UnicodeDecodeError:
+                raise ProtocolError("invalid startup packet: not UTF-8") from None
             params = dict(zip(texts[::2], texts[1::2]))
     return code, params
 
