@@ -221,3 +221,18 @@ def test_pg_listening_channels_is_the_clients_own():
     assert q == m.query("SELECT c FROM pg_catalog.unnest(ARRAY[]::text[]) c")
     q = carried.listening_query(m.query("SELECT 'pg_listening_channels()'"), {"a"})
     assert q == m.query("SELECT 'pg_listening_channels()'")     # a string literal stays as it is
+
+
+def test_what_the_client_sends_while_a_listen_waits_follows_it_in_order():
+    hub, client = Hub(slow=True), Client()
+    r = relay_for(hub, client)
+    second = m.query("SELECT 2")
+    # Later reads, one ending inside a message, wait behind the LISTEN too.
+    assert r.from_client(m.query("LISTEN jobs") + m.query("SELECT 1") + second[:3]) == b""
+    assert r.from_client(second[3:]) == b""
+    assert r.from_client(m.query("SELECT 3")[:7]) == b""
+    hub.release()
+    carried.resume(r)
+    assert r.from_client(b"") == m.query("SELECT 1") + second
+    assert r.from_client(m.query("SELECT 3")[7:]) == m.query("SELECT 3")
+    assert b"".join(r.to_client) == m.command_complete("LISTEN") + m.ready_for_query(b"I")

@@ -14,6 +14,7 @@ from unpinned.config import load
 from unpinned.frontend.handover import VERSION, restore, snapshot, why_not_movable
 from unpinned.frontend.shared import Shared
 from unpinned.ops.takeover import FrameReader, send_frame
+from unpinned.relay import carried
 from unpinned.telemetry.pinlog import PinLog
 
 
@@ -103,6 +104,12 @@ def test_only_a_client_at_rest_moves():
     client.relay.session.pins["temp_table"] = "CREATE TEMP TABLE t (a int)"
     assert why_not_movable(client) == "pinned"
     client.relay.session.pins.clear()
+    # SQL-prepared statements live in this process (relay/carried.py): the client stays, as pinned.
+    client.relay.carried = carried.SqlPrepared()
+    client.relay.carried.names["q"] = ("U_1", "PREPARE \"U_1\" AS SELECT 1")
+    assert why_not_movable(client) == "sql_prepared"
+    client.relay.carried = None
+    assert client.relay.session.subscribe is not None, "a restored client carries LISTEN too"
     client.tls = True
     assert why_not_movable(client) == "tls"
     client.tls = False
