@@ -82,15 +82,17 @@ def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, u
               help="Which mode's verdict to show.")
 @click.option("--set-local-pins", is_flag=True, help="rds mode: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True)
+@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
+              help="smart mode: pin on SQL PREPARE, or carry it.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check(sql, mode, set_local_pins, sequences, as_json) -> None:
+def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
     """Would this statement pin, in which mode, and why.
 
     Exit status: 0 no pin in the chosen mode(s), 1 it pins, 2 usage error.
     """
 
     c = classify(sql)
-    opts = PolicyOptions(set_local_pins=set_local_pins, sequences=sequences)
+    opts = PolicyOptions(set_local_pins=set_local_pins, sequences=sequences, sql_prepare=sql_prepare)
     verdict = {"rds": [str(r) for r in rds_reasons(c, opts)], "smart": [str(r) for r in static_smart_reasons(c, opts)]}
     shown = ["rds", "smart"] if mode == "both" else [mode]
     carries = [str(r) for r in carried_reasons(c, opts)]      # what smart mode carries instead of pinning
@@ -148,8 +150,10 @@ def check(sql, mode, set_local_pins, sequences, as_json) -> None:
 @click.option("--set-local-pins", is_flag=True, help="rds rules: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
               help="smart rules: pin on sequence functions too.")
+@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
+              help="smart rules: pin on SQL PREPARE, or carry it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
-def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequences, progress) -> None:
+def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequences, sql_prepare, progress) -> None:
     """Find pin causes in PostgreSQL logs or a pg_stat_statements export.
 
     LOGFILE: stderr log (log_statement = 'all', any log_line_prefix), csvlog, jsonlog,
@@ -163,7 +167,8 @@ def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequen
     try:
         result = run_audit(list(logfiles), input_format=None if input_format == "auto" else input_format,
                            prefix=prefix, progress=progress,
-                           opts=PolicyOptions(set_local_pins=set_local_pins, sequences=sequences))
+                           opts=PolicyOptions(set_local_pins=set_local_pins, sequences=sequences,
+                                                              sql_prepare=sql_prepare))
     except AuditError as e:
         click.echo(f"unpinned audit: {e}", err=True)
         sys.exit(2)

@@ -145,6 +145,7 @@ class Config:
     pin_log_redact: bool = False         # log statements with literals replaced by $n
     set_local_pins: bool = False         # rds mode: whether SET LOCAL pins (AWS does not document it)
     sequences: str = "carry"             # smart mode: "carry" (guard currval/lastval) or "pin" (as RDS)
+    sql_prepare: str = "pin"             # smart mode: "pin" SQL PREPARE, or "carry" it (relay/carried.py)
     verify: bool = False                 # check each server connection's state after every transaction
     # [pool]
     pool_size: int = 20                  # max server connections per (database, user)
@@ -169,6 +170,8 @@ class Config:
             raise ConfigError(f"mode must be 'smart' or 'rds', not {self.mode!r}")
         if self.sequences not in ("carry", "pin"):
             raise ConfigError(f"sequences must be 'carry' or 'pin', not {self.sequences!r}")
+        if self.sql_prepare not in ("carry", "pin"):
+            raise ConfigError(f"sql_prepare must be 'carry' or 'pin', not {self.sql_prepare!r}")
         if self.auth not in ("scram", "md5", "trust"):
             raise ConfigError(f"auth must be 'scram', 'md5' or 'trust', not {self.auth!r}")
         for name in ("pool_size", "max_client_connections"):
@@ -302,7 +305,7 @@ _SECTIONS = {
               "admin_database", "http_listen", "http_token", "http_metrics_auth", "http_sql_literals", "workers",
               "tls_cert_file", "tls_key_file", "require_tls", "fleet_size", "shutdown_timeout", "takeover_socket",
               "max_client_message_buffer"),
-    "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "verify"),
+    "pins": ("pin_log", "pin_log_max_sql", "pin_log_redact", "set_local_pins", "sequences", "sql_prepare", "verify"),
     "pool": ("pool_size", "max_idle", "server_idle_timeout", "borrow_timeout", "init_query",
              "health_check_after", "max_prepared_statements", "connect_timeout"),
 }

@@ -23,7 +23,7 @@ def p2(h):
 
 @pytest.fixture
 def small(make_proxy):
-    return make_proxy(pool_size=2)
+    return make_proxy(pool_size=2, sql_prepare="carry")
 
 
 def test_twenty_clients_prepare_and_execute_across_transactions(small):
@@ -175,7 +175,7 @@ async def test_psycopg3_and_asyncpg(small):
 
 def test_carried_is_logged_and_counted(make_proxy, tmp_path):
     log = tmp_path / "pins.jsonl"
-    h = make_proxy(pool_size=2, pin_log=str(log))
+    h = make_proxy(pool_size=2, pin_log=str(log), sql_prepare="carry")
     a = p2(h)
     try:
         a.cursor().execute("PREPARE logged AS SELECT 1")

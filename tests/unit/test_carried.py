@@ -152,7 +152,7 @@ def test_a_client_that_does_not_read_is_closed():
 
 def relay_for(hub: Hub, client: Client, mode: str = "smart") -> Relay:
     from unpinned.state.session import SessionOptions
-    session = Session({}, ClientInfo(1, "test", "app", "db"), PinLog(mode=mode), SessionOptions(mode=mode))
+    session = Session({}, ClientInfo(1, "test", "app", "db"), PinLog(mode=mode), SessionOptions(mode=mode, sql_prepare="carry"))
     session.subscribe = lambda: Subscriptions(hub, client)
     r = Relay(StatementRegistry(), session)
     r.attach(ServerState())

@@ -38,7 +38,7 @@ CASES = [
     ("SET SESSION AUTHORIZATION alice", [R.ROLE], []),
     ("SET LOCAL ROLE reader", [], []),
     # SQL prepared statements
-    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], []),     # carried in smart mode (issue 14)
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], [R.SQL_PREPARE]),   # pins by default; sql_prepare = "carry" below
     ("EXECUTE q", [R.SQL_PREPARE], []),
     ("DEALLOCATE q", [R.SQL_PREPARE], []),
     ("DEALLOCATE ALL", [R.SQL_PREPARE], []),
@@ -63,7 +63,7 @@ CASES = [
     ("LISTEN ch", [R.LISTEN], []),                       # the proxy listens for the client
     ("LISTEN a; UNLISTEN b; LISTEN c", [R.LISTEN], []),
     ("LISTEN ch; SELECT 1", [R.LISTEN], []),             # undone on the server in the same string
-    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], [R.LISTEN]),   # only one of the two is carried
+    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], []),   # EXECUTE alone: the engine pins while a PREPARE exists
     ("UNLISTEN ch", [], []),
     ("LOAD 'auto_explain'", [R.LOAD], [R.LOAD]),
     # advisory locks
@@ -95,7 +95,7 @@ CASES = [
     (ASYNCPG_RESET, [R.ADVISORY_LOCK, R.SET], []),
     ("SELECT nextval('s'), set_config('a', 'b', false), nextval('t'); LISTEN x; SET y = 1",
      [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], []),
-    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], []),
+    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], [R.SQL_PREPARE]),
     ("CREATE TEMP TABLE a (x int); SELECT pg_advisory_lock(1); DECLARE c CURSOR WITH HOLD FOR SELECT 1",
      [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR], [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR]),
 ]
@@ -172,8 +172,8 @@ def test_describe():
 @pytest.mark.parametrize("sql,carried", [
     ("LISTEN ch", [R.LISTEN]),
     ("LISTEN ch; SELECT 1", [R.LISTEN]),
-    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE]),
-    ("EXECUTE q(1)", [R.SQL_PREPARE]),
+    ("PREPARE q AS SELECT 1", []),              # sql_prepare = "pin" (the default): not carried
+    ("EXECUTE q(1)", []),
     ("SET work_mem = '8MB'", [R.SET]),
     ("CREATE TEMP TABLE t (x int)", []),
     ("SELECT 1", []),
@@ -181,3 +181,18 @@ def test_describe():
 def test_carried_reasons(sql, carried):
     """What RDS Proxy pins for and smart mode carries instead: what `check` and `audit` report."""
     assert carried_reasons(classify(sql)) == carried
+
+
+CARRY = PolicyOptions(sql_prepare="carry")
+
+
+@pytest.mark.parametrize("sql,smart,carried", [
+    ("PREPARE q AS SELECT 1", [], [R.SQL_PREPARE]),
+    ("EXECUTE q(1)", [], [R.SQL_PREPARE]),
+    ("LISTEN ch; EXECUTE q", [R.LISTEN], [R.SQL_PREPARE]),    # only one of the two is carried
+    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [], [R.SQL_PREPARE]),
+])
+def test_sql_prepare_carried_when_configured(sql, smart, carried):
+    c = classify(sql)
+    assert static_smart_reasons(c, CARRY) == smart
+    assert carried_reasons(c, CARRY) == carried

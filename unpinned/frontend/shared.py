@@ -31,7 +31,8 @@ class Shared:
         self.registry = StatementRegistry()
         self.pinlog = pinlog
         self.session_options = SessionOptions(mode=config.mode, set_local_pins=config.set_local_pins,
-                                              sequences=config.sequences, verify=config.verify)
+                                              sequences=config.sequences, verify=config.verify,
+                                              sql_prepare=config.sql_prepare)
         self.clients: set = set()                   # every client connection, logging in or logged in
         self.by_key: dict[tuple[int, int], Any] = {}    # cancel key -> client
         self.pools: dict[tuple[str, str], Pool] = {}

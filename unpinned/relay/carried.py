@@ -224,7 +224,8 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
     ErrorResponse the relay raises on the server), or (prelude bytes, new text, queue entry, ops)
     for the relay to forward; the entry (a StatementRun) is the one it must queue."""
     session = relay.session
-    if session.rds or not c.parsed or not any(e.kind in _SQL_KINDS and e.name is not None for e in c.effects):
+    if session.rds or session.options.sql_prepare != "carry" or not c.parsed or \
+            not any(e.kind in _SQL_KINDS and e.name is not None for e in c.effects):
         return None
     carried = relay.carried
     if carried is None:
@@ -362,7 +363,7 @@ def parse_rewrite(relay, data: bytes, start: int, end: int):
     (not carried), (bytes to send first, new Parse message), or an error (code, text) to raise.
     PREPARE and DEALLOCATE through the extended protocol are not carried: they pin, as before."""
     session = relay.session
-    if session.rds:
+    if session.rds or session.options.sql_prepare != "carry":
         return None
     nul = data.index(b"\x00", start)
     qend = data.index(b"\x00", nul + 1)

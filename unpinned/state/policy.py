@@ -27,10 +27,16 @@ class PolicyOptions:
     # "carry": smart mode does not pin on sequence functions (currval/lastval are
     # guarded by the engine, SPEC 4.6); "pin": RDS behaviour.
     sequences: str = "carry"
+    # "pin": smart mode pins SQL PREPARE while any exists (the default until carrying it is
+    # exact: PostgreSQL's regression scripts still see differences, docs/compat.md); "carry":
+    # relay/carried.py runs it under the proxy's own names.
+    sql_prepare: str = "pin"
 
     def __post_init__(self) -> None:
         if self.sequences not in ("carry", "pin"):
             raise ValueError(f"sequences must be 'carry' or 'pin', not {self.sequences!r}")
+        if self.sql_prepare not in ("carry", "pin"):
+            raise ValueError(f"sql_prepare must be 'carry' or 'pin', not {self.sql_prepare!r}")
 
 
 _DEFAULT = PolicyOptions()
@@ -96,7 +102,9 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
     out: list[Reason] = []
     for e in c.effects:
         k = e.kind
-        if k is Kind.CREATE_TEMP:
+        if k is Kind.PREPARE and opts.sql_prepare == "pin":
+            r = Reason.SQL_PREPARE      # EXECUTE/DEALLOCATE alone do not: the engine pins while any exists
+        elif k is Kind.CREATE_TEMP:
             if e.flag is True:          # ON COMMIT DROP: gone at the end of the transaction
                 continue
             r = Reason.TEMP_OBJECT
@@ -105,7 +113,8 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
                 continue
             r = Reason.CURSOR
         elif k is Kind.LISTEN:
-            if only_listen(c) or not any(e.kind in _SQL_PREPARE_KINDS for e in c.effects):
+            if only_listen(c) or opts.sql_prepare == "pin" or \
+                    not any(e.kind in _SQL_PREPARE_KINDS for e in c.effects):
                 continue
             r = Reason.LISTEN       # with SQL PREPARE in one string: the relay carries only one of them
         elif k is Kind.LOAD:
@@ -138,7 +147,8 @@ def carried_reasons(c: Classification, opts: PolicyOptions | None = None) -> lis
     """What RDS Proxy would pin for here that smart mode carries instead, first seen first:
     parameters, SQL-prepared statements, LISTEN, sequences, ... (SPEC 2)."""
     smart = static_smart_reasons(c, opts)
-    return [r for r in rds_reasons(c, opts) if r not in smart]
+    pinned_by_engine = (Reason.SQL_PREPARE,) if (opts or _DEFAULT).sql_prepare == "pin" else ()
+    return [r for r in rds_reasons(c, opts) if r not in smart and r not in pinned_by_engine]
 
 
 def describe(reason: Reason) -> str:
