@@ -65,6 +65,7 @@ class Cluster:
         self.endpoint_writers: dict[tuple[str, str, str], Pool] = {}  # read_write endpoints besides `listen`
         self.counts: Counter = Counter()     # events by kind; "failover", "switchover" too
         self.writer_lost_at: float | None = None
+        self._last_writer: Host | None = None   # the latest writer seen, kept while there is none
         self.last_failover: dict | None = None   # {"from", "to", "seconds"} of the latest
         self.switchover_phase = ""           # "", "draining", "waiting", for SHOW HOSTS
         self._switching: Host | None = None
@@ -179,14 +180,19 @@ class Cluster:
                         e.detail, self.config.borrow_timeout)
             if self._hurry is None:
                 self._hurry = self.spawn(self._look_for_writer())
-        elif self.writer_lost_at is not None:
-            took = e.at - self.writer_lost_at
+        elif self.writer_lost_at is not None or (self._last_writer not in (None, new) and self._switching is None):
+            # The second case: the promoted host was seen before the old writer's failed check,
+            # so the writer moved in one step; the time without one counts from that host's loss.
+            lost = self.writer_lost_at if self.writer_lost_at is not None \
+                else self._down_since.get(self._last_writer, e.at)
+            took = e.at - lost
             self.counts["failover"] += 1
             self.last_failover = {"to": str(new), "seconds": round(took, 3), "at": time.time()}
             log.warning("failover: writer is now %s, %.2f s after the old one was lost", new, took)
             self.writer_lost_at = None
         else:
             log.info("writer: %s", e.detail)
+        self._last_writer = new or self._last_writer
         self._move_writer_pools(new)
 
     async def _look_for_writer(self) -> None:
