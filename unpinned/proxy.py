@@ -113,8 +113,12 @@ class Proxy:
         self.endpoint_ports["default"] = srv.sockets[0].getsockname()[1]
         for ep in self.config.all_endpoints()[1:]:
             ep_host, ep_port = parse_hostport(ep.listen, f"endpoint {ep.name} listen")
-            ep_srv = await loop.create_server(lambda ep=ep: Login(shared, ep), ep_host, ep_port,
-                                              reuse_address=True, reuse_port=self.worker is not None, backlog=4096)
+            if f"endpoint:{ep.name}" in sockets:     # handed over by the process being replaced
+                ep_srv = await loop.create_server(lambda ep=ep: Login(shared, ep),
+                                                  sock=sockets.pop(f"endpoint:{ep.name}"), backlog=4096)
+            else:
+                ep_srv = await loop.create_server(lambda ep=ep: Login(shared, ep), ep_host, ep_port, reuse_address=True,
+                                                  reuse_port=self.worker is not None, backlog=4096)
             self.listeners.append(ep_srv)
             self.endpoint_ports[ep.name] = ep_srv.sockets[0].getsockname()[1]
             log.info("endpoint %s (%s) listening on %s", ep.name, ep.role, ep.listen)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import logging
 import socket
-import struct
 
 import asyncpg
 import psycopg
@@ -13,6 +12,7 @@ import psycopg2
 import pytest
 import scramp
 
+from support.raw_login import scram_exchange
 from conftest import APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, SUPERUSER_PASSWORD
 from unpinned.wire import messages as m
 
@@ -45,50 +45,6 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     salt, stored, server, it = scramp.ScramMechanism().make_auth_info(password, iteration_count=iterations)
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     return f"SCRAM-SHA-256${it}:{b64(salt)}${b64(stored)}:{b64(server)}"
-
-
-def raw_scram_login(port: int, user: str, password: str) -> list[tuple[bytes, bytes]]:
-    """A SCRAM login on a raw socket; returns every message the proxy sent up to Z or the end."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    buf = b""
-    out: list[tuple[bytes, bytes]] = []
-
-    def read() -> tuple[bytes, bytes] | None:
-        nonlocal buf
-        while True:
-            if len(buf) >= 5:
-                ln = struct.unpack_from("!I", buf, 1)[0]
-                if len(buf) >= 1 + ln:
-                    msg = (buf[:1], buf[5:1 + ln])
-                    buf = buf[1 + ln:]
-                    out.append(msg)
-                    return msg
-            chunk = s.recv(65536)
-            if not chunk:
-                return None
-            buf += chunk
-
-    try:
-        s.sendall(m.startup_message({"user": user, "database": "postgres"}))
-        client = scramp.ScramClient(["SCRAM-SHA-256"], user, password)
-        while (msg := read()) is not None:
-            t, body = msg
-            if t == b"E" or t == b"Z":
-                break
-            if t != b"R":
-                continue
-            code = struct.unpack("!I", body[:4])[0]
-            if code == 10:
-                assert b"SCRAM-SHA-256\x00" in body[4:]
-                s.sendall(m.sasl_initial_response("SCRAM-SHA-256", client.get_client_first().encode()))
-            elif code == 11:
-                client.set_server_first(body[4:].decode())
-                s.sendall(m.password_message(client.get_client_final().encode()))
-            elif code == 12:
-                client.set_server_final(body[4:].decode())   # verifies the proxy's signature
-        return out
-    finally:
-        s.close()
 
 
 # ---------------------------------------------------------------- SCRAM (the shared proxy)
@@ -124,7 +80,7 @@ async def test_scram_asyncpg(proxy):
 
 
 def test_scram_raw_client_checks_the_proxys_signature(proxy):
-    msgs = raw_scram_login(proxy.port, APP_USER, APP_PASSWORD)
+    msgs = scram_exchange(proxy.port, APP_USER, APP_PASSWORD)
     assert msgs[-1] == (b"Z", b"I")
     assert any(t == b"K" for t, _ in msgs)
     params = dict(m.split_parameter_status(b) for t, b in msgs if t == b"S")
@@ -133,7 +89,7 @@ def test_scram_raw_client_checks_the_proxys_signature(proxy):
 
 
 def test_scram_raw_wrong_password_is_fatal_28P01(proxy):
-    msgs = raw_scram_login(proxy.port, APP_USER, WRONG)
+    msgs = scram_exchange(proxy.port, APP_USER, WRONG)
     errors = [m.parse_error_fields(b) for t, b in msgs if t == b"E"]
     assert len(errors) == 1
     assert errors[0]["S"] == "FATAL" and errors[0]["C"] == "28P01"
@@ -145,7 +101,7 @@ def test_unknown_user_is_rejected(proxy):
     with pytest.raises(psycopg2.OperationalError) as ei:
         psycopg2.connect(**proxy.kwargs(user="nobody_here", password="whatever"))
     assert FAILED.format("nobody_here") in str(ei.value)
-    msgs = raw_scram_login(proxy.port, "nobody_here", "whatever")
+    msgs = scram_exchange(proxy.port, "nobody_here", "whatever")
     errors = [m.parse_error_fields(b) for t, b in msgs if t == b"E"]
     assert errors and errors[-1]["S"] == "FATAL" and errors[-1]["C"] == "28P01"
 

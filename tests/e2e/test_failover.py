@@ -7,7 +7,6 @@ trust client auth: clients log in as the cluster's superuser, whose password the
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import psycopg2
 import pytest
 
 from conftest import start_proxy
+from support.serve import Served, free_port
 from unpinned.config import load
 from unpinned.dev.cluster import ClusterNode, PostgresCluster
 from unpinned.ops.metrics import make_registry, render
@@ -31,12 +31,6 @@ class _NoPg:
 
 
 NO_PG = _NoPg()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connect(port: int, node: ClusterNode, **kw):
@@ -258,6 +252,41 @@ role = "read_write"
             c.close()
     finally:
         h.stop()
+
+
+def test_takeover_keeps_reader_endpoint_clients_on_the_readers(cluster, tmp_path) -> None:
+    """A takeover restart hands over the reader endpoint's listener too, and a client that came
+    through it stays a reader client in the new process: it reads replicas, cannot write."""
+    p = cluster.primary
+    users = tmp_path / "users.toml"
+    users.write_text(f'[users.{p.superuser}]\npassword = "{p.password}"\nadmin = true\n')
+    sock, reader = str(tmp_path / "takeover.sock"), free_port()
+    opts = dict(takeover=sock, reader_listen=f"127.0.0.1:{reader}", pool_size=4)
+    old = Served(cluster.url(), str(users), **opts).start()
+    new = Served(cluster.url(), str(users), port=old.port, http_port=old.http_port, **opts)
+    try:
+        readers = [connect(reader, p) for _ in range(4)]
+        writers = [connect(old.port, p) for _ in range(4)]
+        for i, conn in enumerate(readers + writers):
+            conn.autocommit = True
+            one(conn, "SET application_name = %s", (f"client-{i}",))
+            assert one(conn, "SELECT pg_is_in_recovery()") is (conn in readers)
+        new.start(wait=False)
+        assert old.wait(30) == 0, old.log()
+        wait_for(lambda: "takeover: 8 client(s) moved" in new.log(), what="the new process to report the move")
+        for i, conn in enumerate(readers + writers):
+            assert one(conn, "SHOW application_name") == f"client-{i}"
+            assert one(conn, "SELECT pg_is_in_recovery()") is (conn in readers)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            one(readers[0], "INSERT INTO items VALUES (900, 'through the reader endpoint')")
+        fresh = connect(reader, p)        # the reader listener now belongs to the new process
+        assert one(fresh, "SELECT pg_is_in_recovery()") is True
+        fresh.close()
+        for conn in readers + writers:
+            conn.close()
+    finally:
+        new.stop()
+        old.stop()
 
 
 def test_no_replica_configured_is_an_immediate_clear_error(cluster) -> None:

@@ -19,7 +19,7 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: 10,000 idle clients must stay small, and the hot path reads these on every message.
     __slots__ = ("shared", "config", "transport", "id", "addr", "user", "database", "application_name", "pool",
-                 "relay", "server", "closing", "last_active", "connected_at", "key", "tls")
+                 "relay", "server", "closing", "last_active", "connected_at", "key", "tls", "endpoint")
 
     active = False      # logged in
     admin = False       # the admin console
@@ -42,6 +42,7 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = time.time()
         self.key = (0, 0)
         self.tls = False
+        self.endpoint = None    # config.Endpoint it came through; None: `listen` (the writer)
 
     def take_over(self, old: "ClientConnection") -> None:
         """Become the next stage of `old`'s connection: same socket, same identity."""

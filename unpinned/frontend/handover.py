@@ -149,6 +149,7 @@ def snapshot(client) -> dict:
         "version": VERSION,
         "user": client.user, "database": client.database, "application_name": client.application_name,
         "addr": client.addr, "key": list(client.key), "connected_at": client.connected_at,
+        "endpoint": client.endpoint.name if client.endpoint is not None else None,
         "startup": session.startup, "params": session.params,
         "statements": {name.decode("latin-1"): st.parse_msg.decode("latin-1")
                        for name, st in relay.statements.items()},
@@ -166,7 +167,8 @@ def restore(shared: Shared, snap: dict) -> "Restored":
     client.application_name = snap["application_name"]
     client.addr = snap["addr"]
     client.connected_at = snap["connected_at"]
-    client.pool = shared.pool_for(client.database, client.user)
+    client.endpoint = _endpoint(shared, snap.get("endpoint"))
+    client.pool = shared.pool_for(client.database, client.user, client.endpoint)
     info = ClientInfo(client.id, client.addr, client.user, client.database, client.application_name)
     session = Session(snap["startup"], info, shared.pinlog, shared.session_options)
     session.params = dict(snap["params"])
@@ -179,6 +181,17 @@ def restore(shared: Shared, snap: dict) -> "Restored":
         client.key = key
         shared.by_key[key] = client
     return client
+
+
+def _endpoint(shared: Shared, name: str | None):
+    """The endpoint a client came through, by name, in this process's configuration: a reader
+    endpoint's client stays on the readers."""
+    if name is None:
+        return None
+    for ep in shared.config.all_endpoints()[1:]:
+        if ep.name == name:
+            return ep
+    raise ValueError(f"the client came through endpoint {name!r}, which this configuration does not have")
 
 
 def _statement(shared: Shared, parse_msg: bytes) -> ServerStatement:

@@ -55,11 +55,11 @@ def _random64() -> int:
 class Login(ClientConnection):
     """A client from its first byte until it is logged in."""
 
-    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted", "endpoint")
+    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted")
 
     def __init__(self, shared: Shared, endpoint=None):
         super().__init__(shared)
-        self.endpoint = endpoint         # config.Endpoint it came through; None: `listen` (the writer)
+        self.endpoint = endpoint
         self.id = shared.new_client_id()
         self._buf = bytearray()          # bytes before login completes
         self._auth: ClientAuth | None = None

@@ -248,6 +248,9 @@ class Giver:
         shared = proxy.shared
         started = time.monotonic()
         names, socks = ["clients"], [proxy.listeners[0].sockets[0]]
+        for ep, srv in zip(proxy.config.all_endpoints()[1:], proxy.listeners[1:]):
+            names.append(f"endpoint:{ep.name}")
+            socks.append(srv.sockets[0])
         if proxy.http is not None and proxy.http.server is not None:
             names.append("http")
             socks.append(proxy.http.server.sockets[0])
@@ -325,6 +328,9 @@ class Giver:
         shared = proxy.shared
         loop = asyncio.get_running_loop()
         proxy.listeners = [await loop.create_server(lambda: Login(shared), sock=kept["clients"], backlog=4096)]
+        for ep in proxy.config.all_endpoints()[1:]:
+            proxy.listeners.append(await loop.create_server(lambda ep=ep: Login(shared, ep),
+                                                            sock=kept[f"endpoint:{ep.name}"], backlog=4096))
         if "http" in kept:
             await proxy.http.start("", 0, sock=kept["http"])
         for client in self.queued:
