@@ -564,3 +564,52 @@ def test_planned_switchover_under_load_has_no_client_errors() -> None:
         assert r.psql("SELECT sum(balance) FROM accounts") == "50000"
         assert h.proxy.cluster.counts["switchover"] == 1
         print(f"\nswitchover: 100 clients, {work.done} transfers, 0 errors, longest {work.longest:.2f} s")
+
+
+def test_switchover_with_two_workers_moves_every_worker(tmp_path) -> None:
+    """Each worker process has its own pools: SWITCHOVER pauses, drains and moves all of them,
+    and answers once every one serves from the new writer."""
+    with PostgresCluster(replicas=1, name="sw2", password="sw2-pw") as c:
+        p, r = c.primary, c.replicas[0]
+        p.psql("CREATE TABLE accounts (id int PRIMARY KEY, balance int); "
+               "INSERT INTO accounts SELECT g, 1000 FROM generate_series(0, 49) g")
+        users = tmp_path / "users.toml"
+        users.write_text(f'[users.{p.superuser}]\npassword = "{p.password}"\nadmin = true\n')
+        with Served(c.url(), str(users), workers=2, pool_size=10) as h:
+            work = Transfers(h.port, p, 20, accounts=50).start()
+            result: dict = {}
+            try:
+                wait_for(lambda: work.done > 200, what="the workload to run")
+
+                def switch():
+                    conn = psycopg2.connect(host="127.0.0.1", port=h.port, user=p.superuser, password=p.password,
+                                            dbname="unpinned")
+                    try:
+                        conn.autocommit = True
+                        conn.cursor().execute(f"SWITCHOVER 127.0.0.1:{r.port} 60")
+                        result["notices"] = list(conn.notices)
+                    except Exception as e:   # reported by the assertion below
+                        result["error"] = e
+                    finally:
+                        conn.close()
+                t = threading.Thread(target=switch)
+                t.start()
+                # "waiting" once every worker has drained (the console merges the workers' views).
+                wait_for(lambda: hosts(h, p)[r.port]["switchover"] == "waiting", what="every worker to drain")
+                r.wait_replayed(p.current_lsn())
+                done_paused = work.done
+                r.promote()
+                t.join(60)
+                assert "error" not in result, result
+                assert any("2 workers: writer is now" in n for n in result["notices"]), result
+                wait_for(lambda: work.done > done_paused + 200, what="transfers on the new writer")
+            finally:
+                work.finish()
+            fresh = [connect(h.port, p) for _ in range(8)]
+            assert {one(conn, "SELECT inet_server_port()") for conn in fresh} == {r.port}
+            for conn in fresh:
+                conn.close()
+            assert h.log().count("switchover: writer is now") == 2, h.log()
+        assert work.errors == [], work.errors[:5]
+        assert r.psql("SELECT sum(balance) FROM accounts") == "50000"
+

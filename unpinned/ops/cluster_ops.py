@@ -23,16 +23,22 @@ def hosts(proxy: ProxyView) -> list[dict]:
 
 def merge_hosts(per_worker: list[list[dict]]) -> list[dict]:
     """Several workers check the hosts each: the first worker's view of each host, with
-    the connections of all of them added up."""
+    the connections of all of them added up. A switchover shows "waiting" only once every
+    worker waits (all drained); while they differ, "draining"."""
     merged: dict[str, dict] = {}
+    phases: dict[str, set[str]] = {}
     for rows in per_worker:
         for r in rows:
             m_ = merged.get(r["host"])
+            phases.setdefault(r["host"], set()).add(r.get("switchover", ""))
             if m_ is None:
                 merged[r["host"]] = dict(r)
             else:
                 m_["connections"] += r["connections"]
                 m_["busy"] += r["busy"]
+    for host, seen in phases.items():
+        if len(seen) > 1:
+            merged[host]["switchover"] = "draining"
     return list(merged.values())
 
 
@@ -42,13 +48,11 @@ def is_switchover(sql: str) -> bool:
 
 async def switchover(proxy: ProxyView, sql: str) -> bytes:
     """`SWITCHOVER host:port [timeout_seconds]`: returns when the writer endpoint serves from
-    the target (someone promotes it meanwhile), or with the reason it could not."""
+    the target (someone promotes it meanwhile), or with the reason it could not. With several
+    workers every one of them pauses, drains and waits for the target at once (each has its
+    own pools), and the answer comes when all have resumed."""
     words = sql.strip().rstrip(";").split()
     cluster = getattr(proxy, "cluster", None)
-    if getattr(proxy, "peers", None) is not None:
-        # Every worker would have to drain before any resumes: not built yet.
-        return m.error_response("0A000", "SWITCHOVER is not supported with several worker processes yet; "
-                                         "run it with workers = 1")
     if cluster is None:
         return m.error_response("55000", "SWITCHOVER needs several upstream hosts (a multi-host --upstream URL "
                                          "or [upstream] hosts)")
@@ -57,12 +61,34 @@ async def switchover(proxy: ProxyView, sql: str) -> bytes:
     try:
         target = parse_host(words[1])
         timeout = float(words[2]) if len(words) == 3 else None
-        text = await cluster.switchover(target, timeout)
     except ValueError as e:
         return m.error_response("22023", str(e))
-    except TimeoutError as e:
-        return m.error_response("57014", f"switchover canceled: {e}")
+    peers = getattr(proxy, "peers", None)
+    if peers is None:
+        outcomes = [await switch_here(cluster, str(target), timeout)]
+    else:
+        wait = (timeout or proxy.config.borrow_timeout or 120.0) + 10.0
+        outcomes = await peers.ask_all({"op": "switchover", "target": str(target), "timeout": timeout}, wait)
+        if len(outcomes) < peers.info.count:
+            outcomes.append({"code": "58000", "message": f"{peers.info.count - len(outcomes)} worker(s) did not "
+                                                         "answer; see the log"})
+    for o in outcomes:
+        if "code" in o:
+            return m.error_response(o["code"], o["message"])
+    text = outcomes[0]["ok"] if len(outcomes) == 1 else \
+        f"{len(outcomes)} workers: " + "; ".join(o["ok"] for o in outcomes)
     return m.notice_response(text, code="00000", severity="NOTICE") + m.command_complete("SWITCHOVER")
+
+
+async def switch_here(cluster, target: str, timeout: float | None) -> dict:
+    """This process's part of a switchover, as JSON-able data (a worker answers it to a peer):
+    {"ok": text} or {"code": SQLSTATE, "message": text}."""
+    try:
+        return {"ok": await cluster.switchover(parse_host(target), timeout)}
+    except ValueError as e:
+        return {"code": "22023", "message": str(e)}
+    except TimeoutError as e:
+        return {"code": "57014", "message": f"switchover canceled: {e}"}
 
 
 def cluster_metrics(cluster, gauge, counter):

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from unpinned.config import Config, WorkerInfo, effective_workers
 from unpinned.ops import admin
+from unpinned.ops.cluster_ops import switch_here
 from unpinned.ops.live_state import ProxyView
 from unpinned.ops.metrics import make_registry, render
 
@@ -187,12 +188,18 @@ class Peers:
             return render(proxy.metrics_registry).decode()
         if op == "control":
             return admin.control(proxy, req["sql"], None)
+        if op == "switchover":
+            cluster = getattr(proxy, "cluster", None)
+            if cluster is None:
+                return {"code": "55000", "message": "this worker has no cluster of hosts"}
+            return await switch_here(cluster, req["target"], req["timeout"])
         if op == "cancel":
             await proxy.cancel(int(req["pid"]), int(req["secret"]), forward=False)
             return True
         return None
 
-    async def ask(self, index: int, req: dict):
+    async def ask(self, index: int, req: dict, wait: float = PEER_TIMEOUT):
+        """`wait`: how long the answer may take (a switchover takes as long as it takes)."""
         if index == self.info.index:
             return await self.answer(req)
         # A socket made here: uvloop cannot connect to an abstract address by name.
@@ -208,18 +215,18 @@ class Peers:
         try:
             writer.write(json.dumps(req).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), PEER_TIMEOUT)
+            line = await asyncio.wait_for(reader.readline(), wait)
             if not line:
                 raise ConnectionError(f"worker {index} closed the channel")
             return json.loads(line)
         finally:
             writer.close()
 
-    async def ask_all(self, req: dict) -> list:
+    async def ask_all(self, req: dict, wait: float = PEER_TIMEOUT) -> list:
         """Every worker's answer (this one's first); a worker that cannot answer is left out
         and logged: a worker being restarted must not break the console."""
         order = [self.info.index] + [i for i in range(self.info.count) if i != self.info.index]
-        results = await asyncio.gather(*(self.ask(i, req) for i in order), return_exceptions=True)
+        results = await asyncio.gather(*(self.ask(i, req, wait) for i in order), return_exceptions=True)
         out = []
         for i, r in zip(order, results):
             if isinstance(r, BaseException):
