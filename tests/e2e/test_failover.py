@@ -525,6 +525,36 @@ def test_one_host_restart_costs_latency_not_errors() -> None:
         assert work.longest >= 5.0
 
 
+def switch_over_under(work: "Transfers", h, p: ClusterNode, r: ClusterNode) -> list[str]:
+    """SWITCHOVER to `r` on `h`'s admin console while `work` runs: promote `r` once SHOW HOSTS
+    says every worker drained, wait for the answer and for transfers on the new writer.
+    Returns the console's notices."""
+    result: dict = {}
+
+    def switch():
+        conn = psycopg2.connect(host="127.0.0.1", port=h.port, user=p.superuser, password=p.password,
+                                dbname="unpinned")
+        try:
+            conn.autocommit = True
+            conn.cursor().execute(f"SWITCHOVER 127.0.0.1:{r.port} 60")
+            result["notices"] = list(conn.notices)
+        except Exception as e:   # reported by the assertion below
+            result["error"] = e
+        finally:
+            conn.close()
+    t = threading.Thread(target=switch)
+    t.start()
+    wait_for(lambda: hosts(h, p)[r.port]["switchover"] == "waiting", what="the drain")
+    # Drained: nothing more reaches the old primary. Promote once the replica has it all.
+    r.wait_replayed(p.current_lsn())
+    done_paused = work.done
+    r.promote()
+    t.join(60)
+    assert "error" not in result, result
+    wait_for(lambda: work.done > done_paused + 200, what="transfers on the new writer")
+    return result["notices"]
+
+
 def test_planned_switchover_under_load_has_no_client_errors() -> None:
     with PostgresCluster(replicas=1, name="sw", password="sw-pw") as c:
         p, r = c.primary, c.replicas[0]
@@ -535,25 +565,9 @@ def test_planned_switchover_under_load_has_no_client_errors() -> None:
         pinned = psycopg.connect(dsn, autocommit=True)
         pinned.execute("CREATE TEMP TABLE mine (x int)")     # holds its server connection on the old primary
         work = Transfers(h.port, p, 100, accounts=50).start()
-        result: dict = {}
         try:
             wait_for(lambda: work.done > 300, what="the workload to run")
-
-            def switch():
-                try:
-                    result["rows"] = admin(h, p, f"SWITCHOVER 127.0.0.1:{r.port} 60")
-                except Exception as e:   # reported by the assertion below
-                    result["error"] = e
-            t = threading.Thread(target=switch)
-            t.start()
-            wait_for(lambda: hosts(h, p)[r.port]["switchover"] == "waiting", what="the drain")
-            # Drained: nothing more reaches the old primary. Promote once the replica has it all.
-            r.wait_replayed(p.current_lsn())
-            done_paused = work.done
-            r.promote()
-            t.join(60)
-            assert "error" not in result, result
-            wait_for(lambda: work.done > done_paused + 300, what="transfers on the new writer")
+            switch_over_under(work, h, p, r)
             # The pinned session did not hold the switchover up; its state stayed behind, and it is told.
             with pytest.raises(psycopg.OperationalError, match=r"pinned to it \(temp_object\)"):
                 pinned.execute("SELECT count(*) FROM mine")
@@ -577,35 +591,15 @@ def test_switchover_with_two_workers_moves_every_worker(tmp_path) -> None:
         users.write_text(f'[users.{p.superuser}]\npassword = "{p.password}"\nadmin = true\n')
         with Served(c.url(), str(users), workers=2, pool_size=10) as h:
             work = Transfers(h.port, p, 20, accounts=50).start()
-            result: dict = {}
             try:
                 wait_for(lambda: work.done > 200, what="the workload to run")
-
-                def switch():
-                    conn = psycopg2.connect(host="127.0.0.1", port=h.port, user=p.superuser, password=p.password,
-                                            dbname="unpinned")
-                    try:
-                        conn.autocommit = True
-                        conn.cursor().execute(f"SWITCHOVER 127.0.0.1:{r.port} 60")
-                        result["notices"] = list(conn.notices)
-                    except Exception as e:   # reported by the assertion below
-                        result["error"] = e
-                    finally:
-                        conn.close()
-                t = threading.Thread(target=switch)
-                t.start()
-                # "waiting" once every worker has drained (the console merges the workers' views).
-                wait_for(lambda: hosts(h, p)[r.port]["switchover"] == "waiting", what="every worker to drain")
-                r.wait_replayed(p.current_lsn())
-                done_paused = work.done
-                r.promote()
-                t.join(60)
-                assert "error" not in result, result
-                assert any("2 workers: writer is now" in n for n in result["notices"]), result
-                wait_for(lambda: work.done > done_paused + 200, what="transfers on the new writer")
+                notices = switch_over_under(work, h, p, r)
+                assert any("2 workers: writer is now" in n for n in notices), notices
             finally:
                 work.finish()
             fresh = [connect(h.port, p) for _ in range(8)]
+            for conn in fresh:
+                conn.autocommit = True      # eight open transactions would need eight server connections
             assert {one(conn, "SELECT inet_server_port()") for conn in fresh} == {r.port}
             for conn in fresh:
                 conn.close()
