@@ -9,30 +9,32 @@ import time
 
 from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
-from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.connection import Staged
 from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
 
-class PooledClient(ListeningClient, ClientConnection):
-    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")
+class PooledClient(ListeningClient, Staged):
+    """Made by a Login that is done (`Login._become_pooled`: the same object, its class
+    changed) or, for a handed-over client, directly (frontend/handover.py)."""
+
+    __slots__ = ()      # (frontend/connection.py: Staged)
 
     active = True
 
     def __init__(self, shared: Shared):
         super().__init__(shared)
+        self._start_pooled()
+
+    def _start_pooled(self) -> None:
         self.pending: list[bytes] = []  # client bytes waiting for a server connection
         self.acquiring = False
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
         self._paused_self = False      # reading stopped: pending holds the buffer limit already
-
-    def take_over(self, old) -> None:
-        super().take_over(old)
-        self.relay.session.subscribe = self._subscriptions
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
