@@ -32,6 +32,7 @@ RDS_REPLICATION_TEXT = "Feature not supported: RDS Proxy currently doesn't suppo
 RDS_VERSION_TEXT = "Feature not supported: RDS Proxy supports only version 3.0 of the PostgreSQL messaging protocol."
 # Startup keys that are not session parameters.
 _NOT_GUCS = {"user", "database", "options", "replication"}
+_ENCRYPTION_REQUESTS = frozenset((m.SSL_REQUEST, m.GSSENC_REQUEST))
 TLS_HANDSHAKE = object()    # Login._auth while the TLS handshake runs
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit (MAX_STARTUP_PACKET_LENGTH)
 MAX_AUTH_MESSAGE = 65536
@@ -84,11 +85,17 @@ class Login(Staged):
         shared.stats.clients_received += 1
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) > MAX_BEFORE_LOGIN:
+        buf = self._buf
+        buf += data
+        if len(buf) > MAX_BEFORE_LOGIN:
             self.shutdown(m.fatal("08P01", "too much data before login"))
             return
-        self._login_data()
+        if self.transport.is_closing():
+            return
+        try:    # (_login_data, inlined: a connection per transaction pays for every call)
+            self._login_step()
+        except Exception as e:
+            self._login_failed(e)
 
     def _login_data(self) -> None:
         if self.transport.is_closing():
@@ -120,7 +127,7 @@ class Login(Staged):
                     self._auth = TLS_HANDSHAKE
                     self.shared.spawn(self._start_tls())
                     return
-                if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+                if code in _ENCRYPTION_REQUESTS:
                     self.transport.write(m.SSL_REFUSED)
                     continue
                 if code == m.CANCEL_REQUEST:
@@ -203,7 +210,15 @@ class Login(Staged):
             raise m.ProtocolError(RDS_VERSION_TEXT if rds else
                                   f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
                                   "server supports 3.0 to 3.0", "0A000")
-        extensions = [k for k in params if k.startswith("_pq_.")]
+        # Protocol extensions (_pq_.*) are refused; the other parameters that are not user,
+        # database, options or replication are session parameters (options' come first).
+        extensions: list[str] = []
+        gucs: dict[str, str] = {}
+        for k, v in params.items():
+            if k.startswith("_pq_."):
+                extensions.append(k)
+            elif k not in _NOT_GUCS:
+                gucs[k.lower()] = v
         if code & 0xFFFF or extensions:
             self.transport.write(m.negotiate_protocol_version(0, extensions))
         self.user = params.get("user", "")
@@ -220,18 +235,15 @@ class Login(Staged):
         if replication and replication not in ("false", "0", "off", "no"):
             raise m.ProtocolError(RDS_REPLICATION_TEXT if rds else
                                   "replication connections are not supported by this proxy", "0A000")
-        wanted: dict[str, str] = {}
-        if params.get("options", "").strip():
+        options = params.get("options")
+        if options and options.strip():
             if rds:
                 raise m.ProtocolError(RDS_OPTIONS_TEXT, "0A000")
             try:
-                wanted.update(m.parse_options(params["options"]))
+                gucs = {**m.parse_options(options), **gucs}
             except ValueError as e:
                 raise m.ProtocolError(str(e), "22023") from None
-        for k, v in params.items():
-            if k not in _NOT_GUCS and not k.startswith("_pq_."):
-                wanted[k.lower()] = v
-        self._wanted = wanted
+        self._wanted = gucs
 
         # Authenticate before any server connection is opened for this user.
         if cfg.auth == "trust":
