@@ -39,6 +39,60 @@ def message_end(buf: bytes | bytearray, pos: int, limit: int) -> int | None:
     return end if end <= len(buf) else None
 
 
+def unnamed_batch(data: bytes) -> tuple[bytes, bool] | None:
+    """(query text, whether a Describe is there) when `data` is exactly one extended-protocol
+    batch on the unnamed statement and portal, as most drivers send a query: Parse of the
+    unnamed statement, Bind of the unnamed portal to it, Describe of a portal or not, Execute of
+    the unnamed portal, Sync; each message whole and within its limit. None for anything else
+    (the relay's general walk reads it, and answers what is wrong)."""
+    n = len(data)
+    if n < 7 or data[0] != 80:                                          # Parse
+        return None
+    ln = unpack_i32(data, 1)[0]
+    pos = 1 + ln
+    if ln < 6 or ln > LARGE_MESSAGE_LIMIT or pos > n or data[5] != 0:
+        return None
+    qend = data.find(b"\x00", 6, pos)
+    if qend < 0 or n - pos < 7 or data[pos] != 66:                      # Bind
+        return None
+    ln = unpack_i32(data, pos + 1)[0]
+    if ln < 6 or ln > LARGE_MESSAGE_LIMIT or data[pos + 5] != 0 or data[pos + 6] != 0:
+        return None
+    pos += 1 + ln
+    described = n - pos >= 6 and data[pos] == 68                        # Describe
+    if described:
+        ln = unpack_i32(data, pos + 1)[0]
+        if ln < 5 or ln > SMALL_MESSAGE_LIMIT or data[pos + 5] != 80:   # (of a portal)
+            return None
+        pos += 1 + ln
+    if n - pos < 6 or data[pos] != 69:                                  # Execute
+        return None
+    ln = unpack_i32(data, pos + 1)[0]
+    if ln < 5 or ln > SMALL_MESSAGE_LIMIT or data[pos + 5] != 0:
+        return None
+    pos += 1 + ln
+    if n - pos != 5 or data[pos] != 83 or unpack_i32(data, pos + 1)[0] != 4:     # Sync, last
+        return None
+    return data[6:qend], described
+
+
+def answer_types(data: bytes, last: int) -> bytes | None:
+    """The type bytes of the messages in data[:last] that answer a request, leaving out those
+    that ride along with any answer (DataRow, NoticeResponse, NotificationResponse); None if
+    the last message does not end exactly at `last`. For the relay's fast walks: one call for
+    the headers of a whole answer."""
+    out = bytearray()
+    pos = 0
+    while pos < last:
+        t = data[pos]
+        if t != 68 and t != 78 and t != 65:
+            out.append(t)
+        pos += 1 + unpack_i32(data, pos + 1)[0]
+    if pos != last:
+        return None
+    return bytes(out)
+
+
 def packet_end(buf: bytes | bytearray, limit: int = STARTUP_PACKET_LIMIT) -> int | None:
     """The same for an untyped startup-phase packet (its length counts itself, minimum 8)."""
     if len(buf) < 4:
