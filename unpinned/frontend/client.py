@@ -63,8 +63,14 @@ class PooledClient(ListeningClient, Staged):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.shared.stats.clients_closed += 1
-        if self.relay is not None and self.relay.session.listening is not None:
-            self.relay.session.listening.close()
+        if self.relay is not None:
+            session = self.relay.session
+            if session.listening is not None:
+                session.listening.close()
+            # A client's cycle (client -> relay -> session -> this bound method), broken: its
+            # objects and its transport go with their last reference, not at a garbage collection
+            # that first walks them all (a connection per transaction makes many).
+            session.subscribe = None
         conn = self.server
         if conn is not None:
             self.server = None
