@@ -9,7 +9,7 @@ from unpinned.relay.pending import (
     R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SWALLOW, TERMINALS, Pending, StatementRun)
 from unpinned.relay.restore import unshift_position
 from unpinned.wire import messages as m
-from unpinned.wire.framing import answer_types
+from unpinned.wire.framing import answer_types, query_answer_completes
 from unpinned.wire.messages import (
     COMMAND_COMPLETE, COPY_DATA, DATA_ROW, ERROR_RESPONSE, NOTICE_RESPONSE, NOTIFICATION_RESPONSE,
     PARAMETER_STATUS, READY_FOR_QUERY)
@@ -17,10 +17,6 @@ from unpinned.wire.messages import (
 unpack_i32 = m.unpack_i32
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
-# What the answer to a simple Query without effects may hold, for the fast walk: CommandComplete,
-# RowDescription, EmptyQueryResponse, and DataRow, NoticeResponse, NotificationResponse (which
-# framing.answer_types leaves out).
-_PLAIN_TYPES = b"CTI"
 # Requests whose answers the fast walk of a batch can settle (see _plain_batch).
 _PLAIN_KINDS = frozenset((R_PARSE, R_BIND, R_DESC_PORTAL, R_EXEC))
 
@@ -168,11 +164,11 @@ class ResponseWalk:
         is a simple Query without session effects. None: not that case (an error, a parameter
         report, COPY, ...), the general walk decides."""
         last = len(data) - 6
-        types = answer_types(data, last)    # (without DataRow, NoticeResponse, NotificationResponse)
-        if types is None or types.translate(None, _PLAIN_TYPES):
+        completes = query_answer_completes(data, last)  # (what such an answer may hold: see there)
+        if completes < 0:
             return None     # the tail only looked like a ReadyForQuery, or an answer for the general walk
         self.queue.popleft()
-        stmt.count += types.count(COMMAND_COMPLETE)
+        stmt.count += completes
         return self._settled(data, last)
 
     def _plain_batch(self, data: bytes) -> bytes | None:
