@@ -215,3 +215,44 @@ def test_first_request_end():
     assert m.first_request_end(parse) is None          # a batch without its Sync yet
     assert m.first_request_end(q[:-2]) is None          # half a message
     assert m.first_request_end(b"") is None
+
+
+# ---------------------------------------------------------------- the fast walks' framing helpers
+
+def _reference_types(data: bytes, last: int) -> bytes | None:
+    """answer_types as the relay's walk read headers before: with struct."""
+    out, pos = bytearray(), 0
+    while pos < last:
+        if data[pos] not in b"DNA":
+            out.append(data[pos])
+        pos += 1 + m.unpack_i32(data, pos + 1)[0]
+    return bytes(out) if pos == last else None
+
+
+def test_answer_helpers_read_headers_as_struct_does():
+    import random
+    from unpinned.wire.framing import answer_types, query_answer_completes
+    rng = random.Random(17)
+    for _ in range(2000):
+        msgs = [m.message(bytes([rng.choice(b"12TDCINAESZ3n")]), rng.randbytes(rng.choice((0, 1, 5, 300))))
+                for _ in range(rng.randrange(0, 6))]
+        data = b"".join(msgs) + m.READY_IDLE
+        last = len(data) - 6 - rng.choice((0, 0, 0, 1, 2))     # sometimes a tail that is not a message end
+        want = _reference_types(data, last)
+        assert answer_types(data, last) == want
+        plain = want is not None and not want.translate(None, b"TIC")
+        assert query_answer_completes(data, last) == (want.count(b"C") if plain else -1)
+
+
+def test_unnamed_batch_declines_lengths_past_the_limits():
+    from unpinned.wire.framing import unnamed_batch
+    parse = m.message(b"P", b"\x00SELECT 1\x00\x00\x00")
+    bind = m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    execute = m.message(b"E", b"\x00\x00\x00\x00\x00")
+    assert unnamed_batch(parse + bind + execute + m.SYNC_MSG) == (b"SELECT 1", False)
+    # An Execute that says it is 10,001 bytes long (the limit of a small message is 10,000).
+    huge = b"E" + struct.pack("!I", 10001) + b"\x00" * 10000
+    assert unnamed_batch(parse + bind + huge + m.SYNC_MSG) is None
+    # A length with its high bit set is read as the large number it is, not as a small one.
+    high = b"P" + struct.pack("!I", 0x80000006) + b"\x00SELECT 1\x00\x00\x00"
+    assert unnamed_batch(high + bind + execute + m.SYNC_MSG) is None

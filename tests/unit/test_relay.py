@@ -948,3 +948,40 @@ def test_fast_walk_of_a_batch_holds_ready_for_query_while_a_check_runs(monkeypat
         outs.append((out, out2))
         monkeypatch.undo()
     assert outs[0] == outs[1]
+
+
+PGBENCH_BATCH = (parse(b"", b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;", (23,))
+                 + bind(b"", b"", (b"4711",)) + DESCRIBE_PORTAL + execute() + SYNC)
+_ONE = parse(b"", b"SELECT 1") + bind(b"", b"")
+REQUEST_BATCHES = [
+    # (client bytes, whether the fast walk takes them)
+    *((client, fast) for (client, _, _), fast in zip(BATCH_CASES, (True, False, False, True, True, True, True,
+                                                                   True, False, False))),
+    (PGBENCH_BATCH, True),
+    (_ONE + execute() + SYNC, True),
+    # Not one whole batch on the unnamed statement and portal without effects: the message loop.
+    (PGBENCH_BATCH + PGBENCH_BATCH, False),
+    (PGBENCH_BATCH[:-1], False),
+    (_ONE + execute() + FLUSH, False),
+    (_ONE + execute(b"p") + SYNC, False),
+    (parse(b"", b"SELECT 1") + bind(b"p", b"") + DESCRIBE_PORTAL + execute(b"p") + SYNC, False),
+    (_ONE + m.message(b"D", b"S\x00") + execute() + SYNC, False),
+    (_ONE + execute() + m.message(b"S", b"\x00"), False),
+    (parse(b"", b"SELECT pg_advisory_lock(1)") + bind(b"", b"") + execute() + SYNC, False),
+    (parse(b"", b"SET search_path = x") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC, False),
+]
+
+
+@pytest.mark.parametrize("client,fast", REQUEST_BATCHES)
+def test_fast_walk_of_a_request_batch_gives_what_the_message_loop_gives(client, fast, monkeypatch):
+    runs = []
+    for general_only in (False, True):
+        relay = make_relay(StatementRegistry())
+        relay.attach(ServerState())
+        taken = _watch_fast_walk(monkeypatch, "_unnamed_batch", general_only)
+        to_server = relay.from_client(client)
+        monkeypatch.undo()
+        runs.append((to_server, list(relay.queue), relay.unnamed_c, dict(relay.portal_c), relay.batch_open,
+                     relay.skip_to_sync, relay.stats.query_requests, dict(relay.session.pins), taken))
+    assert runs[0][:-1] == runs[1][:-1]
+    assert runs[0][-1] == [fast] and runs[1][-1] == [False]

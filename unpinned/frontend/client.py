@@ -9,30 +9,32 @@ import time
 
 from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
-from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.connection import Staged
 from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
 from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
 
-class PooledClient(ListeningClient, ClientConnection):
-    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")
+class PooledClient(ListeningClient, Staged):
+    """Made by a Login that is done (`Login._become_pooled`: the same object, its class
+    changed) or, for a handed-over client, directly (frontend/handover.py)."""
+
+    __slots__ = ()      # (frontend/connection.py: Staged)
 
     active = True
 
     def __init__(self, shared: Shared):
         super().__init__(shared)
+        self._start_pooled()
+
+    def _start_pooled(self) -> None:
         self.pending: list[bytes] = []  # client bytes waiting for a server connection
         self.acquiring = False
         self._t_req = 0.0              # when the oldest unanswered request arrived
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
         self._paused_self = False      # reading stopped: pending holds the buffer limit already
-
-    def take_over(self, old) -> None:
-        super().take_over(old)
-        self.relay.session.subscribe = self._subscriptions
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -61,8 +63,14 @@ class PooledClient(ListeningClient, ClientConnection):
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
         self.shared.stats.clients_closed += 1
-        if self.relay is not None and self.relay.session.listening is not None:
-            self.relay.session.listening.close()
+        if self.relay is not None:
+            session = self.relay.session
+            if session.listening is not None:
+                session.listening.close()
+            # A client's cycle (client -> relay -> session -> this bound method), broken: its
+            # objects and its transport go with their last reference, not at a garbage collection
+            # that first walks them all (a connection per transaction makes many).
+            session.subscribe = None
         conn = self.server
         if conn is not None:
             self.server = None

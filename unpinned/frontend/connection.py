@@ -72,3 +72,14 @@ class ClientConnection(asyncio.Protocol):
 
     def _fatal(self, code: str, text: str) -> None:
         self.shutdown(m.fatal(code, text))
+
+
+class Staged(ClientConnection):
+    """The slots of a login (frontend/login.py) and of the pooled client it becomes
+    (frontend/client.py), declared once. With one layout, a `Login` that is done becomes a
+    `PooledClient` by changing its class: no second object, nothing copied, the same entry in
+    the client sets (a connection per transaction, pgbench -C, pays for every step of a
+    login). Neither subclass adds slots; `take_over` remains for the admin console."""
+
+    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted",                          # Login
+                 "pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")     # PooledClient

@@ -16,7 +16,7 @@ from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerError
 from unpinned.frontend.admin_console import AdminClient
 from unpinned.frontend.client import PooledClient
-from unpinned.frontend.connection import ClientConnection
+from unpinned.frontend.connection import ClientConnection, Staged
 from unpinned.frontend.shared import Shared
 from unpinned.relay.relay import Relay
 from unpinned.sql.text import param_sync_sql
@@ -32,6 +32,7 @@ RDS_REPLICATION_TEXT = "Feature not supported: RDS Proxy currently doesn't suppo
 RDS_VERSION_TEXT = "Feature not supported: RDS Proxy supports only version 3.0 of the PostgreSQL messaging protocol."
 # Startup keys that are not session parameters.
 _NOT_GUCS = {"user", "database", "options", "replication"}
+_ENCRYPTION_REQUESTS = frozenset((m.SSL_REQUEST, m.GSSENC_REQUEST))
 TLS_HANDSHAKE = object()    # Login._auth while the TLS handshake runs
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit (MAX_STARTUP_PACKET_LENGTH)
 MAX_AUTH_MESSAGE = 65536
@@ -52,10 +53,16 @@ def _random64() -> int:
     return raw
 
 
-class Login(ClientConnection):
-    """A client from its first byte until it is logged in."""
+# Trust: the exchange is over before it starts, the same for everyone.
+_TRUSTED = ClientAuth("trust", "", None)
+_TRUSTED.start()
 
-    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted")
+
+class Login(Staged):
+    """A client from its first byte until it is logged in; then the same object goes on as a
+    PooledClient (`_become_pooled`)."""
+
+    __slots__ = ()      # (frontend/connection.py: Staged)
 
     def __init__(self, shared: Shared, endpoint=None):
         super().__init__(shared)
@@ -66,6 +73,7 @@ class Login(ClientConnection):
         self._authenticated = False
         self._secret = None
         self._wanted: dict[str, str] = {}
+        self.acquiring = False           # (a slot here: PooledClient's)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -77,11 +85,17 @@ class Login(ClientConnection):
         shared.stats.clients_received += 1
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if len(self._buf) > MAX_BEFORE_LOGIN:
+        buf = self._buf
+        buf += data
+        if len(buf) > MAX_BEFORE_LOGIN:
             self.shutdown(m.fatal("08P01", "too much data before login"))
             return
-        self._login_data()
+        if self.transport.is_closing():
+            return
+        try:    # (_login_data, inlined: a connection per transaction pays for every call)
+            self._login_step()
+        except Exception as e:
+            self._login_failed(e)
 
     def _login_data(self) -> None:
         if self.transport.is_closing():
@@ -113,7 +127,7 @@ class Login(ClientConnection):
                     self._auth = TLS_HANDSHAKE
                     self.shared.spawn(self._start_tls())
                     return
-                if code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+                if code in _ENCRYPTION_REQUESTS:
                     self.transport.write(m.SSL_REFUSED)
                     continue
                 if code == m.CANCEL_REQUEST:
@@ -196,7 +210,15 @@ class Login(ClientConnection):
             raise m.ProtocolError(RDS_VERSION_TEXT if rds else
                                   f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
                                   "server supports 3.0 to 3.0", "0A000")
-        extensions = [k for k in params if k.startswith("_pq_.")]
+        # Protocol extensions (_pq_.*) are refused; the other parameters that are not user,
+        # database, options or replication are session parameters (options' come first).
+        extensions: list[str] = []
+        gucs: dict[str, str] = {}
+        for k, v in params.items():
+            if k.startswith("_pq_."):
+                extensions.append(k)
+            elif k not in _NOT_GUCS:
+                gucs[k.lower()] = v
         if code & 0xFFFF or extensions:
             self.transport.write(m.negotiate_protocol_version(0, extensions))
         self.user = params.get("user", "")
@@ -213,23 +235,24 @@ class Login(ClientConnection):
         if replication and replication not in ("false", "0", "off", "no"):
             raise m.ProtocolError(RDS_REPLICATION_TEXT if rds else
                                   "replication connections are not supported by this proxy", "0A000")
-        wanted: dict[str, str] = {}
-        if params.get("options", "").strip():
+        options = params.get("options")
+        if options and options.strip():
             if rds:
                 raise m.ProtocolError(RDS_OPTIONS_TEXT, "0A000")
             try:
-                wanted.update(m.parse_options(params["options"]))
+                gucs = {**m.parse_options(options), **gucs}
             except ValueError as e:
                 raise m.ProtocolError(str(e), "22023") from None
-        for k, v in params.items():
-            if k not in _NOT_GUCS and not k.startswith("_pq_."):
-                wanted[k.lower()] = v
-        self._wanted = wanted
+        self._wanted = gucs
 
         # Authenticate before any server connection is opened for this user.
+        if cfg.auth == "trust":
+            self._secret = cfg.users.get(self.user)     # (read for whether it may use the admin console)
+            self._auth = _TRUSTED
+            return
         secret = cfg.secret_for(self.user)
         self._secret = secret
-        if secret is None and cfg.auth != "trust":
+        if secret is None:
             # Unknown: the same exchange as a wrong password, failing at its end (PostgreSQL's mock).
             self._auth = ClientAuth.mock(cfg.auth, self.user, cfg.users)
         else:
@@ -247,10 +270,14 @@ class Login(ClientConnection):
                 raise AuthFailed(f'user "{self.user}" may not use the admin console', "42501")
             self._start_admin()
             return
-        self.pool = self.shared.pool_for(self.database, self.user, self.endpoint)
+        self.pool = pool = self.shared.pool_for(self.database, self.user, self.endpoint)
+        head = pool.login_messages.get(frozenset(self._wanted.items()))
+        if head is not None:    # (most logins: these startup parameters were seen before)
+            self._logged_in(head)
+            return
         reported = self._known_parameters(self._wanted)
         if reported is not None:
-            self._logged_in(reported)
+            self._logged_in(self._login_head(reported))
         else:
             self.shared.spawn(self._check_parameters_then_log_in())
 
@@ -261,29 +288,43 @@ class Login(ClientConnection):
             self._login_failed(e)
             return
         if not self.closing:
-            self._logged_in(reported)
+            self._logged_in(self._login_head(reported))
 
-    def _logged_in(self, reported: dict[str, str]) -> None:
+    def _login_head(self, reported: dict[str, str]) -> bytes:
+        """AuthenticationOk and the ParameterStatus block: the same for every client with these
+        startup parameters, so encoded once per pool (login cost matters for connect-per-request
+        clients). `reported` for a key never changes: the pool's first report plus what the
+        server answered the first time these parameters were tried."""
+        head = m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items())
+        cache = self.pool.login_messages
+        if len(cache) < 1000:
+            cache[frozenset(self._wanted.items())] = head
+        return head
+
+    def _logged_in(self, head: bytes) -> None:
         info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
         self.relay = Relay(self.shared.registry, Session(self._wanted, info, self.shared.pinlog,
                                                         self.shared.session_options), self.shared.stats,
                            buffer_limit=self.config.max_client_message_buffer)
         pid, secret_key = self._new_key()
-        # The ParameterStatus block is the same for every client with these startup
-        # parameters: encoded once per pool (login cost matters for connect-per-request clients).
-        cache = self.pool.login_messages
-        key = frozenset(self._wanted.items())
-        head = cache.get(key)
-        if head is None:
-            # `reported` for a key never changes: the pool's first report plus what the server
-            # answered the first time these parameters were tried.
-            head = m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items())
-            if len(cache) < 1000:
-                cache[key] = head
         self.transport.write(head + m.backend_key_data(pid, secret_key) + m.READY_IDLE)
         self.shared.stats.clients_setup_ok += 1
         log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
-        self._hand_over(PooledClient(self.shared))
+        self._become_pooled()
+
+    def _become_pooled(self) -> None:
+        """Logged in: this object goes on as a PooledClient (the same slots, see Staged in
+        frontend/connection.py), with any bytes the client sent ahead."""
+        buf = self._buf
+        self.__class__ = PooledClient
+        self._buf = self._auth = self._secret = self._wanted = None     # the login's, done with
+        self._start_pooled()
+        self.relay.session.subscribe = self._subscriptions
+        # The loop keeps the protocol's bound methods (uvloop caches data_received): Login's
+        # until it is set again.
+        self.transport.set_protocol(self)
+        if buf:
+            self.data_received(bytes(buf))
 
     def _start_admin(self) -> None:
         pid, secret_key = self._new_key()
@@ -295,7 +336,7 @@ class Login(ClientConnection):
         self._hand_over(AdminClient(self.shared))
 
     def _hand_over(self, successor: ClientConnection) -> None:
-        """Logged in: the next stage takes the socket, with any bytes sent ahead."""
+        """Logged in to the admin console: the next stage takes the socket, with any bytes sent ahead."""
         successor.take_over(self)
         if self._buf:
             data = bytes(self._buf)

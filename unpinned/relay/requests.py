@@ -14,7 +14,7 @@ from unpinned.sql.effects import Kind
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
-from unpinned.wire.framing import FRONTEND_LIMITS
+from unpinned.wire.framing import FRONTEND_LIMITS, unnamed_batch
 from unpinned.wire.messages import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
 
@@ -59,6 +59,10 @@ class RequestWalk:
                 run.restored = run.own_after = run.shifts = None
                 self.queue.append(run)
                 return data
+        if len(data) > 5 and data[0] == PARSE and self.cin is None and not self.skip_to_sync:
+            out = self._unnamed_batch(data)
+            if out is not None:
+                return out
         if self.cin is not None:
             # The rest of a message begun in an earlier read (relay/large.py); checked after the
             # fast path above, which a whole Query alone in its read never needs to wait for.
@@ -230,6 +234,37 @@ class RequestWalk:
         out.append(data[fwd_start:pos])
         out.append(more)
         return b"".join(out)
+
+    def _unnamed_batch(self, data: bytes) -> bytes | None:
+        """from_client for `data` that is one whole batch on the unnamed statement and portal
+        (Parse, Bind, Describe, Execute, Sync: most drivers' every query; framing.unnamed_batch)
+        whose statement has no session effects: the queue entries the message loop below would
+        make, without the loop. None: not that case, the loop decides."""
+        batch = unnamed_batch(data)
+        if batch is None:
+            return None
+        c = classify(batch[0])
+        if c.effects or c.byte_length > STATEMENT_LIMIT or c.groups:
+            return None
+        self.unnamed_c = c
+        self.portal_c[b""] = c
+        queue = self.queue
+        queue.append(PARSE_FORWARD)
+        queue.append(BIND_FORWARD)
+        if batch[1]:
+            queue.append(DESC_PORTAL_FORWARD)
+        run = StatementRun()    # made here as in from_client's fast path: no call
+        run.kind = R_EXEC
+        run.action = FORWARD
+        run.payload = c
+        run.count = 0
+        run.protocol = "extended"
+        run.restored = run.own_after = run.shifts = None
+        queue.append(run)
+        queue.append(SYNC_FORWARD)
+        self.stats.query_requests += 1
+        self.batch_open = False
+        return data
 
     def stream_start(self, t: int, data: bytes, pos: int, total: int) -> bytes | None:
         """A message longer than the relay holds starts at `pos` (`data` has its first

@@ -9,6 +9,7 @@ from unpinned.relay.pending import (
     R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SWALLOW, TERMINALS, Pending, StatementRun)
 from unpinned.relay.restore import unshift_position
 from unpinned.wire import messages as m
+from unpinned.wire.framing import answer_types, query_answer_completes
 from unpinned.wire.messages import (
     COMMAND_COMPLETE, COPY_DATA, DATA_ROW, ERROR_RESPONSE, NOTICE_RESPONSE, NOTIFICATION_RESPONSE,
     PARAMETER_STATUS, READY_FOR_QUERY)
@@ -16,9 +17,6 @@ from unpinned.wire.messages import (
 unpack_i32 = m.unpack_i32
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
-# What the answer to a simple Query without effects may hold besides CommandComplete, for the
-# fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
-_PLAIN_ANSWER = frozenset(b"TDINA")
 # Requests whose answers the fast walk of a batch can settle (see _plain_batch).
 _PLAIN_KINDS = frozenset((R_PARSE, R_BIND, R_DESC_PORTAL, R_EXEC))
 
@@ -166,17 +164,9 @@ class ResponseWalk:
         is a simple Query without session effects. None: not that case (an error, a parameter
         report, COPY, ...), the general walk decides."""
         last = len(data) - 6
-        pos = 0
-        completes = 0
-        while pos < last:
-            t = data[pos]
-            if t == COMMAND_COMPLETE:
-                completes += 1
-            elif t not in _PLAIN_ANSWER:
-                return None
-            pos += 1 + unpack_i32(data, pos + 1)[0]
-        if pos != last:
-            return None     # the tail only looked like a ReadyForQuery
+        completes = query_answer_completes(data, last)  # (what such an answer may hold: see there)
+        if completes < 0:
+            return None     # the tail only looked like a ReadyForQuery, or an answer for the general walk
         self.queue.popleft()
         stmt.count += completes
         return self._settled(data, last)
@@ -189,30 +179,22 @@ class ResponseWalk:
         queue = self.queue
         last = len(data) - 6
         nq = len(queue) - 1     # requests before the Sync
-        k = 0
-        execs = None
-        pos = 0
-        while pos < last:
-            t = data[pos]
-            if t != DATA_ROW and t != NOTICE_RESPONSE and t != NOTIFICATION_RESPONSE:     # these ride along
-                if k == nq:
-                    return None
-                entry = queue[k]
-                kind = entry.kind
-                if entry.action != FORWARD or kind not in _PLAIN_KINDS or t not in TERMINALS[kind]:
-                    return None
-                if kind == R_EXEC:
-                    c = entry.payload
-                    if c is None or c.groups or not c.parsed:
-                        return None
-                    if t == COMMAND_COMPLETE:
-                        if execs is None:
-                            execs = []
-                        execs.append(entry)
-                k += 1
-            pos += 1 + unpack_i32(data, pos + 1)[0]
-        if pos != last or k != nq or queue[nq].action != FORWARD:
+        types = answer_types(data, last)    # DataRow, NoticeResponse, NotificationResponse ride along
+        if types is None or len(types) != nq or queue[nq].action != FORWARD:
             return None
+        execs = None
+        for t, entry in zip(types, queue):
+            kind = entry.kind
+            if entry.action != FORWARD or kind not in _PLAIN_KINDS or t not in TERMINALS[kind]:
+                return None
+            if kind == R_EXEC:
+                c = entry.payload
+                if c is None or c.groups or not c.parsed:
+                    return None
+                if t == COMMAND_COMPLETE:
+                    if execs is None:
+                        execs = []
+                    execs.append(entry)
         queue.clear()
         if execs is not None:
             for stmt in execs:

@@ -71,8 +71,12 @@ class SessionOptions:
     sql_prepare: str = "pin"             # smart: "pin" | "carry" (relay/carried.py)
 
     def policy(self) -> PolicyOptions:
-        return PolicyOptions(set_local_pins=self.set_local_pins, sequences=self.sequences,
-                             sql_prepare=self.sql_prepare)
+        # Made once, not at every login (a Session each): nothing changes either of them.
+        made = self.__dict__.get("_policy")
+        if made is None:
+            made = self.__dict__["_policy"] = PolicyOptions(
+                set_local_pins=self.set_local_pins, sequences=self.sequences, sql_prepare=self.sql_prepare)
+        return made
 
 
 class Session:

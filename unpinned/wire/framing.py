@@ -9,10 +9,12 @@ proxy that PostgreSQL would give it, before the proxy holds the bytes.
 """
 from __future__ import annotations
 
+from typing import Final
+
 from unpinned.wire.messages import MAX_MESSAGE_LENGTH, ProtocolError, unpack_i32
 
-SMALL_MESSAGE_LIMIT = 10000            # PQ_SMALL_MESSAGE_LIMIT
-LARGE_MESSAGE_LIMIT = MAX_MESSAGE_LENGTH   # PQ_LARGE_MESSAGE_LIMIT (1 GB)
+SMALL_MESSAGE_LIMIT: Final = 10000            # PQ_SMALL_MESSAGE_LIMIT
+LARGE_MESSAGE_LIMIT: Final = MAX_MESSAGE_LENGTH   # PQ_LARGE_MESSAGE_LIMIT (1 GB)
 STARTUP_PACKET_LIMIT = 10000           # MAX_STARTUP_PACKET_LENGTH
 AUTH_MESSAGE_LIMIT = 65535             # PG_MAX_AUTH_TOKEN_LENGTH
 LARGE_FRONTEND_TYPES = b"QPBFd"
@@ -37,6 +39,84 @@ def message_end(buf: bytes | bytearray, pos: int, limit: int) -> int | None:
         raise FramingError("invalid message length")
     end = pos + 1 + ln
     return end if end <= len(buf) else None
+
+
+def _length(data: bytes, pos: int) -> int:
+    """The length of the message at `pos`: its 4 bytes after the type, big-endian. (Compiled,
+    plain integer operations; struct's unpack_from returns an untyped tuple that mypyc can only
+    handle as Python objects, 10 times the cost.)"""
+    return data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+
+
+def unnamed_batch(data: bytes) -> tuple[bytes, bool] | None:
+    """(query text, whether a Describe is there) when `data` is exactly one extended-protocol
+    batch on the unnamed statement and portal, as most drivers send a query: Parse of the
+    unnamed statement, Bind of the unnamed portal to it, Describe of a portal or not, Execute of
+    the unnamed portal, Sync; each message whole and within its limit. None for anything else
+    (the relay's general walk reads it, and answers what is wrong)."""
+    n = len(data)
+    if n < 7 or data[0] != 80:                                          # Parse
+        return None
+    ln = _length(data, 0)
+    pos = 1 + ln
+    if ln < 6 or ln > LARGE_MESSAGE_LIMIT or pos > n or data[5] != 0:
+        return None
+    qend = data.find(b"\x00", 6, pos)
+    if qend < 0 or n - pos < 7 or data[pos] != 66:                      # Bind
+        return None
+    ln = _length(data, pos)
+    if ln < 6 or ln > LARGE_MESSAGE_LIMIT or data[pos + 5] != 0 or data[pos + 6] != 0:
+        return None
+    pos += 1 + ln
+    described = n - pos >= 6 and data[pos] == 68                        # Describe
+    if described:
+        ln = _length(data, pos)
+        if ln < 5 or ln > SMALL_MESSAGE_LIMIT or data[pos + 5] != 80:   # (of a portal)
+            return None
+        pos += 1 + ln
+    if n - pos < 6 or data[pos] != 69:                                  # Execute
+        return None
+    ln = _length(data, pos)
+    if ln < 5 or ln > SMALL_MESSAGE_LIMIT or data[pos + 5] != 0:
+        return None
+    pos += 1 + ln
+    if n - pos != 5 or data[pos] != 83 or _length(data, pos) != 4:      # Sync, last
+        return None
+    return data[6:qend], described
+
+
+def answer_types(data: bytes, last: int) -> bytes | None:
+    """The type bytes of the messages in data[:last] that answer a request, leaving out those
+    that ride along with any answer (DataRow, NoticeResponse, NotificationResponse); None if
+    the last message does not end exactly at `last`. For the relay's fast walk of a batch: one
+    call reads the headers of a whole answer."""
+    types: list[int] = []
+    pos = 0
+    while pos < last:
+        t = data[pos]
+        if t != 68 and t != 78 and t != 65:
+            types.append(t)
+        pos += 1 + _length(data, pos)
+    if pos != last:
+        return None
+    return bytes(types)
+
+
+def query_answer_completes(data: bytes, last: int) -> int:
+    """How many CommandComplete data[:last] holds, when it is all an answer to a simple Query
+    without surprises (RowDescription, DataRow, CommandComplete, EmptyQueryResponse,
+    NoticeResponse, NotificationResponse) ending exactly at `last`; -1 otherwise (an error, a
+    parameter report, COPY, ...: the relay's general walk reads it)."""
+    completes = 0
+    pos = 0
+    while pos < last:
+        t = data[pos]
+        if t == 67:
+            completes += 1
+        elif t != 68 and t != 84 and t != 73 and t != 78 and t != 65:
+            return -1
+        pos += 1 + _length(data, pos)
+    return completes if pos == last else -1
 
 
 def packet_end(buf: bytes | bytearray, limit: int = STARTUP_PACKET_LIMIT) -> int | None:

@@ -192,7 +192,8 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
     """Body of a startup-phase packet (after the length): (code, params)."""
     if len(body) < 4:
         raise ProtocolError("invalid startup packet length")
-    code = unpack_i32(body, 0)[0]
+    # (Plain integer operations: struct's untyped tuple would make mypyc use Python objects.)
+    code = body[0] << 24 | body[1] << 16 | body[2] << 8 | body[3]
     params: dict[str, str] = {}
     if code >> 16 == 3:
         parts = body[4:].split(b"\x00")
@@ -206,7 +207,8 @@ def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:
                 texts = body[4:-2].decode().split("\x00")
             except UnicodeDecodeError:
                 raise ProtocolError("invalid startup packet: not UTF-8") from None
-            params = dict(zip(texts[::2], texts[1::2]))
+            for i in range(0, len(texts) - 1, 2):
+                params[texts[i]] = texts[i + 1]
     return code, params
 
 
