@@ -82,8 +82,8 @@ def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, u
               help="Which mode's verdict to show.")
 @click.option("--set-local-pins", is_flag=True, help="rds mode: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True)
-@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
-              help="smart mode: pin on SQL PREPARE, or carry it.")
+@click.option("--sql-prepare", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
+              help="smart mode: carry SQL PREPARE, or pin on it.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
     """Would this statement pin, in which mode, and why.
@@ -150,8 +150,8 @@ def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
 @click.option("--set-local-pins", is_flag=True, help="rds rules: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
               help="smart rules: pin on sequence functions too.")
-@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
-              help="smart rules: pin on SQL PREPARE, or carry it.")
+@click.option("--sql-prepare", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
+              help="smart rules: carry SQL PREPARE, or pin on it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
 def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequences, sql_prepare, progress) -> None:
     """Find pin causes in PostgreSQL logs or a pg_stat_statements export.
