@@ -267,7 +267,7 @@ def test_explain_execute_and_create_table_as_execute(pg, small):
         "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE ex(1259)",
         "EXPLAIN (COSTS OFF) CREATE TABLE ex_never AS EXECUTE ex(1259)",
         "BEGIN",
-        "CREATE TABLE ex_made AS EXECUTE ex(1259)",
+        "CREATE TEMP TABLE ex_made AS EXECUTE ex(1259)",     # (temp: both sides share one database)
         "SELECT * FROM ex_made",
         "ROLLBACK",
         "EXPLAIN EXECUTE ex",                   # wrong number of parameters, named as the client's
