@@ -17,6 +17,7 @@ from unpinned.kit.audit import AuditError, exit_status, render_json, render_mark
 from unpinned.ops.workers import supervise
 from unpinned.proxy import install_uvloop, run, run_worker
 from unpinned.sql.classifier import classify, digest, fingerprint
+from unpinned.sql.effects import Kind
 from unpinned.state.policy import PolicyOptions, carried_reasons, describe, rds_reasons, static_smart_reasons
 
 
@@ -132,7 +133,8 @@ def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
                            "transactions)" if "listen" in carries else "") +
                           (" (prepared statements are re-prepared, under the proxy's own names, on whichever "
                            "server connection the client gets)" if "sql_prepare" in carries else ""))
-        elif "smart" in shown and c.effects and not verdict["smart"]:
+        elif "smart" in shown and not verdict["smart"] and any(e.kind is not Kind.PREPARED_VIEW for e in c.effects):
+            # (a read of pg_prepared_statements changes nothing: smart mode answers it with the client's own)
             console.print("  smart mode carries this state to whichever server connection the client gets.")
     sys.exit(1 if any(verdict[m] for m in shown) else 0)
 
