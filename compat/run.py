@@ -1,6 +1,7 @@
 """PostgreSQL's regression scripts, run directly and through the proxy, output diffed per script.
 
-    python compat/run.py [NAME ...] [--pool-size N] [--out DIR] [--serial] [--include-regress-so]
+    python compat/run.py [NAME ...] [--pool-size N] [--sql-prepare carry|pin] [--out DIR] [--serial]
+                         [--include-regress-so]
 
 `make compat` runs every script of the schedule. The scripts come from PostgreSQL's
 src/test/regress (shared/compat/pg_regress, see its README): found at ../shared relative to
@@ -241,8 +242,9 @@ def compare(name: str, direct: str, proxy: str, listed: Listed | None) -> tuple[
 class Side:
     """One fresh cluster with a `regression` database, reached directly or through the proxy."""
 
-    def __init__(self, label: str, work: Path, source: Path, pool_size: int | None):
+    def __init__(self, label: str, work: Path, source: Path, pool_size: int | None, sql_prepare: str | None = None):
         self.label, self.work, self.source, self.pool_size = label, work, source, pool_size
+        self.sql_prepare = sql_prepare     # the proxy's [pins] sql_prepare, None for its default
         self.pg = None
         self.proxy: subprocess.Popen | None = None
         self.port = 0
@@ -274,6 +276,10 @@ class Side:
         argv = [sys.executable, "-m", "unpinned.cli", "serve", "--listen", f"127.0.0.1:{port}",
                 "--upstream", upstream, "--auth", "trust", "--mode", "smart",
                 "--pool-size", str(self.pool_size), "--workers", "1"]
+        if self.sql_prepare is not None:
+            config = self.work / "proxy.toml"
+            config.write_text(f'[pins]\nsql_prepare = "{self.sql_prepare}"\n')
+            argv += ["--config", str(config)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "UNPINNED_"))}
         self.proxy_log = self.work / "proxy.log"
         with open(self.proxy_log, "wb") as log:
@@ -344,13 +350,13 @@ class Side:
 
 
 def run(names: list[str], source: Path, out: Path, pool_size: int, expectations: Expectations,
-        serial: bool = False, progress=say) -> list[Result]:
+        serial: bool = False, progress=say, sql_prepare: str | None = None) -> list[Result]:
     """Run `names` on both sides and compare; writes outputs and diffs under `out`."""
     progress = progress or (lambda msg: None)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.diff"):
         old.unlink()
-    direct, proxy = Side("direct", out, source, None), Side("proxy", out, source, pool_size)
+    direct, proxy = Side("direct", out, source, None), Side("proxy", out, source, pool_size, sql_prepare)
     outputs: dict[str, dict[str, tuple[str, float, int]]] = {"direct": {}, "proxy": {}}
     errors: list[BaseException] = []
 
@@ -364,7 +370,8 @@ def run(names: list[str], source: Path, out: Path, pool_size: int, expectations:
             errors.append(e)
 
     try:
-        progress(f"two fresh clusters; proxy in smart mode, pool of {pool_size}")
+        progress(f"two fresh clusters; proxy in smart mode, pool of {pool_size}"
+                 + (f", sql_prepare = {sql_prepare}" if sql_prepare else ""))
         direct.start()
         proxy.start()
         if serial:
@@ -416,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "compat-results"),
                    help="folder for each side's outputs and the per-script diffs [compat-results]")
     p.add_argument("--source", help=f"the pg_regress folder [${ENV_SOURCE} or ../shared/compat/pg_regress]")
+    p.add_argument("--sql-prepare", choices=("carry", "pin"),
+                   help="the proxy's [pins] sql_prepare: carry or pin SQL PREPARE [the proxy's default]")
     p.add_argument("--serial", action="store_true", help="run the direct side, then the proxy side (default: both at once)")
     p.add_argument("--no-setup", action="store_true", help="do not put test_setup first")
     p.add_argument("--include-regress-so", action="store_true",
@@ -443,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
     try:
-        results = run(names, source, Path(a.out), a.pool_size, expectations, serial=a.serial)
+        results = run(names, source, Path(a.out), a.pool_size, expectations, serial=a.serial,
+                      sql_prepare=a.sql_prepare)
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -17,6 +17,7 @@ from unpinned.kit.audit import AuditError, exit_status, render_json, render_mark
 from unpinned.ops.workers import supervise
 from unpinned.proxy import install_uvloop, run, run_worker
 from unpinned.sql.classifier import classify, digest, fingerprint
+from unpinned.sql.effects import Kind
 from unpinned.state.policy import PolicyOptions, carried_reasons, describe, rds_reasons, static_smart_reasons
 
 
@@ -82,8 +83,8 @@ def serve(config_path, listen, reader_listen, upstream, mode, pool_size, auth, u
               help="Which mode's verdict to show.")
 @click.option("--set-local-pins", is_flag=True, help="rds mode: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True)
-@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
-              help="smart mode: pin on SQL PREPARE, or carry it.")
+@click.option("--sql-prepare", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
+              help="smart mode: carry SQL PREPARE, or pin on it.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
     """Would this statement pin, in which mode, and why.
@@ -132,7 +133,8 @@ def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
                            "transactions)" if "listen" in carries else "") +
                           (" (prepared statements are re-prepared, under the proxy's own names, on whichever "
                            "server connection the client gets)" if "sql_prepare" in carries else ""))
-        elif "smart" in shown and c.effects and not verdict["smart"]:
+        elif "smart" in shown and not verdict["smart"] and any(e.kind is not Kind.PREPARED_VIEW for e in c.effects):
+            # (a read of pg_prepared_statements changes nothing: smart mode answers it with the client's own)
             console.print("  smart mode carries this state to whichever server connection the client gets.")
     sys.exit(1 if any(verdict[m] for m in shown) else 0)
 
@@ -150,8 +152,8 @@ def check(sql, mode, set_local_pins, sequences, sql_prepare, as_json) -> None:
 @click.option("--set-local-pins", is_flag=True, help="rds rules: treat SET LOCAL as pinning.")
 @click.option("--sequences", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
               help="smart rules: pin on sequence functions too.")
-@click.option("--sql-prepare", type=click.Choice(["pin", "carry"]), default="pin", show_default=True,
-              help="smart rules: pin on SQL PREPARE, or carry it.")
+@click.option("--sql-prepare", type=click.Choice(["carry", "pin"]), default="carry", show_default=True,
+              help="smart rules: carry SQL PREPARE, or pin on it.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [when stderr is a terminal].")
 def audit(logfiles, fmt, mode, input_format, prefix, top, set_local_pins, sequences, sql_prepare, progress) -> None:
     """Find pin causes in PostgreSQL logs or a pg_stat_statements export.

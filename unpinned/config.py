@@ -145,7 +145,7 @@ class Config:
     pin_log_redact: bool = False         # log statements with literals replaced by $n
     set_local_pins: bool = False         # rds mode: whether SET LOCAL pins (AWS does not document it)
     sequences: str = "carry"             # smart mode: "carry" (guard currval/lastval) or "pin" (as RDS)
-    sql_prepare: str = "pin"             # smart mode: "pin" SQL PREPARE, or "carry" it (relay/carried.py)
+    sql_prepare: str = "carry"           # smart mode: "carry" SQL PREPARE (relay/carried.py), or "pin" it
     verify: bool = False                 # check each server connection's state after every transaction
     # [pool]
     pool_size: int = 20                  # max server connections per (database, user)

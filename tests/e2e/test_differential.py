@@ -157,8 +157,7 @@ def test_proxy_matches_direct(pg, make_proxy, seed, verify):
     direct = run_clients(_connect(pg.dsn(APP_USER, APP_PASSWORD)), streams)
     t1 = time.monotonic()
     # Few prepared statements per server connection: the proxy evicts and re-prepares all the time.
-    handle = make_proxy(pool_size=POOL, max_prepared_statements=8, borrow_timeout=60, verify=verify,
-                        sql_prepare="carry")   # the carried SQL PREPARE against PostgreSQL (default: pin)
+    handle = make_proxy(pool_size=POOL, max_prepared_statements=8, borrow_timeout=60, verify=verify)
     _setup(pg, CLIENTS)
     proxied = run_clients(_connect(handle.dsn()), streams)
     t2 = time.monotonic()

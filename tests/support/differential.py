@@ -749,7 +749,10 @@ class Generator:
                                            f"PREPARE {name} AS SELECT current_setting('work_mem'), {self.c}",
                                            f"PREPARE {name}(text) AS SELECT $1 || 'x'"))))
         if k < 0.6:
-            return self._track(S(r.choice((f"EXECUTE {name}(3)", f"EXECUTE {name}", f"EXECUTE {name}('t')"))))
+            return self._track(S(r.choice((f"EXECUTE {name}(3)", f"EXECUTE {name}", f"EXECUTE {name}('t')",
+                                           f"EXPLAIN (COSTS OFF) EXECUTE {name}(3)",
+                                           "SELECT name, statement, parameter_types FROM pg_prepared_statements "
+                                           "WHERE from_sql ORDER BY name"))))
         if k < 0.7:
             return self._track(Op("params", f"EXECUTE {name}(%s)", (r.randint(1, 9),)))
         if k < 0.85:

@@ -236,3 +236,89 @@ def test_what_the_client_sends_while_a_listen_waits_follows_it_in_order():
     assert r.from_client(b"") == m.query("SELECT 1") + second
     assert r.from_client(m.query("SELECT 3")[7:]) == m.query("SELECT 3")
     assert b"".join(r.to_client) == m.command_complete("LISTEN") + m.ready_for_query(b"I")
+
+
+def _error(code: str, text: str, position: int | None = None, context: str | None = None) -> bytes:
+    body = b"SERROR\x00VERROR\x00C" + code.encode() + b"\x00M" + text.encode() + b"\x00"
+    if position is not None:
+        body += b"P" + str(position).encode() + b"\x00"
+    if context is not None:
+        body += b"W" + context.encode() + b"\x00"
+    return m.message(b"E", body + b"\x00")
+
+
+def test_errors_about_a_renamed_text_point_into_the_clients_and_name_its_statement():
+    r = relay_for(Hub(), Client())
+    r.from_client(m.query("PREPARE long_name (int, text) AS SELECT $1"))
+    r.from_server(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
+    r.carried.settle(r.queue)       # (as the next statement or the detach would)
+    server_name = r.carried.names["long_name"][0]
+    sent = r.from_client(m.query("EXECUTE long_name(true, 'x')"))
+    assert sent == m.query(f'EXECUTE "{server_name}"(true, \'x\')')
+    # The server points at `true` in its text; the client's text has it elsewhere.
+    at = sent[5:-1].decode().index("true") + 1
+    reply = r.from_server(_error("42804", f'wrong number of parameters for prepared statement "{server_name}"', at)
+                          + m.ready_for_query(b"I"))
+    fields = m.parse_error_fields(reply[5:reply.index(b"Z")])
+    assert fields["P"] == str("EXECUTE long_name(true, 'x')".index("true") + 1)
+    assert fields["M"] == 'wrong number of parameters for prepared statement "long_name"'
+
+
+def test_a_refusal_raised_on_the_server_has_no_context_line():
+    r = relay_for(Hub(), Client())
+    r.from_client(m.query("PREPARE q AS SELECT 1"))
+    r.from_server(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
+    r.from_client(m.query("PREPARE q AS SELECT 2"))
+    reply = r.from_server(_error("42P05", 'prepared statement "q" already exists',
+                                 context="PL/pgSQL function inline_code_block line 1 at RAISE") + m.ready_for_query(b"I"))
+    fields = m.parse_error_fields(reply[5:reply.index(b"Z")])
+    assert fields["M"] == 'prepared statement "q" already exists' and "W" not in fields
+
+
+def test_pg_prepared_statements_becomes_the_clients_own():
+    r = relay_for(Hub(), Client())
+    r.server.reported["server_version"] = "16.4"
+    sent = r.from_client(m.query("SELECT name FROM pg_prepared_statements"))
+    assert sent == m.query("SELECT name FROM (SELECT * FROM pg_catalog.pg_prepared_statements WHERE false) "
+                           "AS pg_prepared_statements")
+    r.from_server(m.row_description(["name"]) + m.command_complete("SELECT 0") + m.ready_for_query(b"I"))
+    r.from_client(m.query("PREPARE q1 AS SELECT 1;"))
+    r.from_server(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
+    r.carried.settle(r.queue)
+    server_name = r.carried.names["q1"][0]
+    text = r.from_client(m.query("select count(*) from pg_catalog.pg_prepared_statements p"))[5:-1].decode()
+    assert text.startswith("select count(*) from (SELECT c.name, c.statement, s.prepare_time, s.parameter_types, "
+                           "s.result_types, s.from_sql, s.generic_plans, s.custom_plans FROM "
+                           "pg_catalog.pg_prepared_statements s JOIN (VALUES ")
+    assert f"(0, '{server_name}', 'q1', 'PREPARE q1 AS SELECT 1;')" in text and text.endswith(" p")
+
+
+def _extended(text: str) -> bytes:
+    return (m.message(b"P", b"\x00" + m.cstr(text) + b"\x00\x00")
+            + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+            + m.message(b"E", b"\x00" + m.pack_i32(0)) + m.SYNC_MSG)
+
+
+def test_prepare_through_the_extended_protocol_is_renamed_and_counts_at_its_execute():
+    r = relay_for(Hub(), Client())
+    sent = r.from_client(_extended("PREPARE ext (int) AS SELECT $1"))
+    parse = sent[:1 + m.unpack_i32(sent, 1)[0]]
+    assert b'PREPARE "U_' in parse and b"ext" not in parse
+    r.carried.settle(r.queue)
+    assert "ext" not in r.carried.names         # not before its Execute completed
+    r.from_server(m.PARSE_COMPLETE + m.BIND_COMPLETE + m.command_complete("PREPARE") + m.ready_for_query(b"I"))
+    # (the session engine's check that no SQL-prepared statement of the client's own name is left)
+    r.from_server(m.data_row(["0"]) + m.command_complete("SELECT 1") + m.ready_for_query(b"I"))
+    assert not r.queue
+    r.carried.settle(r.queue)
+    server_name = r.carried.names["ext"][0]
+    assert parse[5:].split(b"\x00")[1].decode() == f'PREPARE "{server_name}" (int) AS SELECT $1'
+    # A PREPARE of a name it has is PostgreSQL's 42P05; DEALLOCATE forgets it once it has run.
+    assert b"42P05" in r.from_client(_extended("PREPARE ext AS SELECT 2"))
+    r.from_server(m.PARSE_COMPLETE + m.BIND_COMPLETE
+                  + _error("42P05", 'prepared statement "ext" already exists') + m.ready_for_query(b"I"))
+    sent = r.from_client(_extended("DEALLOCATE ext"))
+    assert f'DEALLOCATE "{server_name}"'.encode() in sent
+    r.from_server(m.PARSE_COMPLETE + m.BIND_COMPLETE + m.command_complete("DEALLOCATE") + m.ready_for_query(b"I"))
+    r.carried.settle(r.queue)
+    assert "ext" not in r.carried.names and not r.session.pins

@@ -250,6 +250,15 @@ CASES = [
     ("DEALLOCATE PREPARE ALL", [K(Kind.DEALLOCATE, None)]),
     ("CREATE TEMP TABLE t AS EXECUTE q", [TEMP("t"), K(Kind.EXECUTE, "q")]),
     ("EXPLAIN ANALYZE EXECUTE q(1)", [K(Kind.EXECUTE, "q")]),
+    # EXPLAIN without ANALYZE only plans, but looks the statement up by name (the relay renames it)
+    ("EXPLAIN EXECUTE q(1)", [Effect(Kind.EXECUTE, name="q", op="explain")]),
+    ("explain (costs off) execute q", [Effect(Kind.EXECUTE, name="q", op="explain")]),
+    ("EXPLAIN CREATE TABLE t AS EXECUTE q", [Effect(Kind.EXECUTE, name="q", op="explain")]),
+    # ---- pg_prepared_statements: no session effect, but smart mode answers it (relay/prepared_view.py)
+    ("SELECT name FROM pg_prepared_statements", [K(Kind.PREPARED_VIEW, None)]),
+    ("select * from pg_catalog.PG_PREPARED_STATEMENTS p where p.name = 'x'", [K(Kind.PREPARED_VIEW, None)]),
+    ("SELECT 'pg_prepared_statements'", []),
+    ("SELECT * FROM my_schema.pg_prepared_statements", []),
     # ---- DISCARD
     ("DISCARD ALL", [K(Kind.DISCARD, "ALL")]),
     ("DISCARD PLANS", [K(Kind.DISCARD, "PLANS")]),

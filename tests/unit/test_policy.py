@@ -38,8 +38,9 @@ CASES = [
     ("SET SESSION AUTHORIZATION alice", [R.ROLE], []),
     ("SET LOCAL ROLE reader", [], []),
     # SQL prepared statements
-    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], [R.SQL_PREPARE]),   # pins by default; sql_prepare = "carry" below
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], []),     # carried by default; sql_prepare = "pin" below
     ("EXECUTE q", [R.SQL_PREPARE], []),
+    ("EXPLAIN EXECUTE q", [], []),                      # plans only, what the PREPARE pinned already
     ("DEALLOCATE q", [R.SQL_PREPARE], []),
     ("DEALLOCATE ALL", [R.SQL_PREPARE], []),
     # DISCARD
@@ -63,7 +64,7 @@ CASES = [
     ("LISTEN ch", [R.LISTEN], []),                       # the proxy listens for the client
     ("LISTEN a; UNLISTEN b; LISTEN c", [R.LISTEN], []),
     ("LISTEN ch; SELECT 1", [R.LISTEN], []),             # undone on the server in the same string
-    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], []),   # EXECUTE alone: the engine pins while a PREPARE exists
+    ("LISTEN ch; EXECUTE q", [R.LISTEN, R.SQL_PREPARE], [R.LISTEN]),   # with SQL PREPARE carried, the LISTEN pins
     ("UNLISTEN ch", [], []),
     ("LOAD 'auto_explain'", [R.LOAD], [R.LOAD]),
     # advisory locks
@@ -95,7 +96,7 @@ CASES = [
     (ASYNCPG_RESET, [R.ADVISORY_LOCK, R.SET], []),
     ("SELECT nextval('s'), set_config('a', 'b', false), nextval('t'); LISTEN x; SET y = 1",
      [R.SEQUENCE, R.SET_CONFIG, R.LISTEN, R.SET], []),
-    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], [R.SQL_PREPARE]),
+    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", [R.SQL_PREPARE], []),
     ("CREATE TEMP TABLE a (x int); SELECT pg_advisory_lock(1); DECLARE c CURSOR WITH HOLD FOR SELECT 1",
      [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR], [R.TEMP_OBJECT, R.ADVISORY_LOCK, R.CURSOR]),
 ]
@@ -172,8 +173,8 @@ def test_describe():
 @pytest.mark.parametrize("sql,carried", [
     ("LISTEN ch", [R.LISTEN]),
     ("LISTEN ch; SELECT 1", [R.LISTEN]),
-    ("PREPARE q AS SELECT 1", []),              # sql_prepare = "pin" (the default): not carried
-    ("EXECUTE q(1)", []),
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE]),     # sql_prepare = "carry" (the default)
+    ("EXECUTE q(1)", [R.SQL_PREPARE]),
     ("SET work_mem = '8MB'", [R.SET]),
     ("CREATE TEMP TABLE t (x int)", []),
     ("SELECT 1", []),
@@ -184,6 +185,17 @@ def test_carried_reasons(sql, carried):
 
 
 CARRY = PolicyOptions(sql_prepare="carry")
+PIN = PolicyOptions(sql_prepare="pin")
+
+
+@pytest.mark.parametrize("sql,smart,carried", [
+    ("PREPARE q AS SELECT 1", [R.SQL_PREPARE], []),
+    ("EXECUTE q(1)", [], []),      # the engine pins while a PREPARE's statement exists
+])
+def test_sql_prepare_pinned_when_configured(sql, smart, carried):
+    c = classify(sql)
+    assert static_smart_reasons(c, PIN) == smart
+    assert carried_reasons(c, PIN) == carried
 
 
 @pytest.mark.parametrize("sql,smart,carried", [

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pglast.parser import scan
 
 from unpinned.relay.pending import R_QUERY, StatementRun, statement_run
+from unpinned.relay.prepared_view import carried_run
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Classification, Kind, Reason
 from unpinned.state.policy import only_listen
@@ -171,25 +172,32 @@ def resume(relay) -> None:
 class SqlPrepared:
     """One client's SQL-prepared statements: client name -> (server name, PREPARE text)."""
 
-    __slots__ = ("names", "pending")
+    __slots__ = ("names", "pending", "statements", "parsed")
 
     def __init__(self):
         self.names: dict[str, tuple[str, str]] = {}
+        # client name -> the client's query string that prepared it (pg_prepared_statements shows it)
+        self.statements: dict[str, str] = {}
         # (queue entry (a StatementRun), index in the string, op, name, server name,
-        #  server connection state, PREPARE text)
+        #  server connection state, PREPARE text, the client's query string)
         self.pending: list[tuple] = []
+        # server name -> (client name, PREPARE text, the client's query string) of a PREPARE or
+        # DEALLOCATE parsed through the extended protocol (relay/carried_extended.py)
+        self.parsed: dict[str, tuple[str, str, str]] = {}
 
     def settle(self, queue) -> None:
         """Apply the PREPAREs/DEALLOCATEs whose outcome is known: a counted CommandComplete is
         success; an answered request without it, failure."""
         keep = []
         for p in self.pending:
-            run, index, op, name, server_name, state, text = p
+            run, index, op, name, server_name, state, text, original = p
             if run.count > index:
                 if op == "prepare" or op == "prepare_aborted":
                     self.names[name] = (server_name, text)
+                    self.statements[name] = original
                 else:
                     self.names.pop(name, None)
+                    self.statements.pop(name, None)
                     state.prepared.discard(server_name.encode())
             elif any(x is run for x in queue):
                 keep.append(p)
@@ -239,6 +247,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
         name = wanted[0][1]
         if name in carried.names:
             carried.names.pop(name)
+            carried.statements.pop(name, None)
             session.carry(Reason.SQL_PREPARE, c, "simple", relay.server)
             return m.command_complete("DEALLOCATE")
         if carried.known(name):
@@ -254,6 +263,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
     server = relay.server
     state_names = server.prepared
     edits: list[tuple[int, int, str]] = []
+    names: dict[str, str] = {}     # server name -> the client's, for errors
     prelude: list[str] = []
     local: dict[str, tuple[str, str] | None] = {}    # names this string prepares / deallocates
     ops = []
@@ -301,7 +311,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
                     prelude.append(f"DEALLOCATE {_q(evicted.decode())}")
             local[name] = (server_name, sql)
             # (In an aborted transaction the server refuses it untouched: nothing to undo then.)
-            ops.append((index, "prepare" if not aborted else "prepare_aborted", name, server_name, sql))
+            ops.append((index, "prepare" if not aborted else "prepare_aborted", name, server_name, sql, text))
         else:
             if name in local:
                 have = local[name]
@@ -321,23 +331,27 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
                 prelude.append(sql)
             if kind is Kind.DEALLOCATE:
                 local[name] = None
-                ops.append((index, "deallocate", name, server_name, sql))
+                ops.append((index, "deallocate", name, server_name, sql, text))
         edits.append((name_tok.start, name_tok.end + 1, _q(server_name)))
+        names[server_name] = name
         i = j + 1
     if not edits:
         return None
     parts = []
+    shifts = []
     prev = 0
     for start, stop, new in edits:
         parts.append(text[prev:start])
         parts.append(new)
+        shifts.append((start, stop - start, len(new)))
         prev = stop
     parts.append(text[prev:])
     new_text = "".join(parts)
     # What the session engine sees: the statement without the effects carried here.
     groups = tuple(tuple(e for e in g if e.kind not in _SQL_KINDS or e.name is None) for g in c.groups)
     effects = tuple(e for g in groups for e in g)
-    run = statement_run(R_QUERY, replace(c, effects=effects, groups=groups if effects else ()), "simple")
+    # (Errors come back with positions and names for the client's text: relay/prepared_view.py.)
+    run = carried_run(replace(c, effects=effects, groups=groups if effects else ()), names, shifts)
     pre = m.query(";".join(prelude)) if prelude else b""
     session.carry(Reason.SQL_PREPARE, c, "simple", server)
     return pre, new_text.encode(), run, ops
@@ -348,8 +362,8 @@ def record(relay, run: StatementRun, ops: list) -> None:
     if not ops:
         return
     carried = relay.carried
-    for index, op, name, server_name, sql in ops:
-        carried.pending.append((run, index, op, name, server_name, relay.server, sql))
+    for index, op, name, server_name, sql, original in ops:
+        carried.pending.append((run, index, op, name, server_name, relay.server, sql, original))
 
 
 def _q(server_name: str) -> str:
@@ -361,7 +375,7 @@ def parse_rewrite(relay, data: bytes, start: int, end: int):
     `fetch("EXECUTE q")` so): the Parse with the server-side names, after the PREPAREs the
     server connection lacks (the proxy's own statements, answers swallowed). Returns None
     (not carried), (bytes to send first, new Parse message), or an error (code, text) to raise.
-    PREPARE and DEALLOCATE through the extended protocol are not carried: they pin, as before."""
+    (PREPARE and DEALLOCATE through the extended protocol: relay/carried_extended.py.)"""
     session = relay.session
     if session.rds or session.options.sql_prepare != "carry":
         return None
@@ -443,6 +457,7 @@ def forget_all(relay) -> None:
     """DEALLOCATE ALL / DISCARD ALL ran: the client has no SQL-prepared statement left."""
     if relay.carried is not None:
         relay.carried.names.clear()
+        relay.carried.statements.clear()
         relay.carried.pending.clear()
 
 

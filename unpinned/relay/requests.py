@@ -3,11 +3,12 @@ or answered by the proxy itself, and each request that gets a response is queued
 Also the requests and responses the proxy makes up in the client's place."""
 from __future__ import annotations
 
-from unpinned.relay import carried, large
+from unpinned.relay import carried, carried_extended, large, prepared_view
 from unpinned.relay.extended import _statement_text
 from unpinned.relay.pending import (
-    BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_SWALLOW, FORWARD,
-    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_SWALLOW, R_BIND, R_EXEC, R_QUERY,
+    BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_RAISED, EXEC_SWALLOW,
+    FORWARD, FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_RAISED, QUERY_SWALLOW, R_BIND, R_EXEC,
+    R_QUERY,
     R_SYNTH, READY_NOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
 from unpinned.sql.classifier import classify, unheld
 from unpinned.sql.effects import Kind
@@ -25,7 +26,10 @@ _LIMITS = FRONTEND_LIMITS     # PostgreSQL's longest message of each type
 _NAMED = frozenset((PARSE, BIND, DESCRIBE, CLOSE))
 # What still reaches the server while the rest of a batch is skipped up to its Sync.
 _PAST_SKIP = frozenset((QUERY, SYNC, COPY_DATA, COPY_DONE, COPY_FAIL))
-_OWN = b"U_0"     # the proxy's own statement and portal (StatementRegistry starts at U_1)
+_OWN = b"U_0"
+# Refusals about prepared statement names (duplicate, unknown), which PostgreSQL raises without
+# a CONTEXT line: the one of the DO block that raises them on the server is dropped.
+_NAME_ERRORS = ("42P05", "26000")     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 
 
 class RequestWalk:
@@ -119,6 +123,13 @@ class RequestWalk:
                         run.protocol = "extended"
                         run.restored = run.own_after = run.shifts = None
                         queue.append(run)
+                        if c.effects and self.carried is not None and self.carried.parsed:
+                            # SQL PREPARE/DEALLOCATE through the extended protocol (carried_extended.py).
+                            own = carried_extended.record_execute(self, run, c)
+                            if own:
+                                out.append(data[fwd_start:end])
+                                out.append(own)
+                                fwd_start = end
                     if c is not None and c.groups and self.session.startup:
                         sql = self.session.restore_sql(c.groups[0])
                         if sql is not None:
@@ -188,7 +199,7 @@ class RequestWalk:
                     out.append(data[fwd_start:pos])
                     out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H"))))
                     fwd_start = end
-                    queue.append(QUERY_FORWARD)
+                    queue.append(QUERY_RAISED if fields.get("C") in _NAME_ERRORS else QUERY_FORWARD)
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
@@ -199,7 +210,11 @@ class RequestWalk:
                     self._synth(READY_NOW)
             elif t in _NAMED:
                 self.batch_open = True
-                carry = carried.parse_rewrite(self, data, pos + 5, end) if t == PARSE else None
+                carry = None
+                if t == PARSE:
+                    carry = carried.parse_rewrite(self, data, pos + 5, end)
+                    if carry is None:
+                        carry = carried_extended.parse_prepare(self, data, pos + 5, end)
                 if carry is None:
                     repl = self._extended(t, data, pos + 5, end)
                 elif len(carry) == 2 and isinstance(carry[1], bytes):
@@ -329,6 +344,8 @@ class RequestWalk:
         answer = carried.listen_query(self, c)
         if answer is None:
             answer = carried.sql_prepare_query(self, c, raw)
+        if answer is None and any(e.kind is Kind.PREPARED_VIEW for e in c.effects):
+            answer = prepared_view.view_query(self, c, raw)
         if answer is None:
             answer = carried.listen_mixed(self, c, raw)
         if answer is not None:
@@ -371,7 +388,7 @@ class RequestWalk:
         q = self.queue
         q.append(PARSE_SWALLOW)
         q.append(BIND_SWALLOW)
-        q.append(EXEC_FORWARD)
+        q.append(EXEC_RAISED if code.decode() in _NAME_ERRORS else EXEC_FORWARD)
         return (m.message(b"P", b"\x00" + m.cstr(raise_sql(code.decode(), text, hint)) + b"\x00\x00")
                 + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
                 + m.message(b"E", b"\x00" + m.pack_i32(0)))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_EXEC,
-    R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SWALLOW, TERMINALS, Pending, StatementRun)
+    CHECK, EXEC_RAISED, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_EXEC,
+    R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, QUERY_RAISED, SWALLOW, TERMINALS, Pending, StatementRun)
+from unpinned.relay.prepared_view import CarriedRun, carried_error
 from unpinned.relay.restore import unshift_position
 from unpinned.wire import messages as m
 from unpinned.wire.framing import answer_types, query_answer_completes
@@ -86,7 +87,16 @@ class ResponseWalk:
                         if out is None:
                             out = []
                         out.append(data[fwd_start:pos])
-                        out.append(unshift_position(data[pos:end], head.shifts))
+                        out.append(unshift_position(data[pos:end], head.shifts) if head.__class__ is not CarriedRun
+                                   else carried_error(data[pos:end], head))
+                        fwd_start = end
+                    elif head is QUERY_RAISED or head is EXEC_RAISED:
+                        # The proxy's refusal of a statement name, raised on the server: without
+                        # the CONTEXT line of the DO block that raised it (PostgreSQL's has none).
+                        if out is None:
+                            out = []
+                        out.append(data[fwd_start:pos])
+                        out.append(_without_context(data[pos:end]))
                         fwd_start = end
                 drop = action == PRELUDE or action == CHECK or action == QUIET
                 if not drop and _is_fatal(data, pos, end):
@@ -283,6 +293,10 @@ def _is_fatal(data: bytes, pos: int, end: int) -> bool:
     which is never translated)."""
     body = data[pos + 5:end]
     return b"\x00VFATAL\x00" in body or b"\x00VPANIC\x00" in body or body.startswith((b"VFATAL\x00", b"VPANIC\x00"))
+
+
+def _without_context(msg: bytes) -> bytes:
+    return m.message(b"E", b"\x00".join(f for f in msg[5:].split(b"\x00") if f[:1] != b"W"))
 
 
 def _as_fatal(fields: bytes) -> bytes:

@@ -353,6 +353,12 @@ def statement_effects(stmt: dict, ctx: Ctx, effects: list[Effect]) -> None:
         # EXPLAIN ANALYZE runs its statement (which may be CREATE TABLE AS, EXECUTE...).
         if _explain_analyze(n.get("options", ())) and isinstance(n.get("query"), dict):
             statement_effects(n["query"], ctx, effects)
+        else:
+            # Planned only, but the prepared statement is looked up by name all the same.
+            query = n.get("query")
+            if isinstance(query, dict) and "CreateTableAsStmt" in query:
+                query = query["CreateTableAsStmt"].get("query")
+            _nested_execute(query, effects, "explain")
         walk = False
     if walk:
         calls: list[dict] = []
@@ -385,10 +391,23 @@ def _explain_analyze(options: Any) -> bool:
     return False
 
 
-def _nested_execute(query: Any, effects: list[Effect]) -> None:
-    """CREATE TABLE ... AS EXECUTE p / EXPLAIN ANALYZE EXECUTE p run a prepared statement."""
+def _nested_execute(query: Any, effects: list[Effect], op: str = "") -> None:
+    """CREATE TABLE ... AS EXECUTE p / EXPLAIN ANALYZE EXECUTE p run a prepared statement;
+    EXPLAIN EXECUTE p plans it (op "explain")."""
     if isinstance(query, dict) and "ExecuteStmt" in query:
-        effects.append(Effect(Kind.EXECUTE, name=query["ExecuteStmt"].get("name")))
+        effects.append(Effect(Kind.EXECUTE, name=query["ExecuteStmt"].get("name"), op=op))
+
+
+def reads_relation(obj: Any, relname: str) -> bool:
+    """Whether a statement's tree reads the relation `relname` (unqualified or in pg_catalog)."""
+    if isinstance(obj, dict):
+        rv = obj.get("RangeVar")
+        if rv is not None and rv.get("relname") == relname and rv.get("schemaname", "pg_catalog") == "pg_catalog":
+            return True
+        return any(reads_relation(v, relname) for v in obj.values())
+    if isinstance(obj, list):
+        return any(reads_relation(v, relname) for v in obj)
+    return False
 
 
 # --------------------------------------------------------------------------- function calls

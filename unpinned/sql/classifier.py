@@ -20,7 +20,7 @@ from typing import Any
 
 from pglast import parser as _pg
 
-from unpinned.sql.ast_effects import Ctx, statement_effects
+from unpinned.sql.ast_effects import Ctx, reads_relation, statement_effects
 from unpinned.sql.text import _count_statements, count_statements  # noqa: F401  (count_statements: public here too)
 from unpinned.sql.effects import EMPTY, Classification, Effect, Kind
 
@@ -149,6 +149,8 @@ _parse_json = _pg.parse_sql_json
 #              (pg_advisory_*, pg_try_advisory_*): functions
 #  u&          U&"..." identifiers can spell any function or schema name with
 #              escapes (U&"\0073et_config"), so they always go to the parser.
+#  the substring prepared_statements: a read of pg_prepared_statements, which smart mode
+#              answers with the client's own statements (no session effect, Kind.PREPARED_VIEW)
 # Text without any of them cannot change session state, whether it parses or
 # not, so it skips the parser (most SELECT/INSERT/UPDATE do).
 #
@@ -175,7 +177,7 @@ _WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or c == 95 
 def _may_have_effects(raw: bytes) -> bool:
     """The pre-check on the statement bytes (any case). ~0.5 µs for a typical SELECT."""
     words = raw.translate(_WORD_BYTES)
-    if b"pg_temp" in words or b"advisory" in words or b"u&" in raw or b"U&" in raw:
+    if b"pg_temp" in words or b"advisory" in words or b"u&" in raw or b"U&" in raw or b"prepared_statements" in words:
         return True
     if _KEYWORDS.isdisjoint(words.split()):
         return False
@@ -200,6 +202,7 @@ def _parse_effects(text: str, raw: bytes) -> Classification:
         tree = json.loads(_parse_json(text))
         stmts = tree.get("stmts", ())
         ctx = Ctx(text, _FUNC_HINT.search(low) is not None)
+        view = b"prepared_statements" in low
         effects: list[Effect] = []
         groups: list[tuple[Effect, ...]] = []
         ends: list[int] = []
@@ -208,6 +211,8 @@ def _parse_effects(text: str, raw: bytes) -> Classification:
             before = len(effects)
             if stmt:
                 statement_effects(stmt, ctx, effects)
+                if view and reads_relation(stmt, "pg_prepared_statements"):
+                    effects.append(Effect(Kind.PREPARED_VIEW))
             groups.append(tuple(effects[before:]))
             ln = raw_stmt.get("stmt_len", 0)
             ends.append(raw_stmt.get("stmt_location", 0) + ln if ln else -1)

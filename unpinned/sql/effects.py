@@ -34,6 +34,8 @@ class Kind(StrEnum):
     SEQUENCE = "sequence"                # nextval / setval / currval / lastval
     TRANSACTION = "transaction"          # BEGIN/START, COMMIT/END, ROLLBACK/ABORT, SAVEPOINT, RELEASE, ROLLBACK TO, PREPARE TRANSACTION
     UNPARSED = "unparsed"                # the parser could not parse the text
+    PREPARED_VIEW = "prepared_view"      # reads pg_prepared_statements (no session effect: the relay
+                                         # answers with the client's own statements, relay/prepared_view.py)
 
 
 class Scope(StrEnum):

@@ -27,10 +27,9 @@ class PolicyOptions:
     # "carry": smart mode does not pin on sequence functions (currval/lastval are
     # guarded by the engine, SPEC 4.6); "pin": RDS behaviour.
     sequences: str = "carry"
-    # "pin": smart mode pins SQL PREPARE while any exists (the default until carrying it is
-    # exact: PostgreSQL's regression scripts still see differences, docs/compat.md); "carry":
-    # relay/carried.py runs it under the proxy's own names.
-    sql_prepare: str = "pin"
+    # "carry": relay/carried.py runs SQL PREPARE under the proxy's own names on any server
+    # connection; "pin": smart mode pins while any SQL-prepared statement exists (as before).
+    sql_prepare: str = "carry"
 
     def __post_init__(self) -> None:
         if self.sequences not in ("carry", "pin"):
@@ -70,6 +69,8 @@ def rds_reasons(c: Classification, opts: PolicyOptions | None = None) -> list[Re
     for e in c.effects:
         k = e.kind
         r = _RDS_PLAIN.get(k)
+        if r is not None and e.op == "explain":
+            continue    # EXPLAIN EXECUTE only plans a statement the PREPARE pinned already
         if r is None:
             if k is Kind.SET or k is Kind.ROLE:
                 # SET LOCAL / SET LOCAL ROLE end with the transaction: configurable.

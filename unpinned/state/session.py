@@ -68,7 +68,7 @@ class SessionOptions:
     set_local_pins: bool = False         # rds: does SET LOCAL pin?
     sequences: str = "carry"             # smart: "carry" (guard currval) | "pin"
     verify: bool = False                 # check the server's state after every transaction
-    sql_prepare: str = "pin"             # smart: "pin" | "carry" (relay/carried.py)
+    sql_prepare: str = "carry"           # smart: "carry" (relay/carried.py) | "pin"
 
     def policy(self) -> PolicyOptions:
         # Made once, not at every login (a Session each): nothing changes either of them.
