@@ -256,6 +256,7 @@ def test_takeover_keeps_a_pinned_session_on_the_old_process_and_closes_tls_clien
     try:
         plain = _connect3(old.port, autocommit=True, sslmode="disable")
         plain.execute("SET unpinned_test.who = 'plain'")
+        plain.execute("PREPARE doubled (int) AS SELECT $1 * 2")     # carried: moves with the client
         pinned = _connect3(old.port, autocommit=True, sslmode="disable")
         pinned.execute("SELECT pg_advisory_lock(4242)")     # a session lock: pinned to its server connection
         tls = _connect3(old.port, autocommit=True, sslmode="require")
@@ -272,6 +273,9 @@ def test_takeover_keeps_a_pinned_session_on_the_old_process_and_closes_tls_clien
             assert time.monotonic() < deadline, (clients, old.log(), new.log())
             time.sleep(0.05)
         assert plain.execute("SHOW unpinned_test.who").fetchone() == ("plain",)
+        assert plain.execute("EXECUTE doubled(21)").fetchone() == (42,)
+        assert plain.execute("SELECT name, statement FROM pg_prepared_statements").fetchall() == \
+            [("doubled", "PREPARE doubled (int) AS SELECT $1 * 2")]
         with pytest.raises(psycopg.OperationalError, match="TLS sessions cannot be handed over"):
             tls.execute("SELECT 1")
         with pytest.raises(psycopg.OperationalError, match="administrator command"):

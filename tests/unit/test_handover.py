@@ -104,10 +104,13 @@ def test_only_a_client_at_rest_moves():
     client.relay.session.pins["temp_table"] = "CREATE TEMP TABLE t (a int)"
     assert why_not_movable(client) == "pinned"
     client.relay.session.pins.clear()
-    # SQL-prepared statements live in this process (relay/carried.py): the client stays, as pinned.
+    # SQL-prepared statements move with the client (relay/carried.py export); one whose PREPARE
+    # is still in flight waits for its outcome.
     client.relay.carried = carried.SqlPrepared()
     client.relay.carried.names["q"] = ("U_1", "PREPARE \"U_1\" AS SELECT 1")
-    assert why_not_movable(client) == "sql_prepared"
+    assert why_not_movable(client) is None
+    client.relay.carried.pending.append(("run", 0, "prepare", "r", "U_2", None, "PREPARE \"U_2\" AS SELECT 2", ""))
+    assert why_not_movable(client) == "busy"
     client.relay.carried = None
     assert client.relay.session.subscribe is not None, "a restored client carries LISTEN too"
     client.tls = True
@@ -153,3 +156,25 @@ def test_frames_carry_their_descriptors_in_order():
                 pass
         a.close()
         b.close()
+
+
+def test_sql_prepared_statements_move_under_this_processs_names():
+    old_shared, shared = _shared(), _shared()
+    old = restore(old_shared, _state())
+    kept = old.relay.carried = carried.SqlPrepared.imported(old_shared.registry, [
+        ["q1", "(int) AS SELECT $1 + 1", "PREPARE q1 (int) AS SELECT $1 + 1"],
+        ["Q 2", "AS SELECT 'a;b'", 'PREPARE "Q 2" AS SELECT \'a;b\'; SELECT 1'],
+    ])
+    shared.registry.private(b"")        # this process has given out other names already
+    snap = snapshot(old)
+    assert [row[0] for row in snap["sql_prepared"]] == ["q1", "Q 2"]
+    moved = restore(shared, snap).relay.carried
+    assert list(moved.names) == ["q1", "Q 2"] and moved.statements == kept.statements
+    for name, (server_name, sql) in moved.names.items():
+        assert sql == f'PREPARE "{server_name}" {dict((r[0], r[1]) for r in snap["sql_prepared"])[name]}'
+        assert shared.registry.sql_text[server_name] == sql
+    assert moved.names["q1"][0] != kept.names["q1"][0], "this process's own name for the text"
+    # Another client of the new process preparing the same text shares the server statement.
+    again = carried.SqlPrepared.imported(shared.registry, [["other", "(int) AS SELECT $1 + 1", ""]])
+    assert again.names["other"][0] == moved.names["q1"][0]
+

@@ -18,6 +18,7 @@ import time
 
 from unpinned.frontend.client import PooledClient
 from unpinned.frontend.shared import Shared
+from unpinned.relay.carried import SqlPrepared
 from unpinned.relay.relay import Relay
 from unpinned.relay.statements import ServerStatement
 from unpinned.state.session import Session
@@ -134,8 +135,8 @@ def why_not_movable(client) -> str | None:
     # Carried state that lives in this process (relay/carried.py): moves with nothing, kept here.
     if session.listening is not None and (session.listening.channels or session.listening.pending):
         return "listening"
-    if client.relay.carried is not None and (client.relay.carried.names or client.relay.carried.pending):
-        return "sql_prepared"
+    if client.relay.carried is not None and not client.relay.carried.settled():
+        return "busy"      # a PREPARE or DEALLOCATE whose outcome is not known yet
     if client.transport.get_write_buffer_size():
         return "busy"      # our last answer is not out yet: the next writer must come after it
     return None
@@ -153,6 +154,7 @@ def snapshot(client) -> dict:
         "startup": session.startup, "params": session.params,
         "statements": {name.decode("latin-1"): st.parse_msg.decode("latin-1")
                        for name, st in relay.statements.items()},
+        "sql_prepared": relay.carried.export() if relay.carried is not None else [],
     }
 
 
@@ -176,6 +178,8 @@ def restore(shared: Shared, snap: dict) -> "Restored":
     session.subscribe = client._subscriptions      # LISTEN carried here too (frontend/listening.py)
     for name, parse in snap["statements"].items():
         relay.statements[name.encode("latin-1")] = _statement(shared, parse.encode("latin-1"))
+    if snap.get("sql_prepared"):
+        relay.carried = SqlPrepared.imported(shared.registry, snap["sql_prepared"])
     key = tuple(snap["key"])
     if key not in shared.by_key:     # a cancel request with the old key still reaches it
         client.key = key

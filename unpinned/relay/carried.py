@@ -208,6 +208,35 @@ class SqlPrepared:
     def known(self, name: str) -> bool:
         return name in self.names or any(p[2].startswith("prepare") and p[3] == name for p in self.pending)
 
+    def settled(self) -> bool:
+        """Nothing in flight: what `names` holds is the whole truth (a takeover may move it)."""
+        return not self.pending and not self.parsed
+
+    def export(self) -> list[list[str]]:
+        """[client name, statement after its name, the client's query string], in the order they
+        were prepared: the server names are this process's and stay behind."""
+        out = []
+        for name, (server_name, sql) in self.names.items():
+            out.append([name, sql[len(f"PREPARE {_q(server_name)} "):], self.statements.get(name, sql)])
+        return out
+
+    @classmethod
+    def imported(cls, registry, rows: list[list[str]]) -> "SqlPrepared":
+        """`export`'s rows in another process: each statement gets this process's server name
+        for its text (shared with its other clients), prepared on a server connection when first
+        executed there, as after any hand-off."""
+        carried = cls()
+        for name, key, original in rows:
+            server_name = registry.sql.get(key)
+            if server_name is None:
+                server_name = registry.private(b"").name.decode()
+                registry.sql[key] = server_name
+            sql = f"PREPARE {_q(server_name)} {key}"
+            registry.sql_text[server_name] = sql
+            carried.names[name] = (server_name, sql)
+            carried.statements[name] = original
+        return carried
+
 
 def _ident(text: str, tok) -> str | None:
     """The name a token stands for, as PostgreSQL reads it."""
