@@ -773,13 +773,13 @@ def test_cancel_while_waiting_for_a_server_connection(su, make_proxy, role):
 
 @pytest.mark.timeout(60)
 def test_a_pinned_client_that_leaves_has_its_server_connection_reset_and_reused(su, make_proxy, role):
-    """Temp table, advisory lock, LISTEN, a hold cursor and a setting pin the client; when it
-    hangs up, DISCARD ALL clears all of that and the same backend serves the next client."""
+    """Advisory lock, LISTEN, a hold cursor and a setting pin the client; when it hangs up,
+    DISCARD ALL clears all of that and the same backend serves the next client. (A temp table
+    is different: see the next test.)"""
     h = start(make_proxy, role, pool_size=1)
     a = p2(h, role, autocommit=True)
     pid = one(a, "SELECT pg_backend_pid()")
     with a.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE mine (x int)")
         cur.execute("SELECT pg_advisory_lock(4242)")
         cur.execute("LISTEN somewhere")
         cur.execute("BEGIN")
@@ -798,6 +798,28 @@ def test_a_pinned_client_that_leaves_has_its_server_connection_reset_and_reused(
         # (LISTEN is carried: the proxy listened on a connection of its own, closed once nobody listens.)
         assert wait_for(lambda: sql(su, "SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
                                     role.name)[0][0] == 1, 10, "one backend left")
+    finally:
+        b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_used_temp_tables_leaves_and_its_server_connection_is_closed(su, make_proxy, role):
+    """DISCARD ALL drops the temp table, but the backend keeps its temp buffers: `SET
+    temp_buffers` would fail for the next client. That server connection is closed instead."""
+    h = start(make_proxy, role, pool_size=1)
+    a = p2(h, role, autocommit=True)
+    pid = one(a, "SELECT pg_backend_pid()")
+    with a.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE mine (x int)")
+        cur.execute("INSERT INTO mine VALUES (1)")
+    a.close()
+    b = p2(h, role, autocommit=True)
+    try:
+        assert one(b, "SELECT pg_backend_pid()") != pid
+        with b.cursor() as cur:
+            cur.execute("SET temp_buffers = 100")       # fails on a backend that used temp tables
+        assert wait_for(lambda: sql(su, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)[0][0] == 0,
+                        10, "the old backend exited")
     finally:
         b.close()
 

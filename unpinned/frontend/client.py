@@ -17,7 +17,7 @@ from unpinned.wire import messages as m
 
 
 class PooledClient(ListeningClient, ClientConnection):
-    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")
+    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self", "last_conn")
 
     active = True
 
@@ -29,10 +29,26 @@ class PooledClient(ListeningClient, ClientConnection):
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
         self._paused_self = False      # reading stopped: pending holds the buffer limit already
+        self.last_conn: ServerConnection | None = None   # the server connection of its last transaction
 
     def take_over(self, old) -> None:
         super().take_over(old)
         self.relay.session.subscribe = self._subscriptions
+
+    @property
+    def preferred(self) -> ServerConnection | None:
+        """The server connection the pool gives this client when it is idle ("last owner"):
+        its previous one, when that holds sequence values only this client's statements set,
+        so that currval()/lastval() answer as on a connection of its own."""
+        conn = self.last_conn
+        if conn is not None and conn.state.seq_owner is self.relay.session:
+            return conn
+        return None
+
+    @property
+    def customs(self) -> set:
+        """Custom parameter placeholders its session would have (see Borrower.customs)."""
+        return self.relay.session.customs
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -205,6 +221,7 @@ class PooledClient(ListeningClient, ClientConnection):
         if self._paused_server:
             self._paused_server = False
             conn.transport.resume_reading()
+        self.last_conn = conn
         self.pool.release(conn)
 
     def server_lost(self, conn: ServerConnection) -> None:
@@ -295,6 +312,7 @@ async def _rollback_and_release(pool, conn: ServerConnection) -> None:
         if error is None and conn.state.status == b"I":
             conn.state.params = {}
             conn.state.prepared.clear()
+            conn.state.seq_owner = None
             pool.release(conn)
             return
     except (ConnectionError, TimeoutError, OSError):

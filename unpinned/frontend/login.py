@@ -350,6 +350,7 @@ class Login(ClientConnection):
                     conn = None
                     raise ServerError({**error, "S": "FATAL"})
                 conn.state.params = dict(wanted)
+                conn.state.placeholders.update(n for n in wanted if "." in n)
                 for t, body in msgs:
                     if t == b"S":
                         name, value = m.split_parameter_status(body)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_EXEC,
-    R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SWALLOW, TERMINALS, Pending, StatementRun)
+    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_DESC_STMT,
+    R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
 from unpinned.relay.restore import unshift_position
+from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
 from unpinned.wire.messages import (
     COMMAND_COMPLETE, COPY_DATA, DATA_ROW, ERROR_RESPONSE, NOTICE_RESPONSE, NOTIFICATION_RESPONSE,
@@ -81,6 +82,15 @@ class ResponseWalk:
                     self.server.dirty = True
                 elif action != CHECK and action != QUIET:
                     self.session.failed()
+                    if (kind == R_BIND or kind == R_DESC_STMT) and head.payload is not None and action != SHAPE:
+                        self._stale_error(head.payload, data[pos + 5:end])
+                    if head.__class__ is Pending and kind != R_SYNTH and head.undo is not None:
+                        # The proxy's refusal (see _fail): its own words in place of the server's.
+                        if out is None:
+                            out = []
+                        out.append(data[fwd_start:pos])
+                        out.append(_refusal(data[pos:end], head.undo))
+                        fwd_start = end
                     if kind == R_QUERY and head.payload is not None and head.restored is not None:
                         # The proxy's edits to the text must not move the error's position.
                         if action == HIDE:
@@ -111,6 +121,12 @@ class ResponseWalk:
             elif t == DATA_ROW:   # answering the proxy's own question
                 if action == CHECK:
                     self._row = _data_row(data[pos + 5:end])
+            elif action == SHAPE:
+                if t == 116:        # ParameterDescription; RowDescription or NoData follows
+                    head.payload[2] = data[pos + 5:end]
+                else:
+                    queue.popleft()
+                    self._described(head.payload, data[pos + 5:end] if t == 84 else None)
             elif t in TERMINALS[kind]:
                 queue.popleft()
                 if t == READY_FOR_QUERY and (self._ready(data[pos + 5:pos + 6], action)
@@ -301,6 +317,13 @@ def _is_fatal(data: bytes, pos: int, end: int) -> bool:
     which is never translated)."""
     body = data[pos + 5:end]
     return b"\x00VFATAL\x00" in body or b"\x00VPANIC\x00" in body or body.startswith((b"VFATAL\x00", b"VPANIC\x00"))
+
+
+def _refusal(server_error: bytes, refusal: bytes) -> bytes:
+    """The answer to the proxy's failing statement (raise_sql): its refusal, unless the server
+    failed it for another reason first (25P02 in an aborted transaction block), which stands."""
+    code = m.parse_error_fields(server_error[5:]).get("C")
+    return refusal if code == RAISE_SQLSTATE else server_error
 
 
 def _as_fatal(fields: bytes) -> bytes:
