@@ -76,6 +76,10 @@ class Pool:
         self.checked_params: dict[frozenset, dict[str, str]] = {}
         self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
         self.paused = False
+        # While borrow() looks for a connection among the waiters' (see there): that borrower,
+        # and the connection _hand found for it, which borrow() returns instead of a callback.
+        self._lending_to: Borrower | None = None
+        self._lent: ServerConnection | None = None
         self._tasks: set[asyncio.Task] = set()
         # Where new connections go (backend/cluster_pools.py moves it on a failover); None = the
         # configured upstream. `hold`: no host to go to now, waiters wait (a failover under way).
@@ -126,7 +130,7 @@ class Pool:
                     conn = self._take_fitting(borrower, now)
                     if conn is None:
                         break   # none fits: a new one, below
-                elif not conn.state.placeholders and borrower.customs:
+                elif not conn.state.placeholders and conn is not prev and borrower.customs:
                     # Connections without placeholders are the ones every client fits: one with
                     # placeholders this session has anyway is used first, if idle.
                     conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
@@ -144,8 +148,16 @@ class Pool:
         self.waiters.append([borrower, now + timeout if timeout else None, now])
         if self._timer is None and timeout:
             self._arm_timer()
-        self._supply()
-        return None
+        # _supply may find this very borrower a connection (an idle one the waiters ahead of it
+        # do not fit): it is returned, not called back from inside borrow(), where the borrower
+        # does not know yet that it waits.
+        self._lending_to = borrower
+        try:
+            self._supply()
+        finally:
+            self._lending_to = None
+        conn, self._lent = self._lent, None
+        return conn
 
     def _take_fitting(self, borrower: Borrower, now: float, marked: bool = False) -> ServerConnection | None:
         """An idle connection, not stale, whose custom placeholders the borrower's session would
@@ -228,7 +240,10 @@ class Pool:
             self.borrow_wait_total += waited
             if self.stats is not None:
                 self.stats.borrow_latency.observe(waited)
-            borrower.borrowed(conn)
+            if borrower is self._lending_to:
+                self._lent = conn
+            else:
+                borrower.borrowed(conn)
             return True
         self.busy.discard(conn)
         conn.last_used = time.monotonic()
