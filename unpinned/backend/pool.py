@@ -126,16 +126,20 @@ class Pool:
                     continue
                 if after and now - conn.last_used > after:
                     break       # stale: checked first, below
-                if conn.state.placeholders and not conn.state.placeholders <= borrower.customs:
+                placeholders = conn.state.placeholders
+                if not placeholders:
+                    if borrower.customs and conn is not prev:
+                        # Connections without placeholders are the ones every client fits: one
+                        # with placeholders this session has anyway is used first, if idle.
+                        conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
+                    else:
+                        idle.pop()
+                elif placeholders <= borrower.customs:
+                    idle.pop()
+                else:
                     conn = self._take_fitting(borrower, now)
                     if conn is None:
                         break   # none fits: a new one, below
-                elif not conn.state.placeholders and conn is not prev and borrower.customs:
-                    # Connections without placeholders are the ones every client fits: one with
-                    # placeholders this session has anyway is used first, if idle.
-                    conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
-                else:
-                    idle.pop()
                 self.busy.add(conn)
                 self.borrows += 1
                 if self.stats is not None:

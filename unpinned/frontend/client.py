@@ -17,7 +17,7 @@ from unpinned.wire import messages as m
 
 
 class PooledClient(ListeningClient, ClientConnection):
-    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self", "last_conn")
+    __slots__ = ("pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self", "preferred", "customs")
 
     active = True
 
@@ -29,26 +29,18 @@ class PooledClient(ListeningClient, ClientConnection):
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
         self._paused_self = False      # reading stopped: pending holds the buffer limit already
-        self.last_conn: ServerConnection | None = None   # the server connection of its last transaction
+        # What the pool reads at each borrow (backend/pool.py Borrower), kept as plain attributes:
+        # the server connection to give it when idle ("last owner"), its previous one when that
+        # holds sequence values this client's statements set (so currval()/lastval() answer as
+        # on a connection of its own), set at release; the custom parameter placeholders its
+        # session would have (the session's own set, set with the relay).
+        self.preferred: ServerConnection | None = None
+        self.customs: set | frozenset = frozenset()
 
     def take_over(self, old) -> None:
         super().take_over(old)
         self.relay.session.subscribe = self._subscriptions
-
-    @property
-    def preferred(self) -> ServerConnection | None:
-        """The server connection the pool gives this client when it is idle ("last owner"):
-        its previous one, when that holds sequence values only this client's statements set,
-        so that currval()/lastval() answer as on a connection of its own."""
-        conn = self.last_conn
-        if conn is not None and conn.state.seq_owner is self.relay.session:
-            return conn
-        return None
-
-    @property
-    def customs(self) -> set:
-        """Custom parameter placeholders its session would have (see Borrower.customs)."""
-        return self.relay.session.customs
+        self.customs = self.relay.session.customs
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -221,7 +213,7 @@ class PooledClient(ListeningClient, ClientConnection):
         if self._paused_server:
             self._paused_server = False
             conn.transport.resume_reading()
-        self.last_conn = conn
+        self.preferred = conn if conn.state.seq_owner is self.relay.session else None
         self.pool.release(conn)
 
     def server_lost(self, conn: ServerConnection) -> None:

@@ -174,6 +174,7 @@ def restore(shared: Shared, snap: dict) -> "Restored":
     # placeholders it would have too): a snapshot from before they were kept says what it set.
     session.customs.update(snap.get("customs", (n for n in session.params if "." in n)))
     relay = client.relay = Relay(shared.registry, session, shared.stats)
+    client.customs = session.customs
     session.subscribe = client._subscriptions      # LISTEN carried here too (frontend/listening.py)
     for name, parse in snap["statements"].items():
         relay.statements[name.encode("latin-1")] = _statement(shared, parse.encode("latin-1"))

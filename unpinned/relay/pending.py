@@ -100,5 +100,8 @@ QUERY_FORWARD = Pending(R_QUERY, FORWARD)
 QUERY_PRELUDE = Pending(R_QUERY, PRELUDE)
 QUERY_CHECK = Pending(R_QUERY, CHECK)
 QUERY_QUIET = Pending(R_QUERY, QUIET)
+# The proxy's DISCARD SEQUENCES ahead of a client's first request on a server connection another
+# client had (relay.attach): QUIET, and told apart by identity (its answer is always the same).
+QUERY_DISCARD = Pending(R_QUERY, QUIET)
 QUERY_SWALLOW = Pending(R_QUERY, SWALLOW)
 FUNC_FORWARD = Pending(R_FUNC, FORWARD)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from unpinned.relay import large
 from unpinned.relay.extended import ExtendedNames
-from unpinned.relay.pending import QUERY_PRELUDE, QUERY_QUIET
+from unpinned.relay.pending import QUERY_DISCARD, QUERY_PRELUDE
 from unpinned.relay.requests import RequestWalk
 from unpinned.relay.responses import ResponseWalk
 from unpinned.relay.restore import Restore
@@ -106,7 +106,7 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
         go before this client runs anything, so its currval()/lastval() read its own values
         or get PostgreSQL's own 55000 for a session without them, never someone else's."""
         server.seq_owner = None
-        self.queue.append(QUERY_QUIET)
+        self.queue.append(QUERY_DISCARD)
         return _DISCARD_SEQUENCES
 
     def _handoff(self, c) -> None:

@@ -11,6 +11,7 @@ from unpinned.relay.pending import (
     R_SYNTH, READY_NOW, SWALLOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
 from unpinned.sql.classifier import classify, unheld
 from unpinned.sql.effects import Kind
+from unpinned.sql.sequences import SEQUENCES
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
@@ -49,7 +50,8 @@ class RequestWalk:
             c = classify(data[5:-1])
             if not c.effects and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
-                if c._seq != 0:
+                seq = c._seq    # (no call once its client owns the connection's sequence state)
+                if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
                     self._handoff(c)
                 # The queue entry made here rather than by statement_run: no call on the hot path.
                 run = StatementRun()
@@ -106,7 +108,8 @@ class RequestWalk:
                         pos = end
                         break
                 elif refusal is None:
-                    if c is None or c._seq != 0:
+                    if c is None or (seq := c._seq) != 0 and \
+                            (seq != SEQUENCES or self.server.seq_owner is not self.session):
                         self._handoff(c)
                     if c is None:
                         queue.append(EXEC_FORWARD)
@@ -167,7 +170,7 @@ class RequestWalk:
                     queue.append(run)
                     carried.record(self, run, ops)
                 elif answer is None:
-                    if c._seq != 0:
+                    if (seq := c._seq) != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
                         self._handoff(c)
                     if not (c.groups and self.session.startup):
                         queue.append(statement_run(R_QUERY, c, "simple"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_DESC_STMT,
-    R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
+    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL,
+    R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
 from unpinned.relay.restore import unshift_position
 from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
@@ -17,6 +17,7 @@ from unpinned.wire.messages import (
 unpack_i32 = m.unpack_i32
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
+_DISCARDED = m.command_complete("DISCARD SEQUENCES") + m.ready_for_query(b"I")
 # What the answer to a simple Query without effects may hold besides CommandComplete, for the
 # fast walk: RowDescription, DataRow, EmptyQueryResponse, NoticeResponse, NotificationResponse.
 _PLAIN_ANSWER = frozenset(b"TDINA")
@@ -41,12 +42,18 @@ class ResponseWalk:
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
-        elif len(queue) > 1 and queue[-1].kind == R_SYNC and not self.sbuf and data[-6:-1] == _READY_HEAD \
-                and self.session.seen is None:
-            # The same for the answer to a whole extended-protocol batch up to its Sync.
-            out = self._plain_batch(data)
-            if out is not None:
-                return out
+        elif len(queue) > 1 and not self.sbuf:
+            if queue[0] is QUERY_DISCARD and data.startswith(_DISCARDED):
+                # The answer to the proxy's DISCARD SEQUENCES at hand-off (relay.attach), always the
+                # same: taken off the front, so that the client's answer behind it gets the fast walks.
+                queue.popleft()
+                self.status = self.server.status = b"I"
+                return self.from_server(data[len(_DISCARDED):]) if len(data) > len(_DISCARDED) else b""
+            if queue[-1].kind == R_SYNC and data[-6:-1] == _READY_HEAD and self.session.seen is None:
+                # The same for the answer to a whole extended-protocol batch up to its Sync.
+                out = self._plain_batch(data)
+                if out is not None:
+                    return out
         if self.sbuf:
             self.sbuf += data
             if len(self.sbuf) < self._need:
