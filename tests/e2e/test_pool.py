@@ -29,6 +29,7 @@ import psycopg2.errors
 import pytest
 
 from conftest import SUPERUSER_PASSWORD, backends
+from unpinned.backend.pool import Borrower
 
 TIMEOUT_MESSAGE = "Timed-out waiting to acquire database connection."
 COUNT_SQL = ("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
@@ -839,3 +840,43 @@ def test_a_client_that_loaded_a_library_leaves_and_its_server_connection_is_clos
         assert one(b, "SELECT pg_backend_pid()") != pid
     finally:
         b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_borrower_an_idle_connection_fits_behind_waiters_gets_it_from_borrow(make_proxy, role):
+    """Connections holding a custom placeholder, idle; a borrower whose session lacks it waits
+    (the oldest idle one is closed to make room for a new one); a borrower whose session has it
+    gets an idle one from borrow() itself, not a callback made inside borrow() before its
+    client knows it waits (such a client waited for ever: a takeover never finished)."""
+    h = start(make_proxy, role, pool_size=2)
+    p2(h, role).close()         # the pool exists once a client logged in
+    pool = h.pool(user=role.name)
+
+    class Waiter(Borrower):
+        def __init__(self, customs):
+            self.customs = customs
+            self.conn = None
+
+        def borrowed(self, conn):
+            self.conn = conn
+
+        def borrow_failed(self, exc):
+            raise AssertionError(exc)
+
+    async def scenario():
+        held = [await pool.acquire(), await pool.acquire()]
+        for conn in held:
+            conn.state.placeholders.add("myapp.tenant")
+            pool.release(conn)
+        plain, tenant = Waiter(frozenset()), Waiter(frozenset({"myapp.tenant"}))
+        assert pool.borrow(plain) is None
+        conn = pool.borrow(tenant)
+        assert conn is not None and conn.state.placeholders == {"myapp.tenant"} and tenant.conn is None
+        async with asyncio.timeout(10):
+            while plain.conn is None:
+                await asyncio.sleep(0.01)
+        assert not plain.conn.state.placeholders and pool.retired == 1
+        pool.release(conn)
+        pool.release(plain.conn)
+
+    h.call(scenario)

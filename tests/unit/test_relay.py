@@ -1016,3 +1016,37 @@ def test_sequence_values_of_another_client_are_discarded_at_hand_off(registry):
     seen = b.from_server(cc("DISCARD SEQUENCES") + ZI + err("55000", "lastval is not yet defined in this session") + ZI)
     assert types(seen) == b"EZ" and error_code(seen) == ["55000"]
     assert b.releasable
+
+
+@pytest.mark.parametrize("reads", ["one read", "two reads"])
+@pytest.mark.parametrize("request_kind", ["simple", "extended"])
+def test_the_hand_off_discard_leaves_the_client_answer_to_the_fast_walks(reads, request_kind, monkeypatch):
+    """The answer to the proxy's DISCARD SEQUENCES ahead of a client's request is taken off the
+    front (it is always the same), so the client's own answer behind it is walked fast, and
+    the client sees exactly what the general walk gives."""
+    runs = []
+    for general_only in (False, True):
+        registry = StatementRegistry()
+        server = ServerState()
+        a = new_relay(registry, server)
+        a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))
+        a.from_server(cc("INSERT 0 1") + ZI)
+        a.detach()
+        b = make_relay(registry)
+        assert b.attach(server) == m.query("DISCARD SEQUENCES")
+        if request_kind == "simple":
+            taken = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
+            b.from_client(m.query("SELECT 1"))
+            answer = m.row_description(["x"]) + row(1) + cc("SELECT 1") + ZI
+        else:
+            taken = _watch_fast_walk(monkeypatch, "_plain_batch", general_only)
+            b.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC)
+            answer = P1 + B2 + row(1) + cc("SELECT 1") + ZI
+        discarded = cc("DISCARD SEQUENCES") + ZI
+        parts = [discarded + answer] if reads == "one read" else [discarded, answer]
+        out = b"".join(b.from_server(p) for p in parts)
+        monkeypatch.undo()
+        runs.append((out, b.status, b.releasable, list(b.queue), server.seq_owner, taken))
+    assert runs[0][:-1] == runs[1][:-1]
+    assert runs[0][0].endswith(ZI) and b"DISCARD" not in runs[0][0] and runs[0][2]
+    assert runs[0][-1] == [True]        # the client's answer took the fast walk
