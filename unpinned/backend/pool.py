@@ -111,7 +111,7 @@ class Pool:
         return bool(after) and now - conn.last_used > after
 
     def borrow(self, borrower: Borrower) -> ServerConnection | None:
-        """A connection now, or None: then `borrower` is called back later."""
+        """A connection now, or None: then `borrower` is called back later (never from inside this call)."""
         idle = self.idle
         if idle and not self.paused and not self.waiters:
             now = time.monotonic()
