@@ -880,3 +880,33 @@ def test_a_borrower_an_idle_connection_fits_behind_waiters_gets_it_from_borrow(m
         pool.release(plain.conn)
 
     h.call(scenario)
+
+
+@pytest.mark.timeout(60)
+def test_a_client_with_a_temp_table_per_transaction_keeps_its_server_connection(su, make_proxy, role):
+    """A temp table in every transaction (ON COMMIT DROP, an ETL habit): the server connection,
+    whose temp buffers stay allocated, is kept for that client as its own session would be (not
+    closed and opened again each time), and no other client gets it; when the client leaves,
+    it is closed."""
+    h = start(make_proxy, role, pool_size=2)
+    a = p2(h, role)
+    b = p2(h, role, autocommit=True)
+    try:
+        a_pids, b_pids = set(), set()
+        for _ in range(5):
+            with a.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE etl (x int) ON COMMIT DROP")
+                cur.execute("INSERT INTO etl VALUES (1)")
+                cur.execute("SELECT pg_backend_pid()")
+                a_pids.add(cur.fetchone()[0])
+            a.commit()
+            b_pids.add(one(b, "SELECT pg_backend_pid()"))
+        assert len(a_pids) == 1 and not a_pids & b_pids
+        assert h.call(lambda: h.pool(user=role.name).retired) == 0
+    finally:
+        a.close()
+    pid = a_pids.pop()
+    assert wait_for(lambda: sql(su, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)[0][0] == 0,
+                    10, "the kept backend exited with its client")
+    assert one(b, "SELECT pg_backend_pid()") != pid
+    b.close()

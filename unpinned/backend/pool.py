@@ -126,8 +126,13 @@ class Pool:
                     continue
                 if after and now - conn.last_used > after:
                     break       # stale: checked first, below
-                placeholders = conn.state.placeholders
-                if not placeholders:
+                state = conn.state
+                placeholders = state.placeholders
+                if state.reserved_for is not None and state.reserved_for is not borrower:
+                    conn = self._take_fitting(borrower, now)
+                    if conn is None:
+                        break   # none fits: a new one, below
+                elif not placeholders:
                     if borrower.customs and conn is not prev:
                         # Connections without placeholders are the ones every client fits: one
                         # with placeholders this session has anyway is used first, if idle.
@@ -171,6 +176,7 @@ class Pool:
         for conn in reversed(self.idle):
             p = conn.state.placeholders
             if not conn.closed and (p or not marked) and (not p or p <= borrower.customs) \
+                    and (conn.state.reserved_for is None or conn.state.reserved_for is borrower) \
                     and not (after and now - conn.last_used > after):
                 self.idle.remove(conn)
                 return conn
@@ -213,8 +219,8 @@ class Pool:
                 idle.appendleft(idle.pop())     # fits no waiter: the others are tried
         if self.waiters and idle and self.size >= self.config.pool_size and \
                 self.opening + self.checking < len(self.waiters):
-            # Waiters that no idle connection fits (custom placeholders they must not see), and no
-            # room for a new one: the oldest idle connection makes room.
+            # Waiters that no idle connection fits (custom placeholders they must not see, or kept
+            # for another client), and no room for a new one: the oldest idle connection makes room.
             conn = idle.popleft()
             conn.close()
             self.retired += 1
@@ -228,8 +234,15 @@ class Pool:
         """Give a busy-booked connection to the first live waiter it fits, or put it back (False)."""
         waiters = self.waiters
         placeholders = conn.state.placeholders
+        owner = conn.state.reserved_for
         while waiters:
-            if placeholders:
+            if owner is not None:
+                waiter = next((w for w in waiters if w[0] is owner and not owner.closing), None)
+                if waiter is None:
+                    break
+                waiters.remove(waiter)
+                borrower, _, start = waiter
+            elif placeholders:
                 waiter = next((w for w in waiters if not w[0].closing and placeholders <= w[0].customs), None)
                 if waiter is None:
                     break
@@ -363,9 +376,9 @@ class Pool:
         if conn.closed:
             self.forget(conn)
             return
-        if conn.state.retire is not None:
+        if conn.state.retire is not None and conn.state.reserved_for is None:
             # What its last client did cannot be undone on it (temp buffers allocated, PL/pgSQL
-            # loaded): closed, a new one opens when someone needs it.
+            # loaded), and that client is gone: closed, a new one opens when someone needs it.
             log.debug("retiring server connection %d: %s", conn.id, conn.state.retire)
             self.retired += 1
             self.discard(conn)

@@ -75,6 +75,11 @@ class PooledClient(ListeningClient, ClientConnection):
         if conn is not None:
             self.server = None
             self._give_back(conn)
+        kept = self.preferred
+        if kept is not None and kept.state.reserved_for is self:
+            kept.state.reserved_for = None
+            if kept is not conn and not isinstance(self.pool, _Lost):
+                self.pool.discard(kept)     # idle, and no one else may have it
 
     def pause_writing(self) -> None:
         if self.server is not None and not self._paused_server:
@@ -213,7 +218,14 @@ class PooledClient(ListeningClient, ClientConnection):
         if self._paused_server:
             self._paused_server = False
             conn.transport.resume_reading()
-        self.preferred = conn if conn.state.seq_owner is self.relay.session else None
+        state = conn.state
+        if state.retire is not None:
+            # What this client did there no other client may see (temp buffers, PL/pgSQL): it is
+            # kept for this client alone, as its own session would be, while the pool has room.
+            state.reserved_for = self
+            self.preferred = conn
+        else:
+            self.preferred = conn if state.seq_owner is self.relay.session else None
         self.pool.release(conn)
 
     def server_lost(self, conn: ServerConnection) -> None:
@@ -238,6 +250,7 @@ class PooledClient(ListeningClient, ClientConnection):
         """The client is gone: return its server connection clean, or close it."""
         relay = self.relay
         conn.client = None
+        conn.state.reserved_for = None      # (its client is gone: closed if retire says so)
         if relay is not None and relay.queue:
             # A request is still running on the server: stop it, and keep counting the
             # connection against the pool until its backend has really gone.

@@ -69,6 +69,8 @@ class ServerState:
     # keeps the variable for the session's life, so current_setting(name, true) says '' and not
     # NULL. Only a client whose own session would have them all gets it (backend.pool).
     placeholders: set = field(default_factory=set)
-    # Why it must be closed rather than pooled when its client is done (temp buffers allocated,
-    # PL/pgSQL loaded), or None.
+    # Why no other client may have it (temp buffers allocated, PL/pgSQL loaded), or None: it is
+    # kept for the client that did it (`reserved_for`, its connection as on a server of its
+    # own) while that client lives, and closed rather than given to anyone else.
     retire: str | None = None
+    reserved_for: Any = None
