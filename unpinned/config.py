@@ -144,7 +144,7 @@ class Config:
     pin_log_max_sql: int = 0             # truncate logged SQL to this many characters; 0 = full text
     pin_log_redact: bool = False         # log statements with literals replaced by $n
     set_local_pins: bool = False         # rds mode: whether SET LOCAL pins (AWS does not document it)
-    sequences: str = "carry"             # smart mode: "carry" (guard currval/lastval) or "pin" (as RDS)
+    sequences: str = "carry"             # smart mode: "carry" (currval/lastval never on another client's values) or "pin" (as RDS)
     sql_prepare: str = "carry"           # smart mode: "carry" SQL PREPARE (relay/carried.py), or "pin" it
     verify: bool = False                 # check each server connection's state after every transaction
     # [pool]

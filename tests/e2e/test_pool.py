@@ -29,6 +29,7 @@ import psycopg2.errors
 import pytest
 
 from conftest import SUPERUSER_PASSWORD, backends
+from unpinned.backend.pool import Borrower
 
 TIMEOUT_MESSAGE = "Timed-out waiting to acquire database connection."
 COUNT_SQL = ("SELECT count(*) FROM pg_stat_activity WHERE usename = %s "
@@ -773,13 +774,13 @@ def test_cancel_while_waiting_for_a_server_connection(su, make_proxy, role):
 
 @pytest.mark.timeout(60)
 def test_a_pinned_client_that_leaves_has_its_server_connection_reset_and_reused(su, make_proxy, role):
-    """Temp table, advisory lock, LISTEN, a hold cursor and a setting pin the client; when it
-    hangs up, DISCARD ALL clears all of that and the same backend serves the next client."""
+    """Advisory lock, LISTEN, a hold cursor and a setting pin the client; when it hangs up,
+    DISCARD ALL clears all of that and the same backend serves the next client. (A temp table
+    is different: see the next test.)"""
     h = start(make_proxy, role, pool_size=1)
     a = p2(h, role, autocommit=True)
     pid = one(a, "SELECT pg_backend_pid()")
     with a.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE mine (x int)")
         cur.execute("SELECT pg_advisory_lock(4242)")
         cur.execute("LISTEN somewhere")
         cur.execute("BEGIN")
@@ -803,6 +804,28 @@ def test_a_pinned_client_that_leaves_has_its_server_connection_reset_and_reused(
 
 
 @pytest.mark.timeout(60)
+def test_a_client_that_used_temp_tables_leaves_and_its_server_connection_is_closed(su, make_proxy, role):
+    """DISCARD ALL drops the temp table, but the backend keeps its temp buffers: `SET
+    temp_buffers` would fail for the next client. That server connection is closed instead."""
+    h = start(make_proxy, role, pool_size=1)
+    a = p2(h, role, autocommit=True)
+    pid = one(a, "SELECT pg_backend_pid()")
+    with a.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE mine (x int)")
+        cur.execute("INSERT INTO mine VALUES (1)")
+    a.close()
+    b = p2(h, role, autocommit=True)
+    try:
+        assert one(b, "SELECT pg_backend_pid()") != pid
+        with b.cursor() as cur:
+            cur.execute("SET temp_buffers = 100")       # fails on a backend that used temp tables
+        assert wait_for(lambda: sql(su, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)[0][0] == 0,
+                        10, "the old backend exited")
+    finally:
+        b.close()
+
+
+@pytest.mark.timeout(60)
 def test_a_client_that_loaded_a_library_leaves_and_its_server_connection_is_closed(su, make_proxy, role):
     """LOAD cannot be undone: that server connection is not given to anyone else."""
     sql(su, f"ALTER ROLE {role.name} SUPERUSER")     # LOAD of a library outside $libdir/plugins
@@ -817,3 +840,73 @@ def test_a_client_that_loaded_a_library_leaves_and_its_server_connection_is_clos
         assert one(b, "SELECT pg_backend_pid()") != pid
     finally:
         b.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_borrower_an_idle_connection_fits_behind_waiters_gets_it_from_borrow(make_proxy, role):
+    """Connections holding a custom placeholder, idle; a borrower whose session lacks it waits
+    (the oldest idle one is closed to make room for a new one); a borrower whose session has it
+    gets an idle one from borrow() itself, not a callback made inside borrow() before its
+    client knows it waits (such a client waited for ever: a takeover never finished)."""
+    h = start(make_proxy, role, pool_size=2)
+    p2(h, role).close()         # the pool exists once a client logged in
+    pool = h.pool(user=role.name)
+
+    class Waiter(Borrower):
+        def __init__(self, customs):
+            self.customs = customs
+            self.conn = None
+
+        def borrowed(self, conn):
+            self.conn = conn
+
+        def borrow_failed(self, exc):
+            raise AssertionError(exc)
+
+    async def scenario():
+        held = [await pool.acquire(), await pool.acquire()]
+        for conn in held:
+            conn.state.placeholders.add("myapp.tenant")
+            pool.release(conn)
+        plain, tenant = Waiter(frozenset()), Waiter(frozenset({"myapp.tenant"}))
+        assert pool.borrow(plain) is None
+        conn = pool.borrow(tenant)
+        assert conn is not None and conn.state.placeholders == {"myapp.tenant"} and tenant.conn is None
+        async with asyncio.timeout(10):
+            while plain.conn is None:
+                await asyncio.sleep(0.01)
+        assert not plain.conn.state.placeholders and pool.retired == 1
+        pool.release(conn)
+        pool.release(plain.conn)
+
+    h.call(scenario)
+
+
+@pytest.mark.timeout(60)
+def test_a_client_with_a_temp_table_per_transaction_keeps_its_server_connection(su, make_proxy, role):
+    """A temp table in every transaction (ON COMMIT DROP, an ETL habit): the server connection,
+    whose temp buffers stay allocated, is kept for that client as its own session would be (not
+    closed and opened again each time), and no other client gets it; when the client leaves,
+    it is closed."""
+    h = start(make_proxy, role, pool_size=2)
+    a = p2(h, role)
+    b = p2(h, role, autocommit=True)
+    try:
+        a_pids, b_pids = set(), set()
+        for _ in range(5):
+            with a.cursor() as cur:
+                cur.execute("CREATE TEMP TABLE etl (x int) ON COMMIT DROP")
+                cur.execute("INSERT INTO etl VALUES (1)")
+                cur.execute("SELECT pg_backend_pid()")
+                a_pids.add(cur.fetchone()[0])
+            a.commit()
+            b_pids.add(one(b, "SELECT pg_backend_pid()"))
+        assert len(a_pids) == 1 and not a_pids & b_pids
+        assert h.call(lambda: h.pool(user=role.name).retired) == 0
+    finally:
+        a.close()
+    pid = a_pids.pop()
+    assert wait_for(lambda: sql(su, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", pid)[0][0] == 0,
+                    10, "the kept backend exited with its client")
+    assert one(b, "SELECT pg_backend_pid()") != pid
+    b.close()

@@ -9,6 +9,7 @@ from unpinned.relay.statements import StatementRegistry
 from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
 from unpinned.state.server_state import ServerState
 from unpinned.state.session import Session
+from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.telemetry.pinlog import ClientInfo, PinLog
 from unpinned.wire import messages as m
 
@@ -264,15 +265,17 @@ def test_errors_about_a_renamed_text_point_into_the_clients_and_name_its_stateme
     assert fields["M"] == 'wrong number of parameters for prepared statement "long_name"'
 
 
-def test_a_refusal_raised_on_the_server_has_no_context_line():
+def test_a_refusal_raised_on_the_server_reaches_the_client_as_postgresql_words_it():
     r = relay_for(Hub(), Client())
     r.from_client(m.query("PREPARE q AS SELECT 1"))
     r.from_server(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
-    r.from_client(m.query("PREPARE q AS SELECT 2"))
-    reply = r.from_server(_error("42P05", 'prepared statement "q" already exists',
-                                 context="PL/pgSQL function inline_code_block line 1 at RAISE") + m.ready_for_query(b"I"))
+    sent = r.from_client(m.query("PREPARE q AS SELECT 2"))
+    assert b"PREPARE" not in sent, "the server runs the proxy's failing statement instead (sql/text.py raise_sql)"
+    # The server fails that statement with its own error; the client gets the refusal in its place.
+    reply = r.from_server(_error(RAISE_SQLSTATE, 'invalid input syntax for type integer: "x"')
+                          + m.ready_for_query(b"I"))
     fields = m.parse_error_fields(reply[5:reply.index(b"Z")])
-    assert fields["M"] == 'prepared statement "q" already exists' and "W" not in fields
+    assert (fields["C"], fields["M"]) == ("42P05", 'prepared statement "q" already exists') and "W" not in fields
 
 
 def test_pg_prepared_statements_becomes_the_clients_own():

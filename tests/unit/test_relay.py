@@ -52,6 +52,15 @@ FLUSH = m.message(b"H")
 
 P1, B2, C3 = m.PARSE_COMPLETE, m.BIND_COMPLETE, m.CLOSE_COMPLETE
 ZI, ZT, ZE = m.ready_for_query(b"I"), m.ready_for_query(b"T"), m.ready_for_query(b"E")
+# The server's answer to the proxy's Describe of a statement it prepares (no parameters, no rows).
+SHAPED = m.message(b"t", b"\x00\x00") + m.NO_DATA
+# The server's answer to a Parse the proxy sends: its Close first, the ParseComplete, the Describe.
+PREPARED = C3 + P1 + SHAPED
+
+
+def prepare(name: bytes, sql: bytes, types: tuple[int, ...] = ()) -> bytes:
+    """What the proxy sends to prepare a server-side statement: Close, Parse, Describe."""
+    return m.close_statement(name) + parse(name, sql, types) + describe_stmt(name)
 
 
 def row(*values) -> bytes:
@@ -125,7 +134,7 @@ def prepared_then_detached(registry, server: ServerState, name: bytes, sql: byte
     """A relay whose client prepared `name` on `server`, then gave the connection back."""
     relay = new_relay(registry, server)
     relay.from_client(parse(name, sql, types) + SYNC)
-    relay.from_server(P1 + ZI)
+    relay.from_server(PREPARED + ZI)
     relay.detach()
     return relay
 
@@ -151,12 +160,11 @@ def test_named_parse_is_renamed_to_the_server_name(registry):
     out = relay.from_client(parse(b"my_stmt", b"SELECT $1::int", (23,)) + SYNC)
     name = server_name(registry, b"SELECT $1::int", (23,))
     assert name.startswith(b"U_")
-    assert out == parse(name, b"SELECT $1::int", (23,)) + SYNC
+    assert out == prepare(name, b"SELECT $1::int", (23,)) + SYNC
     assert b"my_stmt" not in out
     assert server.prepared.has(name)
-    assert relay.from_server(P1 + ZI) == P1 + ZI
+    assert relay.from_server(PREPARED + ZI) == P1 + ZI     # the proxy's Close and Describe are its own
     assert relay.releasable
-
 
 def test_unnamed_statements_pass_through_unchanged(registry):
     relay = new_relay(registry)
@@ -174,45 +182,85 @@ def test_same_text_and_types_share_one_server_name_different_types_do_not(regist
     assert server_name(registry, b"SELECT $1 ", (23,)) != a
 
 
-def test_second_client_with_same_statement_gets_synthesized_parse_complete(registry):
+def test_second_clients_parse_reaches_the_server_under_the_shared_name(registry):
+    # Parsed now, as on a fresh connection (the schema may have changed since the first
+    # client's); the same shape keeps the one shared statement.
     server = ServerState()
     prepared_then_detached(registry, server, b"a", b"SELECT 42")
+    name = server_name(registry, b"SELECT 42")
 
     second = new_relay(registry, server)
     out = second.from_client(parse(b"b", b"SELECT 42") + SYNC)
-    assert out == SYNC                        # the Parse never reaches the server
-    seen = drained(second) + second.from_server(ZI)
-    assert seen == P1 + ZI
+    assert out == prepare(name, b"SELECT 42") + SYNC
+    assert second.from_server(PREPARED + ZI) == P1 + ZI
+    assert registry.renewals == 0
 
     # And the statement is usable under the second client's own name.
     out = second.from_client(bind(b"", b"b") + execute() + SYNC)
-    assert bind_statements(out) == [server_name(registry, b"SELECT 42")]
+    assert bind_statements(out) == [name]
     assert types(out) == b"BES"
 
 
-def test_synthesized_parse_complete_waits_for_earlier_responses(registry):
+def test_parse_with_another_shape_than_the_shared_statement_renews_it(registry):
+    # Client A prepared "SELECT * FROM r6" before ALTER TABLE r6 ADD COLUMN b; client B's
+    # Parse of the same text now describes two columns.
+    server, other = ServerState(), ServerState()
+    sql = b"SELECT * FROM r6"
+    one, two = m.row_description(["a"]), m.row_description(["a", "b"])
+    params = m.message(b"t", b"\x00\x00")
+    a = new_relay(registry, other)
+    a.from_client(parse(b"s", sql) + SYNC)
+    a.from_server(C3 + P1 + params + one + ZI)
+    old = server_name(registry, sql)
+    a.detach()
+
+    b = new_relay(registry, server)
+    b.from_client(parse(b"s", sql) + SYNC)
+    assert b.from_server(C3 + P1 + params + two + ZI) == P1 + ZI
+    new = server_name(registry, sql)
+    assert new != old and registry.renewals == 1
+    assert b.statements[b"s"].name == new                 # B's statement is the new generation
+    assert not server.prepared.has(old) and server.to_close == [old]
+    out = b.from_client(bind(b"", b"s") + execute() + SYNC)
+    assert parse_names(out) == [new] and bind_statements(out) == [new]
+    assert m.close_statement(old) in out                  # the copy under the old name goes
+    b.from_server(C3 + C3 + P1 + params + two + B2 + cc("SELECT 0") + ZI)
+    b.detach()
+
+    # A still holds the old generation: where a server connection lacks it, the proxy answers
+    # what PostgreSQL answers on A's own connection, and A's driver prepares it again.
+    a.attach(server)
+    out = a.from_client(bind(b"", b"s") + execute() + SYNC)
+    assert bind_statements(out) == [b"U_0"] and old not in out
+    seen = a.from_server(C3 + err("22P02", "invalid input syntax for type integer") + ZI)   # at its Parse
+    assert error_code(seen) == ["0A000"] and b"cached plan must not change result type" in seen
+    a.from_client(m.close_statement(b"s") + parse(b"s", sql) + SYNC)
+    assert a.statements[b"s"].name == new
+
+
+def test_error_binding_a_stale_copy_renews_the_statement(registry):
+    # DDL straight on the server: the copy on this connection answers 0A000 (or "cache lookup
+    # failed"). The error stands, as on the client's own connection; the next Parse of the
+    # text gets a new statement, and the stale copy is closed.
     server = ServerState()
-    warm = new_relay(registry, server)
-    warm.from_client(parse(b"x", b"SELECT 'known'") + SYNC)
-    warm.from_server(P1 + ZI)
-    warm.detach()
-
-    relay = new_relay(registry, server)
-    out = relay.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute()
-                            + parse(b"k", b"SELECT 'known'") + SYNC)
-    assert types(out) == b"PBES"
-    assert drained(relay) == b""              # nothing may overtake the pending answers
-    seen = relay.from_server(P1 + B2 + row(1) + cc("SELECT 1") + ZI)
-    assert types(seen) == b"12DC1Z"
-
+    relay = prepared_then_detached(registry, server, b"s", b"SELECT * FROM r7")
+    old = server_name(registry, b"SELECT * FROM r7")
+    relay.attach(server)
+    relay.from_client(bind(b"", b"s") + execute() + SYNC)
+    seen = relay.from_server(err("0A000", "cached plan must not change result type") + ZI)
+    assert error_code(seen) == ["0A000"]
+    new = server_name(registry, b"SELECT * FROM r7")
+    assert new != old and server.to_close == [old] and not server.prepared.has(old)
+    out = relay.from_client(m.close_statement(b"s") + parse(b"s", b"SELECT * FROM r7") + SYNC)
+    assert parse_names(out) == [new] and m.close_statement(old) in out
 
 def test_bind_on_server_lacking_the_statement_injects_parse_and_swallows_its_reply(registry):
     relay = moved_relay(registry, b"SELECT $1::text", (25,))
     name = server_name(registry, b"SELECT $1::text", (25,))
     out = relay.from_client(bind(b"", b"q", (b"hi",)) + execute() + SYNC)
-    assert out == parse(name, b"SELECT $1::text", (25,)) + bind(b"", name, (b"hi",)) + execute() + SYNC
+    assert out == prepare(name, b"SELECT $1::text", (25,)) + bind(b"", name, (b"hi",)) + execute() + SYNC
     assert relay.server.prepared.has(name)
-    seen = relay.from_server(P1 + B2 + row("hi") + cc("SELECT 1") + ZI)
+    seen = relay.from_server(PREPARED + B2 + row("hi") + cc("SELECT 1") + ZI)
     assert seen == B2 + row("hi") + cc("SELECT 1") + ZI   # the injected ParseComplete is not shown
     assert relay.releasable
 
@@ -225,21 +273,21 @@ def test_describe_on_server_lacking_the_statement_injects_parse(registry):
     relay = moved_relay(registry, b"SELECT 1 AS one")
     name = server_name(registry, b"SELECT 1 AS one")
     out = relay.from_client(describe_stmt(b"q") + SYNC)
-    assert out == parse(name, b"SELECT 1 AS one") + describe_stmt(name) + SYNC
+    assert out == prepare(name, b"SELECT 1 AS one") + describe_stmt(name) + SYNC
     t_param = m.message(b"t", struct.pack("!H", 0))
     rd = m.row_description(["one"])
-    assert relay.from_server(P1 + t_param + rd + ZI) == t_param + rd + ZI
+    assert relay.from_server(C3 + P1 + t_param + rd + t_param + rd + ZI) == t_param + rd + ZI
 
 
 def test_lru_eviction_closes_on_the_server_and_hides_the_close_complete(registry):
     server = ServerState(prepared=ServerPrepared(limit=1))
     relay = new_relay(registry, server)
     relay.from_client(parse(b"a", b"SELECT 'a'") + SYNC)
-    relay.from_server(P1 + ZI)
+    relay.from_server(PREPARED + ZI)
     out = relay.from_client(parse(b"b", b"SELECT 'b'") + SYNC)
     a, b = server_name(registry, b"SELECT 'a'"), server_name(registry, b"SELECT 'b'")
-    assert out == m.close_statement(a) + parse(b, b"SELECT 'b'") + SYNC
-    assert relay.from_server(C3 + P1 + ZI) == P1 + ZI
+    assert out == m.close_statement(a) + prepare(b, b"SELECT 'b'") + SYNC
+    assert relay.from_server(C3 + PREPARED + ZI) == P1 + ZI
     assert not server.prepared.has(a) and server.prepared.has(b)
 
 
@@ -250,9 +298,9 @@ def test_close_of_named_statement_is_answered_locally_in_order(registry):
     relay = new_relay(registry, server)
     out = relay.from_client(parse(b"s", b"SELECT 7") + bind(b"", b"s") + execute()
                             + m.close_statement(b"s") + SYNC)
-    assert types(out) == b"PBES"              # no Close reaches the server
+    assert types(out) == b"CPDBES"            # no Close of the client's reaches the server
     assert drained(relay) == b""
-    seen = relay.from_server(P1 + B2 + row(7) + cc("SELECT 1") + ZI)
+    seen = relay.from_server(PREPARED + B2 + row(7) + cc("SELECT 1") + ZI)
     assert types(seen) == b"12DC3Z"
     assert relay.releasable
     # The server keeps the statement for others; this client's name is gone.
@@ -267,7 +315,7 @@ def test_close_of_named_statement_is_answered_locally_in_order(registry):
 def test_close_with_nothing_pending_is_answered_at_once(registry):
     relay = new_relay(registry)
     relay.from_client(parse(b"s", b"SELECT 8") + SYNC)
-    relay.from_server(P1 + ZI)
+    relay.from_server(PREPARED + ZI)
     out = relay.from_client(m.close_statement(b"s") + SYNC)
     assert out == SYNC
     assert drained(relay) == C3
@@ -283,21 +331,17 @@ def test_close_of_portal_and_unnamed_statement_go_to_the_server(registry):
 
 # ---------------------------------------------------------------- errors
 
-def test_error_drops_queued_synthesized_responses_and_the_failed_parse_name(registry):
+def test_error_drops_the_failed_parse_name(registry):
     server = ServerState()
-    warm = new_relay(registry, server)
-    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
-    warm.from_server(P1 + ZI)
-    warm.detach()
-
     relay = new_relay(registry, server)
     bad_name = server_name(registry, b"SELECT nope")
     out = relay.from_client(parse(b"bad", b"SELECT nope") + describe_stmt(b"bad")
                             + bind(b"", b"w_unknown_to_this_client") + SYNC)
-    # Parse + Describe go out; the Bind of a name this client never prepared goes out under that
-    # name, for the server to refuse (it is skipped here, after the Parse's error).
-    assert types(out) == b"PDBS"
-    seen = drained(relay) + relay.from_server(err("42703", 'column "nope" does not exist') + ZI)
+    # Close + Parse + the proxy's Describe + the client's go out; the Bind of a name this client
+    # never prepared goes out under that name, for the server to refuse (it is skipped here,
+    # after the Parse's error).
+    assert types(out) == b"CPDDBS"
+    seen = drained(relay) + relay.from_server(C3 + err("42703", 'column "nope" does not exist') + ZI)
     assert types(seen) == b"EZ"
     assert error_code(seen) == ["42703"]
     assert b"bad" not in relay.statements
@@ -307,22 +351,7 @@ def test_error_drops_queued_synthesized_responses_and_the_failed_parse_name(regi
     # The name is free again, and the statement text is really parsed this time.
     out = relay.from_client(parse(b"bad", b"SELECT nope") + SYNC)
     assert parse_names(out) == [bad_name]
-    assert types(drained(relay) + relay.from_server(P1 + ZI)) == b"1Z"
-
-
-def test_error_drops_synthesized_parse_complete(registry):
-    server = ServerState()
-    warm = new_relay(registry, server)
-    warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
-    warm.from_server(P1 + ZI)
-    warm.detach()
-
-    relay = new_relay(registry, server)
-    out = relay.from_client(parse(b"bad", b"SELECT nope") + parse(b"ok", b"SELECT 'warm'") + SYNC)
-    assert types(out) == b"PS"
-    seen = drained(relay) + relay.from_server(err() + ZI)
-    assert types(seen) == b"EZ"               # no ParseComplete for a Parse the server would have skipped
-
+    assert types(drained(relay) + relay.from_server(PREPARED + ZI)) == b"1Z"
 
 def test_parse_skipped_after_an_error_leaves_no_name_even_if_the_server_had_it(registry):
     # PostgreSQL skips every message after an error up to Sync, so "ok" was never created.
@@ -331,16 +360,18 @@ def test_parse_skipped_after_an_error_leaves_no_name_even_if_the_server_had_it(r
     server = ServerState()
     warm = new_relay(registry, server)
     warm.from_client(parse(b"w", b"SELECT 'warm'") + SYNC)
-    warm.from_server(P1 + ZI)
+    warm.from_server(PREPARED + ZI)
     warm.detach()
 
     relay = new_relay(registry, server)
     relay.from_client(parse(b"bad", b"SELECT nope") + parse(b"ok", b"SELECT 'warm'") + SYNC)
-    relay.from_server(err() + ZI)
+    relay.from_server(C3 + err() + ZI)
     assert b"ok" not in relay.statements
 
-    relay.from_client(parse(b"bad", b"SELECT 'fixed'") + parse(b"ok", b"SELECT 'warm'") + SYNC)
-    seen = drained(relay) + relay.from_server(P1 + ZI)
+    out = relay.from_client(parse(b"bad", b"SELECT 'fixed'") + parse(b"ok", b"SELECT 'warm'") + SYNC)
+    # The server still has the shared statement (its Close was skipped too): closed first again.
+    assert m.close_statement(server_name(registry, b"SELECT 'warm'")) in out
+    seen = drained(relay) + relay.from_server(PREPARED + PREPARED + ZI)
     assert error_code(seen) == []
     assert types(seen) == b"11Z"
 
@@ -386,11 +417,13 @@ def test_bind_of_unknown_statement_is_raised_on_the_server(registry):
     batch = bind(b"", b"U_1") + describe_stmt(b"") + execute() + parse(b"later", b"SELECT 1") + SYNC
     out = relay.from_client(batch)
     msgs = split(out)
-    assert [t for t, _ in msgs[:3]] == [b"P", b"B", b"E"]
-    assert b"RAISE EXCEPTION" in msgs[0][1] and b"26000" in msgs[0][1]
+    assert [t for t, _ in msgs[:4]] == [b"C", b"P", b"B", b"E"]
+    assert b"::pg_catalog.int4" in msgs[1][1] and b"26000" in msgs[1][1] and b"DO " not in out
     assert b"\x00U_1\x00" not in out
-    seen = relay.from_server(P1 + B2 + err("26000", 'prepared statement "U_1" does not exist') + ZI)
+    seen = relay.from_server(C3 + P1 + B2 + err("22P02", "invalid input syntax for type integer") + ZI)
+    # The client gets the proxy's error in PostgreSQL's words, not the server's 22P02.
     assert types(seen) == b"EZ" and error_code(seen) == ["26000"]
+    assert b'prepared statement "U_1" does not exist' in seen and b"integer" not in seen
     assert b"later" not in relay.statements   # skipped by the server, so not created
     assert relay.releasable
     batch = parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC
@@ -415,15 +448,26 @@ def test_flush_after_sync_does_not_hold_the_connection(registry):
 def test_duplicate_parse_name_is_raised_by_the_server_as_42P05(registry):
     relay = new_relay(registry)
     relay.from_client(parse(b"dup", b"SELECT 1") + SYNC)
-    relay.from_server(P1 + ZI)
+    relay.from_server(PREPARED + ZI)
     out = relay.from_client(parse(b"dup", b"SELECT 2") + bind(b"", b"dup") + execute() + SYNC)
-    # The proxy's error is raised on the server (a DO block), so a transaction fails as it would.
+    # A statement that fails runs on the server, so a transaction fails as it would.
     msgs = split(out)
-    assert [t for t, _ in msgs[:3]] == [b"P", b"B", b"E"]
-    assert b"RAISE EXCEPTION" in msgs[0][1] and b"42P05" in msgs[0][1] and b'"dup" already exists' in msgs[0][1]
-    seen = relay.from_server(P1 + B2 + err("42P05", 'prepared statement "dup" already exists') + ZI)
+    assert [t for t, _ in msgs[:4]] == [b"C", b"P", b"B", b"E"]
+    assert b"42P05" in msgs[1][1] and b'"dup" already exists' in msgs[1][1]
+    seen = relay.from_server(C3 + P1 + B2 + err("22P02", "invalid input syntax for type integer") + ZI)
     assert types(seen) == b"EZ" and error_code(seen) == ["42P05"]   # the proxy's Parse/Bind answers are its own
     assert b"dup" in relay.statements                                 # the first one still exists
+
+
+def test_proxy_refusal_in_an_aborted_transaction_is_the_servers_25P02(registry):
+    # In a failed transaction block the server refuses the proxy's statement itself (25P02),
+    # as it would have refused the client's: that error stands.
+    relay = new_relay(registry)
+    relay.from_client(parse(b"dup", b"SELECT 1") + SYNC)
+    relay.from_server(PREPARED + ZI)
+    relay.from_client(parse(b"dup", b"SELECT 2") + SYNC)
+    seen = relay.from_server(C3 + err("25P02", "current transaction is aborted") + m.ready_for_query(b"E"))
+    assert types(seen) == b"EZ" and error_code(seen) == ["25P02"]
 
 
 def test_injected_parse_failure_reaches_the_client(registry):
@@ -626,7 +670,7 @@ def _scenario(registry):
     relay = moved_relay(registry, b"SELECT generate_series(1, $1::int)")
     client = (bind(b"", b"q", (b"3",)) + execute() + m.close_statement(b"q") + SYNC
               + m.query("SELECT 'x'") + parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC)
-    server = (P1 + B2 + row(1) + m.notice_response("careful") + row(2) + row("three" * 1000) + cc("SELECT 3")
+    server = (PREPARED + B2 + row(1) + m.notice_response("careful") + row(2) + row("three" * 1000) + cc("SELECT 3")
               + ZI + m.row_description(["?column?"]) + row("x") + cc("SELECT 1") + ZI
               + P1 + B2 + row(1) + cc("SELECT 1") + ZI)
     return relay, client, server
@@ -774,15 +818,15 @@ def test_statement_with_a_backslash_is_not_shared_and_its_reprepare_notices_are_
     a = prepared_then_detached(registry, s1, b"x", b"SET application_name = 'a\\b'")
     b = new_relay(registry, s1)
     out = b.from_client(parse(b"y", b"SET application_name = 'a\\b'") + SYNC)
-    assert types(out) == b"PS" and parse_names(out) != parse_names(a.statements[b"x"].parse_msg)
+    assert types(out) == b"CPDS" and parse_names(out) != parse_names(a.statements[b"x"].parse_msg)
     warning = m.notice_response("nonstandard use of \\\\ in a string literal", code="22P06")
-    assert b.from_server(warning + P1 + ZI) == warning + P1 + ZI
+    assert b.from_server(C3 + warning + P1 + SHAPED + ZI) == warning + P1 + ZI
     b.detach()
     # Prepared again on another server connection: the client saw that warning at its Parse.
     b.attach(s2)
     out = b.from_client(bind(b"", b"y") + execute() + SYNC)
-    assert types(out) == b"PBES"
-    assert b.from_server(warning + P1 + B2 + cc("SET") + ZI) == B2 + cc("SET") + ZI
+    assert types(out) == b"CPDBES"
+    assert b.from_server(C3 + warning + P1 + SHAPED + B2 + cc("SET") + ZI) == B2 + cc("SET") + ZI
 
 
 def test_set_config_value_that_may_be_null_falls_back_to_the_startup_value(registry):
@@ -894,7 +938,7 @@ BATCH_CASES = [
     (parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + parse(b"", b"SELECT 2") + bind(b"", b"")
      + execute() + SYNC, [P1 + B2 + row(1) + cc("SELECT 1") + P1 + B2 + row(2) + cc("SELECT 1") + ZI], [True]),
     (parse(b"s1", b"SELECT 1") + bind(b"", b"s1") + DESCRIBE_PORTAL + execute() + SYNC,
-     [P1 + B2 + T_A + m.notice_response("careful") + row(1) + cc("SELECT 1") + ZT], [True]),
+     [PREPARED + B2 + T_A + m.notice_response("careful") + row(1) + cc("SELECT 1") + ZT], [False]),
     (parse(b"", b"INSERT INTO t VALUES (1)") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
      [P1 + B2 + NO_DATA + cc("INSERT 0 1") + ZI], [True]),
     (parse(b"", b"") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + m.message(b"I") + ZI], [True]),
@@ -908,7 +952,7 @@ BATCH_CASES = [
     (parse(b"", b"SET work_mem = '8MB'") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + cc("SET") + ZI],
      [False]),
     (parse(b"s2", b"SELECT 1") + describe_stmt(b"s2") + SYNC,
-     [P1 + m.message(b"t", b"\x00\x00") + T_A + ZI], [False]),
+     [PREPARED + m.message(b"t", b"\x00\x00") + T_A + ZI], [False]),
 ]
 
 
@@ -985,3 +1029,76 @@ def test_fast_walk_of_a_request_batch_gives_what_the_message_loop_gives(client, 
                      relay.skip_to_sync, relay.stats.query_requests, dict(relay.session.pins), taken))
     assert runs[0][:-1] == runs[1][:-1]
     assert runs[0][-1] == [fast] and runs[1][-1] == [False]
+
+
+def test_sequence_values_of_another_client_are_discarded_at_hand_off(registry):
+    server = ServerState()
+    a = new_relay(registry, server)
+    assert a.from_client(m.query("SELECT abalance FROM t WHERE aid = 1")) is not None
+    assert server.seq_owner is None                     # a plain read sets no sequence value
+    a.from_server(cc("SELECT 1") + ZI)
+    a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))   # a serial default may call nextval()
+    assert server.seq_owner is a.session
+    a.from_server(cc("INSERT 0 1") + ZI)
+    a.detach()
+    assert a.attach(server) == b""                      # its own values: kept for it
+    a.from_client(m.query("SELECT lastval()"))
+    a.from_server(row(1) + cc("SELECT 1") + ZI)
+    a.detach()
+    b = make_relay(registry)
+    prelude = b.attach(server)
+    assert prelude == m.query("DISCARD SEQUENCES") and server.seq_owner is None
+    b.from_client(m.query("SELECT lastval()"))
+    # Nothing of the proxy's statement reaches the client; the server's 55000 does.
+    seen = b.from_server(cc("DISCARD SEQUENCES") + ZI + err("55000", "lastval is not yet defined in this session") + ZI)
+    assert types(seen) == b"EZ" and error_code(seen) == ["55000"]
+    assert b.releasable
+
+
+@pytest.mark.parametrize("reads", ["one read", "two reads"])
+@pytest.mark.parametrize("request_kind", ["simple", "extended"])
+def test_the_hand_off_discard_leaves_the_client_answer_to_the_fast_walks(reads, request_kind, monkeypatch):
+    """The answer to the proxy's DISCARD SEQUENCES ahead of a client's request is taken off the
+    front (it is always the same), so the client's own answer behind it is walked fast, and
+    the client sees exactly what the general walk gives."""
+    runs = []
+    for general_only in (False, True):
+        registry = StatementRegistry()
+        server = ServerState()
+        a = new_relay(registry, server)
+        a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))
+        a.from_server(cc("INSERT 0 1") + ZI)
+        a.detach()
+        b = make_relay(registry)
+        assert b.attach(server) == m.query("DISCARD SEQUENCES")
+        if request_kind == "simple":
+            taken = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
+            b.from_client(m.query("SELECT 1"))
+            answer = m.row_description(["x"]) + row(1) + cc("SELECT 1") + ZI
+        else:
+            taken = _watch_fast_walk(monkeypatch, "_plain_batch", general_only)
+            b.from_client(parse(b"", b"SELECT 1") + bind(b"", b"") + execute() + SYNC)
+            answer = P1 + B2 + row(1) + cc("SELECT 1") + ZI
+        discarded = cc("DISCARD SEQUENCES") + ZI
+        parts = [discarded + answer] if reads == "one read" else [discarded, answer]
+        out = b"".join(b.from_server(p) for p in parts)
+        monkeypatch.undo()
+        runs.append((out, b.status, b.releasable, list(b.queue), server.seq_owner, taken))
+    assert runs[0][:-1] == runs[1][:-1]
+    assert runs[0][0].endswith(ZI) and b"DISCARD" not in runs[0][0] and runs[0][2]
+    assert runs[0][-1] == [True]        # the client's answer took the fast walk
+
+
+@pytest.mark.parametrize("sql,owner", [("INSERT INTO t(v) VALUES ($1)", True), ("SELECT abalance FROM t WHERE aid = $1", False)])
+def test_a_statement_in_an_unnamed_batch_marks_the_connection_for_the_hand_off(registry, sql, owner):
+    """The unnamed-batch fast path (psycopg 3, libpq, pgbench -M extended) marks a connection
+    whose sequence values the next client must not see, as the message loop does."""
+    server = ServerState()
+    a = new_relay(registry, server)
+    batch = parse(b"", sql.encode(), (23,)) + bind(b"", b"", (b"1",)) + DESCRIBE_PORTAL + execute() + SYNC
+    assert a.from_client(batch) == batch
+    assert (server.seq_owner is a.session) is owner
+    a.from_server(P1 + B2 + m.message(b"n", b"") + cc("INSERT 0 1" if owner else "SELECT 0") + ZI)
+    a.detach()
+    b = make_relay(registry)
+    assert b.attach(server) == (m.query("DISCARD SEQUENCES") if owner else b"")

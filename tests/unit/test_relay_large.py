@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_relay import B2, P1, SYNC, ZI, bind, bind_statements, cc, execute, make_relay, parse, registry  # noqa: F401
+from test_relay import B2, P1, PREPARED, SYNC, ZI, bind, bind_statements, cc, execute, make_relay, parse, registry  # noqa: F401
 from unpinned.relay.relay import Relay
 from unpinned.sql.classifier import EffectScan, _may_have_effects
 from unpinned.state.server_state import ServerState
@@ -149,7 +149,7 @@ def test_the_server_connection_is_kept_while_copy_data_streams_even_after_an_err
 def test_a_large_bind_to_a_named_statement_is_renamed_and_streamed(registry):
     relay = relay_with_limit(registry)
     relay.from_client(parse(b"ins", b"INSERT INTO t VALUES ($1)") + SYNC)
-    relay.from_server(P1 + ZI)
+    relay.from_server(PREPARED + ZI)
     value = b"v" * 300_000
     batch = bind(b"", b"ins", (value,)) + execute() + SYNC
     out, most = feed(relay, batch, 16384)

@@ -238,15 +238,20 @@ def test_load_and_unparsed_pin_for_good():
     assert "load" in d.session.pins
 
 
-def test_currval_guard():
+def test_currval_is_never_refused_but_counted_where_the_values_are_elsewhere():
+    # The server answers currval()/lastval(): the relay makes sure a connection never carries
+    # another client's values (DISCARD SEQUENCES at hand-off). The session counts the answers
+    # that cannot be its own values because they are on another server connection.
     d = Driver()
-    assert d.run("SELECT currval('s')") is not None            # no nextval yet in this session
+    assert d.run("SELECT currval('s')") is None                # no nextval yet: the server's own 55000
+    assert d.session.currval_refusals == 0
     d.run("SELECT nextval('s')")
-    assert d.run("SELECT currval('s')") is None                # same server connection, same epoch
-    d.server.epoch += 1                                        # another client used it
-    refusal = d.run("SELECT currval('s')")
-    assert refusal is not None and b"55000" in refusal
-    assert d.session.currval_refusals == 2
+    assert d.server.seq_owner is d.session
+    assert d.run("SELECT currval('s')") is None
+    assert d.session.currval_refusals == 0
+    d.server.seq_owner = None                                  # discarded when another client took it
+    assert d.run("SELECT lastval()") is None
+    assert d.session.currval_refusals == 1
 
 
 def test_sequences_pin_option():

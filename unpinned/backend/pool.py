@@ -21,6 +21,11 @@ class Borrower:
     """What waits for a server connection: the pool calls `borrowed(conn)` or
     `borrow_failed(exc)` exactly once, unless `closing` is true by then."""
     closing = False
+    # A connection to give this borrower in preference to others when it is idle, or None.
+    preferred = None
+    # The custom parameter placeholders the borrower's session would have on a server of its own:
+    # it gets only connections whose placeholders are among them (see ServerState.placeholders).
+    customs: frozenset | set = frozenset()
 
     def borrowed(self, conn: ServerConnection) -> None: ...
 
@@ -71,6 +76,10 @@ class Pool:
         self.checked_params: dict[frozenset, dict[str, str]] = {}
         self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
         self.paused = False
+        # While borrow() looks for a connection among the waiters' (see there): that borrower,
+        # and the connection _hand found for it, which borrow() returns instead of a callback.
+        self._lending_to: Borrower | None = None
+        self._lent: ServerConnection | None = None
         self._tasks: set[asyncio.Task] = set()
         # Where new connections go (backend/cluster_pools.py moves it on a failover); None = the
         # configured upstream. `hold`: no host to go to now, waiters wait (a failover under way).
@@ -89,6 +98,7 @@ class Pool:
         self.borrow_wait_total = 0.0
         self.connects = 0
         self.connect_failures = 0
+        self.retired = 0        # closed because of what a client left in them (see ServerState.retire)
 
     @property
     def size(self) -> int:
@@ -101,11 +111,14 @@ class Pool:
         return bool(after) and now - conn.last_used > after
 
     def borrow(self, borrower: Borrower) -> ServerConnection | None:
-        """A connection now, or None: then `borrower` is called back later."""
+        """A connection now, or None: then `borrower` is called back later (never from inside this call)."""
         idle = self.idle
         if idle and not self.paused and not self.waiters:
             now = time.monotonic()
             after = self.config.health_check_after
+            prev = borrower.preferred
+            if prev is not None and prev is not idle[-1] and not (after and now - prev.last_used > after):
+                self._prefer(prev)
             while idle:
                 conn = idle[-1]
                 if conn.closed:
@@ -113,7 +126,25 @@ class Pool:
                     continue
                 if after and now - conn.last_used > after:
                     break       # stale: checked first, below
-                idle.pop()
+                state = conn.state
+                placeholders = state.placeholders
+                if state.reserved_for is not None and state.reserved_for is not borrower:
+                    conn = self._take_fitting(borrower, now)
+                    if conn is None:
+                        break   # none fits: a new one, below
+                elif not placeholders:
+                    if borrower.customs and conn is not prev:
+                        # Connections without placeholders are the ones every client fits: one
+                        # with placeholders this session has anyway is used first, if idle.
+                        conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
+                    else:
+                        idle.pop()
+                elif placeholders <= borrower.customs:
+                    idle.pop()
+                else:
+                    conn = self._take_fitting(borrower, now)
+                    if conn is None:
+                        break   # none fits: a new one, below
                 self.busy.add(conn)
                 self.borrows += 1
                 if self.stats is not None:
@@ -126,8 +157,38 @@ class Pool:
         self.waiters.append([borrower, now + timeout if timeout else None, now])
         if self._timer is None and timeout:
             self._arm_timer()
-        self._supply()
+        # _supply may find this very borrower a connection (an idle one the waiters ahead of it
+        # do not fit): it is returned, not called back from inside borrow(), where the borrower
+        # does not know yet that it waits.
+        self._lending_to = borrower
+        try:
+            self._supply()
+        finally:
+            self._lending_to = None
+        conn, self._lent = self._lent, None
+        return conn
+
+    def _take_fitting(self, borrower: Borrower, now: float, marked: bool = False) -> ServerConnection | None:
+        """An idle connection, not stale, whose custom placeholders the borrower's session would
+        have too (so it cannot tell them from its own), taken out of the idle list; or None.
+        `marked`: only one with placeholders."""
+        after = self.config.health_check_after
+        for conn in reversed(self.idle):
+            p = conn.state.placeholders
+            if not conn.closed and (p or not marked) and (not p or p <= borrower.customs) \
+                    and (conn.state.reserved_for is None or conn.state.reserved_for is borrower) \
+                    and not (after and now - conn.last_used > after):
+                self.idle.remove(conn)
+                return conn
         return None
+
+    def _prefer(self, conn: ServerConnection) -> None:
+        """Put an idle connection next in line (the borrower's previous one; see Borrower.preferred)."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return          # busy with someone else, or gone
+        self.idle.append(conn)
 
     def withdraw(self, borrower: Borrower) -> None:
         """`borrower` no longer wants a connection (its request was canceled)."""
@@ -143,27 +204,52 @@ class Pool:
         if self.paused:
             return
         now = time.monotonic()
-        while self.waiters and self.idle:
-            conn = self.idle.pop()
+        idle = self.idle
+        tries = len(idle)
+        while self.waiters and idle and tries:
+            tries -= 1
+            conn = idle.pop()
             if conn.closed:
                 continue
             self.busy.add(conn)
             if self._stale(conn, now):
                 self.checking += 1
                 self._spawn(self._check_then_hand(conn))
-            else:
-                self._hand(conn)
+            elif not self._hand(conn):
+                idle.appendleft(idle.pop())     # fits no waiter: the others are tried
+        if self.waiters and idle and self.size >= self.config.pool_size and \
+                self.opening + self.checking < len(self.waiters):
+            # Waiters that no idle connection fits (custom placeholders they must not see, or kept
+            # for another client), and no room for a new one: the oldest idle connection makes room.
+            conn = idle.popleft()
+            conn.close()
+            self.retired += 1
         # Open only as many as there are waiters not already covered by openings in flight.
         while self.waiters and self.size < self.config.pool_size and not self.hold and self._retry is None and \
                 self.opening + self.checking < len(self.waiters):
             self.opening += 1
             self._spawn(self._open())
 
-    def _hand(self, conn: ServerConnection) -> None:
-        """Give a busy-booked connection to the first live waiter, or put it back."""
+    def _hand(self, conn: ServerConnection) -> bool:
+        """Give a busy-booked connection to the first live waiter it fits, or put it back (False)."""
         waiters = self.waiters
+        placeholders = conn.state.placeholders
+        owner = conn.state.reserved_for
         while waiters:
-            borrower, _, start = waiters.popleft()
+            if owner is not None:
+                waiter = next((w for w in waiters if w[0] is owner and not owner.closing), None)
+                if waiter is None:
+                    break
+                waiters.remove(waiter)
+                borrower, _, start = waiter
+            elif placeholders:
+                waiter = next((w for w in waiters if not w[0].closing and placeholders <= w[0].customs), None)
+                if waiter is None:
+                    break
+                waiters.remove(waiter)
+                borrower, _, start = waiter
+            else:
+                borrower, _, start = waiters.popleft()
             if borrower.closing:
                 continue
             self.borrows += 1
@@ -171,11 +257,15 @@ class Pool:
             self.borrow_wait_total += waited
             if self.stats is not None:
                 self.stats.borrow_latency.observe(waited)
-            borrower.borrowed(conn)
-            return
+            if borrower is self._lending_to:
+                self._lent = conn
+            else:
+                borrower.borrowed(conn)
+            return True
         self.busy.discard(conn)
         conn.last_used = time.monotonic()
         self.idle.append(conn)
+        return False
 
     def _fail_one(self, exc: Exception) -> None:
         while self.waiters:
@@ -243,9 +333,7 @@ class Pool:
             healthy = await self._healthy(conn)
         finally:
             self.checking -= 1
-        if healthy:
-            self._hand(conn)
-        else:
+        if not healthy or not self._hand(conn):
             self._supply()
 
     async def _healthy(self, conn: ServerConnection) -> bool:
@@ -288,11 +376,19 @@ class Pool:
         if conn.closed:
             self.forget(conn)
             return
+        if conn.state.retire is not None and conn.state.reserved_for is None:
+            # What its last client did cannot be undone on it (temp buffers allocated, PL/pgSQL
+            # loaded), and that client is gone: closed, a new one opens when someone needs it.
+            log.debug("retiring server connection %d: %s", conn.id, conn.state.retire)
+            self.retired += 1
+            self.discard(conn)
+            return
         if conn.host is not self.host:     # opened to a host that is no longer this pool's (failover)
             self.discard(conn)
             return
         if self.waiters and not self.paused:
-            self._hand(conn)
+            if not self._hand(conn):
+                self._supply()
             return
         self.busy.discard(conn)
         self.idle.append(conn)

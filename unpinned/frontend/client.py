@@ -35,6 +35,13 @@ class PooledClient(ListeningClient, Staged):
         self._t_sent = 0.0             # when it went to the server
         self._paused_server = False
         self._paused_self = False      # reading stopped: pending holds the buffer limit already
+        # What the pool reads at each borrow (backend/pool.py Borrower), kept as plain attributes:
+        # the server connection to give it when idle ("last owner"), its previous one when that
+        # holds sequence values this client's statements set (so currval()/lastval() answer as
+        # on a connection of its own), set at release; the custom parameter placeholders its
+        # session would have (the session's own set, set with the relay).
+        self.preferred: ServerConnection | None = None
+        self.customs: set | frozenset = frozenset()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = now = time.monotonic()
@@ -75,6 +82,11 @@ class PooledClient(ListeningClient, Staged):
         if conn is not None:
             self.server = None
             self._give_back(conn)
+        kept = self.preferred
+        if kept is not None and kept.state.reserved_for is self:
+            kept.state.reserved_for = None
+            if kept is not conn and not isinstance(self.pool, _Lost):
+                self.pool.discard(kept)     # idle, and no one else may have it
 
     def pause_writing(self) -> None:
         if self.server is not None and not self._paused_server:
@@ -213,6 +225,14 @@ class PooledClient(ListeningClient, Staged):
         if self._paused_server:
             self._paused_server = False
             conn.transport.resume_reading()
+        state = conn.state
+        if state.retire is not None:
+            # What this client did there no other client may see (temp buffers, PL/pgSQL): it is
+            # kept for this client alone, as its own session would be, while the pool has room.
+            state.reserved_for = self
+            self.preferred = conn
+        else:
+            self.preferred = conn if state.seq_owner is self.relay.session else None
         self.pool.release(conn)
 
     def server_lost(self, conn: ServerConnection) -> None:
@@ -237,6 +257,7 @@ class PooledClient(ListeningClient, Staged):
         """The client is gone: return its server connection clean, or close it."""
         relay = self.relay
         conn.client = None
+        conn.state.reserved_for = None      # (its client is gone: closed if retire says so)
         if relay is not None and relay.queue:
             # A request is still running on the server: stop it, and keep counting the
             # connection against the pool until its backend has really gone.
@@ -303,6 +324,7 @@ async def _rollback_and_release(pool, conn: ServerConnection) -> None:
         if error is None and conn.state.status == b"I":
             conn.state.params = {}
             conn.state.prepared.clear()
+            conn.state.seq_owner = None
             pool.release(conn)
             return
     except (ConnectionError, TimeoutError, OSError):

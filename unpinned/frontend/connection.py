@@ -82,4 +82,5 @@ class Staged(ClientConnection):
     login). Neither subclass adds slots; `take_over` remains for the admin console."""
 
     __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted",                          # Login
-                 "pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self")     # PooledClient
+                 "pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self",     # PooledClient
+                 "preferred", "customs")

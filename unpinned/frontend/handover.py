@@ -151,7 +151,7 @@ def snapshot(client) -> dict:
         "user": client.user, "database": client.database, "application_name": client.application_name,
         "addr": client.addr, "key": list(client.key), "connected_at": client.connected_at,
         "endpoint": client.endpoint.name if client.endpoint is not None else None,
-        "startup": session.startup, "params": session.params,
+        "startup": session.startup, "params": session.params, "customs": sorted(session.customs),
         "statements": {name.decode("latin-1"): st.parse_msg.decode("latin-1")
                        for name, st in relay.statements.items()},
         "sql_prepared": relay.carried.export() if relay.carried is not None else [],
@@ -174,7 +174,11 @@ def restore(shared: Shared, snap: dict) -> "Restored":
     info = ClientInfo(client.id, client.addr, client.user, client.database, client.application_name)
     session = Session(snap["startup"], info, shared.pinlog, shared.session_options)
     session.params = dict(snap["params"])
+    # The custom placeholders its session has (the pool gives it only server connections whose
+    # placeholders it would have too): a snapshot from before they were kept says what it set.
+    session.customs.update(snap.get("customs", (n for n in session.params if "." in n)))
     relay = client.relay = Relay(shared.registry, session, shared.stats)
+    client.customs = session.customs
     session.subscribe = client._subscriptions      # LISTEN carried here too (frontend/listening.py)
     for name, parse in snap["statements"].items():
         relay.statements[name.encode("latin-1")] = _statement(shared, parse.encode("latin-1"))

@@ -320,6 +320,7 @@ class Login(Staged):
         self._buf = self._auth = self._secret = self._wanted = None     # the login's, done with
         self._start_pooled()
         self.relay.session.subscribe = self._subscriptions
+        self.customs = self.relay.session.customs       # the pool matches placeholders by it
         # The loop keeps the protocol's bound methods (uvloop caches data_received): Login's
         # until it is set again.
         self.transport.set_protocol(self)
@@ -391,6 +392,7 @@ class Login(Staged):
                     conn = None
                     raise ServerError({**error, "S": "FATAL"})
                 conn.state.params = dict(wanted)
+                conn.state.placeholders.update(n for n in wanted if "." in n)
                 for t, body in msgs:
                     if t == b"S":
                         name, value = m.split_parameter_status(body)

@@ -8,14 +8,18 @@ import re
 from unpinned.relay import carried
 from unpinned.relay.pending import (
     BIND_FORWARD, CLOSE_FORWARD, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, DESC_STMT_FORWARD, FORWARD, PARSE_FORWARD,
-    R_BIND, R_DESC_STMT, R_PARSE, SWALLOW, Pending)
-from unpinned.relay.statements import ServerStatement
+    R_BIND, R_DESC_STMT, R_PARSE, SHAPE, SWALLOW, Pending)
+from unpinned.relay.statements import ServerStatement, shape_of
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Kind
 from unpinned.wire import messages as m
 from unpinned.wire.messages import BIND, DESCRIBE, PARSE
 
 _SERVER_NAME = re.compile(rb"U_\d+")   # the names StatementRegistry gives server-side statements
+# PostgreSQL's answer to a Bind of a statement whose result columns changed, with its source
+# fields: drivers tell it by them (asyncpg: routine RevalidateCachedQuery -> re-prepare and retry).
+_PLAN_CHANGED = m.message(b"E", b"SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00"
+                                b"Fplancache.c\x00RRevalidateCachedQuery\x00\x00")
 
 
 class ExtendedNames:
@@ -60,11 +64,7 @@ class ExtendedNames:
                         if body is not None:
                             st = self.registry.get(body[len(name) + 1:])   # this client's own variant
             self.statements[name] = st
-            if server.prepared.has(st.name):
-                self._synth(m.PARSE_COMPLETE, undo=(name, None))
-                return b""
-            queue.append(Pending(R_PARSE, FORWARD, (st.name, name)))
-            return self._prepare_bytes(st)
+            return self._parse_now(st, name)
         if t == BIND:  # portal \0 statement \0 rest
             nul = data.index(b"\x00", start)
             portal = data[start:nul]
@@ -77,12 +77,14 @@ class ExtendedNames:
             st = self.statements.get(name)
             if st is None:
                 return self._unknown_statement(name, R_BIND)
+            if st.superseded and not server.prepared.has(st.name):
+                return self._fail(b"0A000", "cached plan must not change result type", error=_PLAN_CHANGED)
             if st.classification is None:
                 st.classification = classify(_statement_text(st))
             self.portal_c[portal] = st.classification
             pre = self._ensure_prepared(st)
             body = data[start:nul + 1] + st.name + data[nul2:end]
-            queue.append(BIND_FORWARD)
+            queue.append(Pending(R_BIND, FORWARD, st))
             return pre + b"B" + m.pack_i32(len(body) + 4) + body
         if t == DESCRIBE:  # 'S'|'P' name \0
             kind = data[start]
@@ -93,8 +95,10 @@ class ExtendedNames:
             st = self.statements.get(name)
             if st is None:
                 return self._unknown_statement(name, R_DESC_STMT)
+            if st.superseded and not server.prepared.has(st.name):
+                return self._fail(b"0A000", "cached plan must not change result type", error=_PLAN_CHANGED)
             pre = self._ensure_prepared(st)
-            queue.append(DESC_STMT_FORWARD)
+            queue.append(Pending(R_DESC_STMT, FORWARD, st))
             return pre + m.message(b"D", b"S" + st.name + b"\x00")
         # Close: 'S'|'P' name \0
         kind = data[start]
@@ -130,18 +134,73 @@ class ExtendedNames:
             return b""
         self.stats.reprepares += 1
         self.queue.append(Pending(R_PARSE, SWALLOW, (st.name, None)))
-        return self._prepare_bytes(st)
+        return self._prepare_bytes(st) + self._describe_shape(st, None)
+
+    def _parse_now(self, st: ServerStatement, name: bytes) -> bytes:
+        """A client's Parse of a name it does not have always reaches the server, which parses
+        the text now: a schema change since the statement was shared (ALTER TABLE, a type made
+        again; through the proxy or not) is seen as a fresh connection would see it. Where this
+        connection holds the shared statement already, it is closed and prepared again in place.
+        The proxy's Describe behind it tells whether the text still has the statement's shape."""
+        self.queue.append(Pending(R_PARSE, FORWARD, (st.name, name)))
+        return self._prepare_bytes(st) + self._describe_shape(st, name)
+
+    def _describe_shape(self, st: ServerStatement, name: bytes | None) -> bytes:
+        self.queue.append(Pending(R_DESC_STMT, SHAPE, [st, name, None]))
+        return m.message(b"D", b"S" + st.name + b"\x00")
+
+    def _described(self, info: list, row_desc: bytes | None) -> None:
+        """The server described a statement the proxy just prepared (`info`: statement, client
+        name or None, ParameterDescription body). Another shape than the statement's: the
+        text has a new generation (statements.py); this copy, under the old name, is closed."""
+        st, name, params = info
+        shape = shape_of(params, row_desc)
+        if st.shape is None:
+            st.shape = shape
+        elif shape != st.shape:
+            new = self.registry.renew(st, shape)
+            if name is not None and self.statements.get(name) is st:
+                self.statements[name] = new
+            self._drop_copy(st)
+
+    def _stale_error(self, st: ServerStatement, error: bytes) -> None:
+        """An error answering a Bind or Describe of a statement the proxy prepared earlier. The
+        server connection's copy is stale where PostgreSQL says so (0A000 "cached plan must not
+        change result type", XX000 "cache lookup failed for type", an object gone): the error
+        stands, as on the client's own connection, but the next Parse of the text gets a new
+        statement, and this copy is closed."""
+        code = m.parse_error_fields(error).get("C", "")
+        if code == "0A000" or code == "XX000" or code[:2] == "42":
+            if not st.superseded:
+                self.registry.renew(st, None)
+            self._drop_copy(st)
+
+    def _drop_copy(self, st: ServerStatement) -> None:
+        """Forget this server connection's copy of `st`; it is closed before the next Parse here."""
+        self.server.prepared.discard(st.name)
+        self.server.to_close.append(st.name)
 
     def _prepare_bytes(self, st: ServerStatement) -> bytes:
+        """The Parse of `st` (its queue entry is the last), behind a Close of the same name: the
+        server may hold an older copy (prepared before a schema change, or one whose Close an
+        error made the server skip), and a Close of a name it lacks is no error. Stale copies
+        and the one the LRU evicts are closed in the same write; the Closes' answers are the
+        proxy's business."""
+        closes = self.server.to_close
         evicted = self.server.prepared.add(st.name)
-        if evicted is None:
-            return st.parse_msg
-        # Make room on the server too; the Close's answer is the proxy's business.
+        if evicted is not None:
+            closes.append(evicted)
+        closes.append(st.name)
         q = self.queue
         entry = q.pop()
-        q.append(CLOSE_SWALLOW)
+        out = []
+        for old in closes:
+            q.append(CLOSE_SWALLOW)
+            out.append(m.close_statement(old))
+        closes.clear()
         q.append(entry)
-        return m.close_statement(evicted) + st.parse_msg
+        out.append(st.parse_msg)
+        return b"".join(out)
 
 
 def _statement_text(st: ServerStatement) -> bytes:

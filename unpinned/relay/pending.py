@@ -13,23 +13,28 @@ TERMINALS = (b"1", b"2", b"Tn", b"Tn", b"CIs", b"3", b"Z", b"Z", b"Z", b"")
 EXTENDED = frozenset((R_PARSE, R_BIND, R_DESC_STMT, R_DESC_PORTAL, R_EXEC, R_CLOSE))
 
 # How a queued request's response is treated.
-FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET = 0, 1, 2, 3, 4, 5
+FORWARD, SWALLOW, PRELUDE, CHECK, HIDE, QUIET, SHAPE = 0, 1, 2, 3, 4, 5, 6
 # SWALLOW: the proxy's own Parse/Bind/Execute/Close, only errors reach the client.
 # PRELUDE: the proxy's parameter sync; an error there is fatal for the client.
 # CHECK:   the proxy asking the server about session state; the row goes to the session engine.
 # HIDE:    a client's simple Query while the server answers a statement the proxy put into
 #          its text (see relay/restore.py); back to FORWARD at that statement's CommandComplete.
-# QUIET:   the proxy's own simple Query right behind a client's; nothing of it reaches the
-#          client but ParameterStatus, and the client's ReadyForQuery waits for it.
+# QUIET:   the proxy's own simple Query right behind a client's (or ahead of its first, see
+#          Relay._discard_sequences); nothing of it reaches the client but ParameterStatus, and
+#          the client's ReadyForQuery waits for it.
+# SHAPE:   the proxy's Describe of a statement it just prepared: nothing reaches the client;
+#          the answer is compared with the statement's shape (see relay/statements.py).
 READY_NOW = None   # a made-up response that is ReadyForQuery with the status of the moment
 
 
 class Pending:
     """A request waiting for its response. `payload` by kind: R_PARSE (server name, client name
     or None) for a statement being prepared, R_SYNTH the made-up response (bytes, or READY_NOW),
-    R_QUERY and R_EXEC the statement's classification (the entry is then a StatementRun).
-    `undo` (R_SYNTH only): (client name, statement or None) to restore if the server ends up
-    skipping the request it answers."""
+    R_QUERY and R_EXEC the statement's classification (the entry is then a StatementRun),
+    R_BIND and R_DESC_STMT the statement (or None), SHAPE entries [statement, client name or
+    None, ParameterDescription body]. `undo`: for R_SYNTH, (client name, statement or None) to
+    restore if the server ends up skipping the request it answers; for the others, the proxy's
+    refusal (an ErrorResponse) the client gets in place of the server's error (see _fail)."""
 
     __slots__ = ("kind", "action", "payload", "undo")
 
@@ -92,10 +97,11 @@ CLOSE_FORWARD = Pending(R_CLOSE, FORWARD)
 CLOSE_SWALLOW = Pending(R_CLOSE, SWALLOW)
 SYNC_FORWARD = Pending(R_SYNC, FORWARD)
 QUERY_FORWARD = Pending(R_QUERY, FORWARD)
-QUERY_RAISED = Pending(R_QUERY, FORWARD)     # the proxy's refusal of a statement name raised on the server
-EXEC_RAISED = Pending(R_EXEC, FORWARD)       # the same in an extended batch (see relay/requests.py)
 QUERY_PRELUDE = Pending(R_QUERY, PRELUDE)
 QUERY_CHECK = Pending(R_QUERY, CHECK)
 QUERY_QUIET = Pending(R_QUERY, QUIET)
+# The proxy's DISCARD SEQUENCES ahead of a client's first request on a server connection another
+# client had (relay.attach): QUIET, and told apart by identity (its answer is always the same).
+QUERY_DISCARD = Pending(R_QUERY, QUIET)
 QUERY_SWALLOW = Pending(R_QUERY, SWALLOW)
 FUNC_FORWARD = Pending(R_FUNC, FORWARD)

@@ -25,17 +25,22 @@ from typing import TYPE_CHECKING
 
 from unpinned.relay import large
 from unpinned.relay.extended import ExtendedNames
-from unpinned.relay.pending import QUERY_PRELUDE
+from unpinned.relay.pending import QUERY_DISCARD, QUERY_PRELUDE
 from unpinned.relay.requests import RequestWalk
 from unpinned.relay.responses import ResponseWalk
 from unpinned.relay.restore import Restore
 from unpinned.relay.statements import ServerStatement, StatementRegistry
+from unpinned.sql.sequences import PLPGSQL, SEQUENCES, handoff_flags
 from unpinned.sql.text import param_sync_sql
+from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.state.server_state import ServerState
 from unpinned.wire import messages as m
 
 if TYPE_CHECKING:
     from unpinned.state.session import Session
+
+
+_DISCARD_SEQUENCES = m.query("DISCARD SEQUENCES")
 
 
 class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
@@ -84,14 +89,37 @@ class Relay(RequestWalk, ResponseWalk, ExtendedNames, Restore):
         if server.last_client is not self:
             server.last_client = self
             server.epoch += 1
+        prelude = b"" if server.seq_owner is None or server.seq_owner is self.session else \
+            self._discard_sequences(server)
         want = self.session.params
         if server.params == want:
-            return b""
+            return prelude
+        server.placeholders.update(n for n in want if "." in n)
         sql = param_sync_sql(server.params, want)
         server.params = dict(want)
         self.queue.append(QUERY_PRELUDE)
         self.stats.param_syncs += 1
-        return m.query(sql)
+        return prelude + m.query(sql)
+
+    def _discard_sequences(self, server: ServerState) -> bytes:
+        """Another client's statements may have set sequence values on this connection: they
+        go before this client runs anything, so its currval()/lastval() read its own values
+        or get PostgreSQL's own 55000 for a session without them, never someone else's."""
+        server.seq_owner = None
+        self.queue.append(QUERY_DISCARD)
+        return _DISCARD_SEQUENCES
+
+    def _handoff(self, c) -> None:
+        """A statement (c None: unknown) that may leave something in this server connection for
+        the next client runs: sequence values (the next client gets DISCARD SEQUENCES first), or
+        PL/pgSQL loaded (the connection is closed when the client is done with it)."""
+        # (A text past the statement limit is not scanned: taken as maybe setting sequences.)
+        flags = SEQUENCES if c is None or c.byte_length > STATEMENT_LIMIT else handoff_flags(c)
+        if flags & SEQUENCES and self.server.seq_owner is not self.session:
+            self.server.seq_owner = self.session
+            self.session.sequences_set(self.server)
+        if flags & PLPGSQL:
+            self.server.retire = "PL/pgSQL loaded"
 
     def detach(self) -> ServerState | None:
         if self.carried is not None:

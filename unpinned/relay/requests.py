@@ -6,12 +6,12 @@ from __future__ import annotations
 from unpinned.relay import carried, carried_extended, large, prepared_view
 from unpinned.relay.extended import _statement_text
 from unpinned.relay.pending import (
-    BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_RAISED, EXEC_SWALLOW,
-    FORWARD, FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_FORWARD, QUERY_QUIET, QUERY_RAISED, QUERY_SWALLOW, R_BIND, R_EXEC,
-    R_QUERY,
-    R_SYNTH, READY_NOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
+    BIND_FORWARD, BIND_SWALLOW, CLOSE_SWALLOW, DESC_PORTAL_FORWARD, EXEC_FORWARD, EXEC_SWALLOW, FORWARD,
+    FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_QUIET, QUERY_SWALLOW, R_BIND, R_EXEC, R_PARSE,
+    R_QUERY, R_SYNTH, READY_NOW, SWALLOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
 from unpinned.sql.classifier import classify, unheld
 from unpinned.sql.effects import Kind
+from unpinned.sql.sequences import SEQUENCES
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
@@ -29,7 +29,6 @@ _PAST_SKIP = frozenset((QUERY, SYNC, COPY_DATA, COPY_DONE, COPY_FAIL))
 _OWN = b"U_0"
 # Refusals about prepared statement names (duplicate, unknown), which PostgreSQL raises without
 # a CONTEXT line: the one of the DO block that raises them on the server is dropped.
-_NAME_ERRORS = ("42P05", "26000")     # the proxy's own statement and portal (StatementRegistry starts at U_1)
 
 
 class RequestWalk:
@@ -53,6 +52,9 @@ class RequestWalk:
             c = classify(data[5:-1])
             if not c.effects and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
+                seq = c._seq    # (no call once its client owns the connection's sequence state)
+                if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
+                    self._handoff(c)
                 # The queue entry made here rather than by statement_run: no call on the hot path.
                 run = StatementRun()
                 run.kind = R_QUERY
@@ -112,6 +114,9 @@ class RequestWalk:
                         pos = end
                         break
                 elif refusal is None:
+                    if c is None or (seq := c._seq) != 0 and \
+                            (seq != SEQUENCES or self.server.seq_owner is not self.session):
+                        self._handoff(c)
                     if c is None:
                         queue.append(EXEC_FORWARD)
                     else:
@@ -178,6 +183,8 @@ class RequestWalk:
                     queue.append(run)
                     carried.record(self, run, ops)
                 elif answer is None:
+                    if (seq := c._seq) != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
+                        self._handoff(c)
                     if not (c.groups and self.session.startup):
                         queue.append(statement_run(R_QUERY, c, "simple"))
                     else:
@@ -197,9 +204,9 @@ class RequestWalk:
                     # Refused: the server raises it, so the transaction fails as it would have.
                     fields = m.parse_error_fields(answer[5:])
                     out.append(data[fwd_start:pos])
-                    out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""), fields.get("H"))))
+                    out.append(m.query(raise_sql(fields.get("C", "XX000"), fields.get("M", ""))))
                     fwd_start = end
-                    queue.append(QUERY_RAISED if fields.get("C") in _NAME_ERRORS else QUERY_FORWARD)
+                    queue.append(Pending(R_QUERY, FORWARD, None, answer))
                 else:
                     out.append(data[fwd_start:pos])
                     fwd_start = end
@@ -229,6 +236,7 @@ class RequestWalk:
                     out.append(repl)
                     fwd_start = end
             elif t == FUNCTION_CALL:
+                self._handoff(None)
                 queue.append(FUNC_FORWARD)
             elif t == TERMINATE:  # nothing after it counts; the shell closes
                 self.terminated = True
@@ -263,6 +271,9 @@ class RequestWalk:
             return None
         self.unnamed_c = c
         self.portal_c[b""] = c
+        seq = c._seq    # sequence values or PL/pgSQL left for the next client (see from_client)
+        if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
+            self._handoff(c)
         queue = self.queue
         queue.append(PARSE_FORWARD)
         queue.append(BIND_FORWARD)
@@ -295,6 +306,8 @@ class RequestWalk:
             def query_done(big) -> None:
                 c = unheld(big.prefix, big.length - 1, big.scan)
                 self.session.statement(c, "simple", self.server)    # (rds: pins, too long)
+                if c is None or c._seq != 0:
+                    self._handoff(c)
                 run.payload = c
             return large.start(self, data, pos, total, pos + 5, False, query_done)
         if t == PARSE:  # only of the unnamed statement (a named one's text is kept)
@@ -328,10 +341,11 @@ class RequestWalk:
                 st.classification = classify(_statement_text(st))
             self.portal_c[portal] = st.classification
             pre = self._ensure_prepared(st)
-            queue.append(BIND_FORWARD)
+            queue.append(Pending(R_BIND, FORWARD, st))
             head = b"B" + m.pack_i32(total - 1 - len(name) + len(st.name)) + data[pos + 5:nul + 1] + st.name
             return pre + head + large.start(self, data, nul2, total - (nul2 - pos), None, False, None)
         if t == FUNCTION_CALL:
+            self._handoff(None)
             queue.append(FUNC_FORWARD)
         return large.start(self, data, pos, total, None, False, None)     # CopyData, FunctionCall
 
@@ -382,13 +396,18 @@ class RequestWalk:
                 + m.message(b"C", b"P" + _OWN + b"\x00")
                 + m.close_statement(_OWN))
 
-    def _fail(self, code: bytes, text: str, hint: str | None = None) -> bytes:
-        """An error PostgreSQL would raise for this message, raised on the server itself so that
-        the transaction fails and the rest of the batch is skipped exactly as PostgreSQL does."""
+    def _fail(self, code: bytes, text: str, hint: str | None = None, error: bytes | None = None) -> bytes:
+        """An error PostgreSQL would raise for this message. A statement that fails is run on the
+        server (raise_sql), so that the transaction fails and the rest of the batch is skipped
+        exactly as PostgreSQL does, and the client gets this error in its place. The proxy's
+        own statement and portal names leave the client's unnamed ones alone."""
         q = self.queue
-        q.append(PARSE_SWALLOW)
-        q.append(BIND_SWALLOW)
-        q.append(EXEC_RAISED if code.decode() in _NAME_ERRORS else EXEC_FORWARD)
-        return (m.message(b"P", b"\x00" + m.cstr(raise_sql(code.decode(), text, hint)) + b"\x00\x00")
-                + m.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
-                + m.message(b"E", b"\x00" + m.pack_i32(0)))
+        refusal = error or m.error_response(code.decode(), text, hint=hint)
+        q.append(CLOSE_SWALLOW)
+        q.append(Pending(R_PARSE, SWALLOW, None, refusal))     # (the cast fails in parse analysis)
+        q.append(Pending(R_BIND, SWALLOW, None, refusal))
+        q.append(Pending(R_EXEC, FORWARD, None, refusal))
+        return (m.close_statement(_OWN)
+                + m.message(b"P", _OWN + b"\x00" + m.cstr(raise_sql(code.decode(), text)) + b"\x00\x00")
+                + m.message(b"B", _OWN + b"\x00" + _OWN + b"\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+                + m.message(b"E", _OWN + b"\x00" + m.pack_i32(0)))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXEC_RAISED, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_EXEC,
-    R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, QUERY_RAISED, SWALLOW, TERMINALS, Pending, StatementRun)
+    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL,
+    R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
 from unpinned.relay.prepared_view import CarriedRun, carried_error
 from unpinned.relay.restore import unshift_position
+from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
 from unpinned.wire.framing import answer_types, query_answer_completes
 from unpinned.wire.messages import (
@@ -18,6 +19,7 @@ from unpinned.wire.messages import (
 unpack_i32 = m.unpack_i32
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
+_DISCARDED = m.command_complete("DISCARD SEQUENCES") + m.ready_for_query(b"I")
 # Requests whose answers the fast walk of a batch can settle (see _plain_batch).
 _PLAIN_KINDS = frozenset((R_PARSE, R_BIND, R_DESC_PORTAL, R_EXEC))
 
@@ -39,12 +41,18 @@ class ResponseWalk:
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
-        elif len(queue) > 1 and queue[-1].kind == R_SYNC and not self.sbuf and data[-6:-1] == _READY_HEAD \
-                and self.session.seen is None:
-            # The same for the answer to a whole extended-protocol batch up to its Sync.
-            out = self._plain_batch(data)
-            if out is not None:
-                return out
+        elif len(queue) > 1 and not self.sbuf:
+            if queue[0] is QUERY_DISCARD and data.startswith(_DISCARDED):
+                # The answer to the proxy's DISCARD SEQUENCES at hand-off (relay.attach), always the
+                # same: taken off the front, so that the client's answer behind it gets the fast walks.
+                queue.popleft()
+                self.status = self.server.status = b"I"
+                return self.from_server(data[len(_DISCARDED):]) if len(data) > len(_DISCARDED) else b""
+            if queue[-1].kind == R_SYNC and data[-6:-1] == _READY_HEAD and self.session.seen is None:
+                # The same for the answer to a whole extended-protocol batch up to its Sync.
+                out = self._plain_batch(data)
+                if out is not None:
+                    return out
         if self.sbuf:
             self.sbuf += data
             if len(self.sbuf) < self._need:
@@ -80,6 +88,15 @@ class ResponseWalk:
                     self.server.dirty = True
                 elif action != CHECK and action != QUIET:
                     self.session.failed()
+                    if (kind == R_BIND or kind == R_DESC_STMT) and head.payload is not None and action != SHAPE:
+                        self._stale_error(head.payload, data[pos + 5:end])
+                    if head.__class__ is Pending and kind != R_SYNTH and head.undo is not None:
+                        # The proxy's refusal (see _fail): its own words in place of the server's.
+                        if out is None:
+                            out = []
+                        out.append(data[fwd_start:pos])
+                        out.append(_refusal(data[pos:end], head.undo))
+                        fwd_start = end
                     if kind == R_QUERY and head.payload is not None and head.restored is not None:
                         # The proxy's edits to the text must not move the error's position.
                         if action == HIDE:
@@ -89,14 +106,6 @@ class ResponseWalk:
                         out.append(data[fwd_start:pos])
                         out.append(unshift_position(data[pos:end], head.shifts) if head.__class__ is not CarriedRun
                                    else carried_error(data[pos:end], head))
-                        fwd_start = end
-                    elif head is QUERY_RAISED or head is EXEC_RAISED:
-                        # The proxy's refusal of a statement name, raised on the server: without
-                        # the CONTEXT line of the DO block that raised it (PostgreSQL's has none).
-                        if out is None:
-                            out = []
-                        out.append(data[fwd_start:pos])
-                        out.append(_without_context(data[pos:end]))
                         fwd_start = end
                 drop = action == PRELUDE or action == CHECK or action == QUIET
                 if not drop and _is_fatal(data, pos, end):
@@ -119,6 +128,12 @@ class ResponseWalk:
             elif t == DATA_ROW:   # answering the proxy's own question
                 if action == CHECK:
                     self._row = _data_row(data[pos + 5:end])
+            elif action == SHAPE:
+                if t == 116:        # ParameterDescription; RowDescription or NoData follows
+                    head.payload[2] = data[pos + 5:end]
+                else:
+                    queue.popleft()
+                    self._described(head.payload, data[pos + 5:end] if t == 84 else None)
             elif t in TERMINALS[kind]:
                 queue.popleft()
                 if t == READY_FOR_QUERY and (self._ready(data[pos + 5:pos + 6], action)
@@ -295,8 +310,11 @@ def _is_fatal(data: bytes, pos: int, end: int) -> bool:
     return b"\x00VFATAL\x00" in body or b"\x00VPANIC\x00" in body or body.startswith((b"VFATAL\x00", b"VPANIC\x00"))
 
 
-def _without_context(msg: bytes) -> bytes:
-    return m.message(b"E", b"\x00".join(f for f in msg[5:].split(b"\x00") if f[:1] != b"W"))
+def _refusal(server_error: bytes, refusal: bytes) -> bytes:
+    """The answer to the proxy's failing statement (raise_sql): its refusal, unless the server
+    failed it for another reason first (25P02 in an aborted transaction block), which stands."""
+    code = m.parse_error_fields(server_error[5:]).get("C")
+    return refusal if code == RAISE_SQLSTATE else server_error
 
 
 def _as_fatal(fields: bytes) -> bytes:

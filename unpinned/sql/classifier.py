@@ -24,7 +24,7 @@ from unpinned.sql.ast_effects import Ctx, reads_relation, statement_effects
 from unpinned.sql.text import _count_statements, count_statements  # noqa: F401  (count_statements: public here too)
 from unpinned.sql.effects import EMPTY, Classification, Effect, Kind
 
-__all__ = ["classify", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES", "EffectScan", "unheld", "redact_sql"]
+__all__ = ["classify", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES", "EffectScan", "unheld", "redact_sql", "note_shape_flags"]
 
 # --------------------------------------------------------------------------- cache
 
@@ -58,8 +58,10 @@ def classify(query: Any) -> Classification:      # bytes or str; a bytearray or 
         # Same text as one the pre-check passed but for its digits (pgbench's `WHERE aid =
         # 4711`, an ORM's literals): no effects either. Cached by its exact text only while
         # the cache has room, so a stream of such statements evicts nothing.
-        if query.translate(_DIGITS_AS_ZERO) in _plain_shapes:
+        seq = _plain_shapes.get(query.translate(_DIGITS_AS_ZERO), -1)
+        if seq != -1:
             c = Classification(query.decode("utf-8", "replace"), EMPTY, None, (), len(query), True)
+            c._seq = seq        # what it may leave for the next client, once known (sql/sequences.py)
             if len(_cache) < CACHE_SIZE and _cache_bytes + len(query) <= CACHE_BYTES:
                 _cache[query] = c
                 _cache_bytes += len(query)
@@ -113,7 +115,15 @@ def _classify_new(query: Any) -> Classification:
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 SHAPE_CACHE_SIZE = 5_000
 SHAPE_MAX_BYTES = 2048          # so the shapes stay under 10 MB
-_plain_shapes: "OrderedDict[bytes, None]" = OrderedDict()
+# The value: the shape's sql/sequences.handoff_flags once asked, else None.
+_plain_shapes: "OrderedDict[bytes, int | None]" = OrderedDict()
+
+
+def note_shape_flags(shape: bytes, flags: int) -> None:
+    """Keep sql/sequences.handoff_flags of a plain statement shape (digits made 0), so that the
+    next texts of that shape are classified with it (pgbench's statements: one ask per shape)."""
+    if shape in _plain_shapes:
+        _plain_shapes[shape] = flags
 
 
 def _digits_are_literals(raw: bytes) -> bool:

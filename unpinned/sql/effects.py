@@ -107,6 +107,8 @@ class Classification:
     # Filled lazily by the classifier module (see classifier.fingerprint/digest).
     _fingerprint: str | None = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)
+    # What it may leave in the server connection (sql/sequences.handoff_flags), once asked.
+    _seq: int | None = field(default=None, repr=False)
 
     @property
     def has_effects(self) -> bool:

@@ -32,12 +32,17 @@ def _count_statements(text: str, raw: bytes) -> int:
     return 1 if raw.strip() else 0
 
 
+# The SQLSTATE of the error `raise_sql` makes the server raise (invalid input for int4).
+RAISE_SQLSTATE = "22P02"
+
+
 def raise_sql(code: str, text: str, hint: str | None = None) -> str:
-    """SQL that makes the server raise this error (so its transaction fails too)."""
-    using = f"ERRCODE = {quote_literal(code)}, MESSAGE = {quote_literal(text)}"
-    if hint:
-        using += f", HINT = {quote_literal(hint)}"
-    return f"DO $unpinned$BEGIN RAISE EXCEPTION USING {using}; END$unpinned$"
+    """SQL that fails on the server, so that its transaction fails exactly as the statement the
+    proxy refused would have made it fail (in an aborted transaction block it gets 25P02 like
+    any other). The relay puts the proxy's own ErrorResponse, in PostgreSQL's words, in place
+    of the server's 22P02 (see relay.Relay._fail). A cast, not a DO block: no PL/pgSQL loaded
+    into the backend, no CONTEXT line, and the server log says plainly who refused what."""
+    return f"SELECT {quote_literal(f'unpinned refused a statement: {code} {text}')}::pg_catalog.int4"
 
 
 def param_sync_sql(have: dict[str, str], want: dict[str, str]) -> str:

@@ -59,3 +59,18 @@ class ServerState:
     last_client: Any = None
     # The proxy's own parameter sync failed on it: `params` is not what it has. Never pool it.
     dirty: bool = False
+    # The client session (state.session.Session) whose statements may have set this connection's
+    # sequence state (what currval()/lastval() read), or None when it has none: another client
+    # gets it only after a DISCARD SEQUENCES (relay.attach).
+    seq_owner: object = None
+    # Server-side statements to close before the next Parse here (stale copies, see relay._drop_copy).
+    to_close: list = field(default_factory=list)
+    # Custom (dotted) parameters it has a placeholder for: once set (even then RESET), PostgreSQL
+    # keeps the variable for the session's life, so current_setting(name, true) says '' and not
+    # NULL. Only a client whose own session would have them all gets it (backend.pool).
+    placeholders: set = field(default_factory=set)
+    # Why no other client may have it (temp buffers allocated, PL/pgSQL loaded), or None: it is
+    # kept for the client that did it (`reserved_for`, its connection as on a server of its
+    # own) while that client lives, and closed rather than given to anyone else.
+    retire: str | None = None
+    reserved_for: Any = None

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from unpinned.sql.effects import Classification, Effect, Kind, Param, Reason, Unknown
 from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
-from unpinned.wire import messages as m
 from unpinned.sql.classifier import classify
 from unpinned.sql.text import param_sync_sql, quote_literal
 from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
@@ -86,7 +85,7 @@ class Session:
     __slots__ = ("options", "rds", "policy", "startup", "params", "client", "pinlog", "pins", "pinned_at",
                  "_w_params", "_w_server", "_savepoints", "_query_failed", "_in_txn", "_checks", "_unknown",
                  "_unknown_done", "_awaiting_check", "_seq_at", "currval_refusals", "_server_hint",
-                 "_lex_conforming", "_restored", "seen", "listening", "subscribe")
+                 "_lex_conforming", "_restored", "seen", "listening", "subscribe", "customs")
 
     def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
                  options: SessionOptions | None = None):
@@ -118,6 +117,10 @@ class Session:
         self._restored = False        # the statement being applied had its startup values restored
         # Verify mode: the statements since the last check, to name the one that changed state.
         self.seen: list[str] | None = [] if self.options.verify else None
+        # Custom (dotted) parameters this session would have a placeholder for on a server of
+        # its own: given at startup, or named by a SET, RESET or set_config (see
+        # ServerState.placeholders; the pool matches the two).
+        self.customs: set[str] = {n for n in startup if "." in n}
         # LISTEN carried in smart mode (state/notifications.py): the client's channels, made on
         # first use by `subscribe` (plugged in by the client connection).
         self.listening: Subscriptions | None = None
@@ -138,6 +141,13 @@ class Session:
         """A statement is about to run. Returns an ErrorResponse to answer instead, or None."""
         if not c.effects and c.byte_length <= STATEMENT_LIMIT:
             return None
+        for e in c.effects:
+            if (e.kind is Kind.SET or e.kind is Kind.RESET or e.kind is Kind.SET_CONFIG) and \
+                    isinstance(e.name, str) and "." in e.name:
+                # PostgreSQL makes the placeholder as the statement runs, whatever follows.
+                self.customs.add(e.name)
+                if server is not None:
+                    server.placeholders.add(e.name)
         reasons = rds_reasons(c, self.policy)
         if self.rds:
             if reasons and not self.pins:
@@ -145,19 +155,21 @@ class Session:
             return None
         for reason in reasons:
             self._log(WOULD_PIN, reason, c, protocol, server)
-        if self.options.sequences == "carry":
+        if self.options.sequences == "carry" and self._seq_at is not None:
             for e in c.effects:
                 if e.kind is Kind.SEQUENCE and e.name in ("currval", "lastval") and \
-                        (server is None or self._seq_at != (server.id, server.epoch)):
+                        (server is None or server.seq_owner is not self):
+                    # This session's sequence values are on another server connection, or were
+                    # discarded: the server answers as for a session without them (55000 in
+                    # PostgreSQL's words), never with another client's value. Counted and logged.
                     self.currval_refusals += 1
                     self._log(CURRVAL_GUARD, Reason.SEQUENCE, c, protocol, server)
-                    return m.error_response(
-                        CURRVAL_SQLSTATE,
-                        f"{e.name}() is not available here: this session's last nextval() ran on another "
-                        "server connection, or another client has used this one since",
-                        hint="Use INSERT ... RETURNING, or call nextval() and currval() in one transaction. "
-                             "Set sequences = \"pin\" to pin instead.")
+                    break
         return None
+
+    def sequences_set(self, server) -> None:
+        """A statement that may set sequence values (nextval, maybe implicitly) runs on `server`."""
+        self._seq_at = (server.id, server.epoch)
 
     def restore_sql(self, effects: tuple[Effect, ...], local: bool = True) -> str | None:
         """SQL to run right after a statement with these effects, in the same query string or
@@ -253,6 +265,8 @@ class Session:
             held = int(next(values) or 0) > 0
             cause = self._checks.pop(reason, None)
             c, proto = cause if cause else (None, protocol)
+            if held and reason is Reason.TEMP_OBJECT and server is not None:
+                server.retire = "temporary tables used"     # (made where the text does not show it)
             if held and reason not in self.pins:
                 self._pin(reason, c, proto, server)
             elif not held and reason in self.pins:
@@ -347,6 +361,7 @@ class Session:
                     self._pin(Reason.SEQUENCE, c, protocol, server)
                 elif server is not None:
                     self._seq_at = (server.id, server.epoch)
+                    server.seq_owner = self
         elif k is Kind.LOAD:
             self._pin(Reason.LOAD, c, protocol, server)
         elif k is Kind.TRANSACTION:
@@ -355,6 +370,10 @@ class Session:
             if not e.flag:   # _xact_ locks end with the transaction
                 self._due(Reason.ADVISORY_LOCK, c, protocol)
         elif k is Kind.CREATE_TEMP:
+            if server is not None:
+                # Temp buffers are allocated for the session's life: `SET temp_buffers` fails
+                # there from now on, whatever DISCARD ALL does; no other client may get it.
+                server.retire = "temporary tables used"
             if not e.flag:   # ON COMMIT DROP ends with the transaction
                 self._due(Reason.TEMP_OBJECT, c, protocol)
         elif k is Kind.DECLARE_CURSOR:
