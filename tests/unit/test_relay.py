@@ -1055,6 +1055,23 @@ def test_sequence_values_of_another_client_are_discarded_at_hand_off(registry):
     assert b.releasable
 
 
+def test_a_made_up_answer_behind_the_hand_off_discard_goes_out(registry):
+    """A held LISTEN/UNLISTEN's answer (relay/carried.resume) queued behind the proxy's DISCARD
+    SEQUENCES goes out when that is answered (it hung the client when the DISCARD's answer was
+    taken off the front without looking behind it)."""
+    server = ServerState()
+    a = new_relay(registry, server)
+    a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))
+    a.from_server(cc("INSERT 0 1") + ZI)
+    a.detach()
+    b = make_relay(registry)
+    assert b.attach(server) == m.query("DISCARD SEQUENCES")
+    b._synth(m.command_complete("UNLISTEN"))
+    b._synth(None)
+    out = b.from_server(cc("DISCARD SEQUENCES") + ZI)
+    assert out == m.command_complete("UNLISTEN") + ZI and not b.queue and b.releasable
+
+
 @pytest.mark.parametrize("reads", ["one read", "two reads"])
 @pytest.mark.parametrize("request_kind", ["simple", "extended"])
 def test_the_hand_off_discard_leaves_the_client_answer_to_the_fast_walks(reads, request_kind, monkeypatch):

@@ -42,9 +42,11 @@ class ResponseWalk:
                 if out is not None:
                     return out
         elif len(queue) > 1 and not self.sbuf:
-            if queue[0] is QUERY_DISCARD and data.startswith(_DISCARDED):
+            if queue[0] is QUERY_DISCARD and queue[1].kind != R_SYNTH and data.startswith(_DISCARDED):
                 # The answer to the proxy's DISCARD SEQUENCES at hand-off (relay.attach), always the
                 # same: taken off the front, so that the client's answer behind it gets the fast walks.
+                # (Not when a made-up answer waits behind it, such as a held LISTEN's: the general
+                # walk sends that out.)
                 queue.popleft()
                 self.status = self.server.status = b"I"
                 return self.from_server(data[len(_DISCARDED):]) if len(data) > len(_DISCARDED) else b""
