@@ -238,6 +238,24 @@ class SqlPrepared:
         return carried
 
 
+def settled(relay) -> SqlPrepared:
+    """The client's SQL-prepared statements, with the outcomes known by now applied."""
+    carried = relay.carried
+    if carried is None:
+        carried = relay.carried = SqlPrepared()
+    carried.settle(relay.queue)
+    return carried
+
+
+def tokens_of(raw: bytes) -> tuple[str, list | None]:
+    """A statement's text and pglast's tokens of it (None: the scanner refused it)."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return text, list(scan(text))
+    except Exception:
+        return text, None
+
+
 def _ident(text: str, tok) -> str | None:
     """The name a token stands for, as PostgreSQL reads it."""
     raw = text[tok.start:tok.end + 1]
@@ -264,10 +282,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
     if session.rds or session.options.sql_prepare != "carry" or not c.parsed or \
             not any(e.kind in _SQL_KINDS and e.name is not None for e in c.effects):
         return None
-    carried = relay.carried
-    if carried is None:
-        carried = relay.carried = SqlPrepared()
-    carried.settle(relay.queue)
+    carried = settled(relay)
     wanted = [(e.kind, e.name) for e in c.effects if e.kind in _SQL_KINDS and e.name is not None]
     # DEALLOCATE of one of the client's names, alone: the proxy forgets it (the server keeps
     # the statement for other clients).
@@ -284,10 +299,8 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
         if name.encode() in relay.statements:
             return None     # a protocol-level name: the relay's own handling
         return m.error_response("26000", f'prepared statement "{name}" does not exist')
-    text = raw.decode("utf-8", "replace")
-    try:
-        tokens = list(scan(text))
-    except Exception:
+    text, tokens = tokens_of(raw)
+    if tokens is None:
         return None
     server = relay.server
     state_names = server.prepared
@@ -415,14 +428,9 @@ def parse_rewrite(relay, data: bytes, start: int, end: int):
     if not c.parsed or not any(e.kind is Kind.EXECUTE for e in c.effects) or \
             any(e.kind is Kind.PREPARE or e.kind is Kind.DEALLOCATE for e in c.effects):
         return None
-    carried = relay.carried
-    if carried is None:
-        carried = relay.carried = SqlPrepared()
-    carried.settle(relay.queue)
-    text = raw.decode("utf-8", "replace")
-    try:
-        tokens = list(scan(text))
-    except Exception:
+    carried = settled(relay)
+    text, tokens = tokens_of(raw)
+    if tokens is None:
         return None
     edits = []
     pre = []
@@ -519,10 +527,8 @@ def listening_query(data: bytes, channels) -> bytes:
 
 
 def _listening_message(data: bytes, channels) -> bytes:
-    text = data[5:-1].decode("utf-8", "replace")
-    try:
-        tokens = list(scan(text))
-    except Exception:
+    text, tokens = tokens_of(data[5:-1])
+    if tokens is None:
         return data
     values = "ARRAY[" + ", ".join("'" + ch.replace("'", "''") + "'" for ch in channels) + "]::text[]"
     edits = []

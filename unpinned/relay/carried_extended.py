@@ -6,10 +6,8 @@ Also pg_prepared_statements in an unnamed Parse (relay/prepared_view.py).
 """
 from __future__ import annotations
 
-from pglast.parser import scan
-
 from unpinned.relay import prepared_view
-from unpinned.relay.carried import OWN_NAME, SqlPrepared, _ensure, _ident, _q, _statement_end
+from unpinned.relay.carried import OWN_NAME, _ensure, _ident, _q, _statement_end, settled, tokens_of
 from unpinned.sql.classifier import classify
 from unpinned.sql.effects import Kind, Reason
 from unpinned.wire import messages as m
@@ -39,14 +37,9 @@ def parse_prepare(relay, data: bytes, start: int, end: int):
         return pre, m.message(b"P", data[start:nul + 1] + text + data[qend:end])
     if e.kind is not Kind.PREPARE and e.kind is not Kind.DEALLOCATE or not isinstance(e.name, str):
         return None
-    carried = relay.carried
-    if carried is None:
-        carried = relay.carried = SqlPrepared()
-    carried.settle(relay.queue)
-    text = raw.decode("utf-8", "replace")
-    try:
-        tokens = list(scan(text))
-    except Exception:
+    carried = settled(relay)
+    text, tokens = tokens_of(raw)
+    if tokens is None:
         return None
     j = 1 if e.kind is Kind.PREPARE else 2 if len(tokens) > 2 and tokens[1].name == "PREPARE" else 1
     if j >= len(tokens) or _ident(text, tokens[j]) != e.name:
