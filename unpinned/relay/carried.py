@@ -256,6 +256,21 @@ def tokens_of(raw: bytes) -> tuple[str, list | None]:
         return text, None
 
 
+def _spliced(text: str, edits: list[tuple[int, int, str]]) -> tuple[str, list[tuple[int, int, int]]]:
+    """`text` with each (start, stop, new) edit applied, in order, and the shifts that map an
+    error position back to the client's text (offset, old length, new length)."""
+    parts = []
+    shifts = []
+    prev = 0
+    for start, stop, new in edits:
+        parts.append(text[prev:start])
+        parts.append(new)
+        shifts.append((start, stop - start, len(new)))
+        prev = stop
+    parts.append(text[prev:])
+    return "".join(parts), shifts
+
+
 def _ident(text: str, tok) -> str | None:
     """The name a token stands for, as PostgreSQL reads it."""
     raw = text[tok.start:tok.end + 1]
@@ -379,16 +394,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
         i = j + 1
     if not edits:
         return None
-    parts = []
-    shifts = []
-    prev = 0
-    for start, stop, new in edits:
-        parts.append(text[prev:start])
-        parts.append(new)
-        shifts.append((start, stop - start, len(new)))
-        prev = stop
-    parts.append(text[prev:])
-    new_text = "".join(parts)
+    new_text, shifts = _spliced(text, edits)
     # What the session engine sees: the statement without the effects carried here.
     groups = tuple(tuple(e for e in g if e.kind not in _SQL_KINDS or e.name is None) for g in c.groups)
     effects = tuple(e for g in groups for e in g)
@@ -448,14 +454,8 @@ def parse_rewrite(relay, data: bytes, start: int, end: int):
         edits.append((tokens[i + 1].start, tokens[i + 1].end + 1, _q(server_name)))
     if not edits:
         return None
-    parts = []
-    prev = 0
-    for a, b, new in edits:
-        parts += [text[prev:a], new]
-        prev = b
-    parts.append(text[prev:])
     session.carry(Reason.SQL_PREPARE, c, "extended", relay.server)
-    msg = m.message(b"P", data[start:nul + 1] + "".join(parts).encode() + data[qend:end])
+    msg = m.message(b"P", data[start:nul + 1] + _spliced(text, edits)[0].encode() + data[qend:end])
     return b"".join(pre), msg
 
 
@@ -546,10 +546,4 @@ def _listening_message(data: bytes, channels) -> bytes:
         edits.append((start, tokens[i + 2].end + 1, f"pg_catalog.unnest({values}){alias}"))
     if not edits:
         return data
-    parts = []
-    prev = 0
-    for a, b, new in edits:
-        parts += [text[prev:a], new]
-        prev = b
-    parts.append(text[prev:])
-    return m.query("".join(parts))
+    return m.query(_spliced(text, edits)[0])
