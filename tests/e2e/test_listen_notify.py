@@ -11,6 +11,7 @@ import asyncpg
 import psycopg
 import psycopg2
 import pytest
+from support.scrape import metric
 
 
 def pinned(h) -> int:
@@ -165,15 +166,6 @@ async def test_twenty_clients_three_drivers_pool_of_two(make_proxy):
             await c.close()
         await notifier.close()
 
-
-def metric(h, name: str) -> float:
-    import urllib.request
-    body = urllib.request.urlopen(f"http://127.0.0.1:{h.proxy.http.port}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def p2(h):

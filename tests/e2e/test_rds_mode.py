@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 
 import psycopg2
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
+from support.scrape import metric
 
 RDS_OPTIONS = "Feature not supported: RDS Proxy currently doesn't support command-line options."
 
@@ -27,14 +27,6 @@ def pinned(h) -> int:
 def log_lines(h) -> list[dict]:
     return [json.loads(line) for line in h.log.read_text().splitlines() if line.startswith("{")]
 
-
-def metric(h, name: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{h.proxy.http.port}/metrics", timeout=10).read().decode()
-    total = 0.0
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def connect(h, **kw):
