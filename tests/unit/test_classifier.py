@@ -548,7 +548,7 @@ def test_same_shape_other_digits_skips_the_check(parse_counter, monkeypatch):
         mp.setattr(classifier, "_may_have_effects", no_check)
         c = classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1234;")
     assert c.effects == () and c.parsed and c.statements == 1
-    assert c.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 1234;"
+    assert c.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 0000;"   # the shape's own
     assert c.byte_length == len(c.text)
     # Statements with effects are never remembered by shape: the next digits are checked too.
     assert classify(b"SELECT pg_advisory_lock(1)").effects
@@ -565,8 +565,22 @@ def test_parsed_statements_without_effects_are_remembered_by_shape(parse_counter
     first = classify(b"UPDATE pgbench_tellers SET tbalance = tbalance + -4711 WHERE tid = 12;")
     again = classify(b"UPDATE pgbench_tellers SET tbalance = tbalance + -1234 WHERE tid = 98;")
     assert first.effects == again.effects == () and again.parsed and again.statements == 1
-    assert again.text == "UPDATE pgbench_tellers SET tbalance = tbalance + -1234 WHERE tid = 98;"
     assert parse_counter == ["UPDATE pgbench_tellers SET tbalance = tbalance + -4711 WHERE tid = 12;"]
+    # Every later text of the shape gets the shape's one Classification: no object per statement.
+    assert classify(b"UPDATE pgbench_tellers SET tbalance = tbalance + -9876 WHERE tid = 55;") is again
+    assert again.text == "UPDATE pgbench_tellers SET tbalance = tbalance + -0000 WHERE tid = 00;"
+
+
+def test_verify_mode_keeps_each_statements_own_text(monkeypatch):
+    # Verify mode names the statements that ran since a check: by their own texts, digits included.
+    monkeypatch.setattr(classifier, "_exact_texts", False)
+    classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 4711")
+    shared = classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1234")
+    assert shared.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 0000"
+    classifier.keep_exact_texts()
+    own = classify(b"SELECT abalance FROM pgbench_accounts WHERE aid = 8150")
+    assert own is not shared and own.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 8150"
+    assert own.effects == () and own.byte_length == len(own.text)
 
 
 @pytest.mark.parametrize("plain, other", [
@@ -593,6 +607,18 @@ def test_a_flood_of_literals_evicts_nothing(parse_counter, monkeypatch):
     assert len(classifier._cache) <= 50
     assert classify(b"SET search_path = app") is s
     assert len(parse_counter) == 1
+
+
+def test_texts_with_parameters_are_cached_verbatim_and_literals_only_by_shape(parse_counter):
+    # A $1 text comes back verbatim (an ORM's every query): one lookup next time. A text with
+    # literals seldom does: its shape serves it, and it takes no room in the cache.
+    classify(b"SELECT * FROM t WHERE id = $1 AND k = 7")
+    param = b"SELECT * FROM t WHERE id = $1 AND k = 8"
+    literal = b"SELECT * FROM t WHERE id = 12 AND k = 8"
+    classify(b"SELECT * FROM t WHERE id = 34 AND k = 5")
+    assert classify(param).effects == () and classify(literal).effects == ()
+    assert param in classifier._cache and literal not in classifier._cache
+    assert parse_counter == []
 
 
 def test_shapes_are_bounded(parse_counter, monkeypatch):

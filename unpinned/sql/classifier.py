@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Final
 
 from pglast import parser as _pg
 
@@ -24,7 +24,7 @@ from unpinned.sql.ast_effects import Ctx, reads_relation, statement_effects
 from unpinned.sql.text import _count_statements, count_statements  # noqa: F401  (count_statements: public here too)
 from unpinned.sql.effects import EMPTY, Classification, Effect, Kind
 
-__all__ = ["classify", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES", "EffectScan", "unheld", "redact_sql", "note_shape_flags"]
+__all__ = ["classify", "keep_exact_texts", "fingerprint", "digest", "cache_clear", "CACHE_SIZE", "CACHE_BYTES", "EffectScan", "unheld", "redact_sql", "note_shape_flags"]
 
 # --------------------------------------------------------------------------- cache
 
@@ -33,7 +33,7 @@ CACHE_BYTES = 64 * 1024 * 1024  # total key text; keeps a flood of huge statemen
 
 # OrderedDict: FIFO eviction with popitem is O(1); a plain dict's next(iter()) slows
 # down after many deletions at its front.
-_cache: "OrderedDict[bytes | str, Classification]" = OrderedDict()
+_cache: "Final[OrderedDict[bytes | str, Classification]]" = OrderedDict()   # (Final: compiled, a C static, no lookup by name)
 _cache_bytes = 0
 
 
@@ -56,13 +56,16 @@ def classify(query: Any) -> Classification:      # bytes or str; a bytearray or 
         return c
     if query.__class__ is bytes:
         # Same text as one the pre-check passed but for its digits (pgbench's `WHERE aid =
-        # 4711`, an ORM's literals): no effects either. Cached by its exact text only while
-        # the cache has room, so a stream of such statements evicts nothing.
-        seq = _plain_shapes.get(query.translate(_DIGITS_AS_ZERO), -1)
-        if seq != -1:
-            c = Classification(query.decode("utf-8", "replace"), EMPTY, None, (), len(query), True)
-            c._seq = seq        # what it may leave for the next client, once known (sql/sequences.py)
-            if len(_cache) < CACHE_SIZE and _cache_bytes + len(query) <= CACHE_BYTES:
+        # 4711`, an ORM's literals): no effects either, and nothing else in the Classification
+        # depends on the digits, so the shape's own one is the answer: no object per statement.
+        # Texts with parameters ($1) come back verbatim: those are cached by their exact text
+        # too, while the cache has room (so a stream of new texts evicts nothing); texts with
+        # literals seldom do.
+        c = _plain_shapes.get(query.translate(_DIGITS_AS_ZERO))
+        if c is not None:
+            if _exact_texts:
+                c = _with_text(c, query)
+            if b"$" in query and len(_cache) < CACHE_SIZE and _cache_bytes + len(query) <= CACHE_BYTES:
                 _cache[query] = c
                 _cache_bytes += len(query)
             return c
@@ -87,17 +90,13 @@ def _classify_new(query: Any) -> Classification:
                     and _digits_are_literals(raw):
                 # Parsed, no effects (an UPDATE ... SET, TPC-B's statements): the same text
                 # with other digits parses the same way (see _digits_are_literals).
-                if len(_plain_shapes) >= SHAPE_CACHE_SIZE:
-                    _plain_shapes.popitem(last=False)
-                _plain_shapes[shape] = None
+                _add_shape(shape, c._statements)
         else:
             c = Classification(text, EMPTY, None, (), len(raw), True)
             if shape != raw and len(raw) <= SHAPE_MAX_BYTES:
                 # The text itself is cached below too, for statements that come back
                 # verbatim ($1 texts).
-                if len(_plain_shapes) >= SHAPE_CACHE_SIZE:
-                    _plain_shapes.popitem(last=False)
-                _plain_shapes[shape] = None
+                _add_shape(shape, None)
     size = len(query)   # same measure as the eviction below (chars for str keys)
     # Bounded: FIFO eviction is enough; hot statements come back in one parse.
     while _cache and (len(_cache) >= CACHE_SIZE or _cache_bytes + size > CACHE_BYTES):
@@ -112,18 +111,42 @@ def _classify_new(query: Any) -> Classification:
 # Statements the pre-check passed, with every digit made 0: the pre-check gives the same
 # answer whatever the digits are (none of its words has one, and it treats every digit
 # alike), so a statement of the same shape needs no check at all.
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
 SHAPE_CACHE_SIZE = 5_000
 SHAPE_MAX_BYTES = 2048          # so the shapes stay under 10 MB
-# The value: the shape's sql/sequences.handoff_flags once asked, else None.
-_plain_shapes: "OrderedDict[bytes, int | None]" = OrderedDict()
+# The value: the Classification every text of that shape gets (its text is the shape's; its
+# _seq, sql/sequences.handoff_flags, filled once asked).
+_plain_shapes: "Final[OrderedDict[bytes, Classification]]" = OrderedDict()
+# Verify mode names the statements that ran since a check by their texts: each text then gets
+# its own Classification, digits included (see keep_exact_texts).
+_exact_texts = False
+
+
+def keep_exact_texts() -> None:
+    """Give every statement a Classification with its own text, for this process's life."""
+    global _exact_texts
+    _exact_texts = True
+
+
+def _add_shape(shape: bytes, statements: int | None) -> None:
+    if len(_plain_shapes) >= SHAPE_CACHE_SIZE:
+        _plain_shapes.popitem(last=False)
+    _plain_shapes[shape] = Classification(shape.decode("utf-8", "replace"), EMPTY, statements, (),
+                                          len(shape), True)
+
+
+def _with_text(shared: Classification, query: bytes) -> Classification:
+    c = Classification(query.decode("utf-8", "replace"), EMPTY, shared._statements, (), len(query), True)
+    c._seq = shared._seq
+    return c
 
 
 def note_shape_flags(shape: bytes, flags: int) -> None:
     """Keep sql/sequences.handoff_flags of a plain statement shape (digits made 0), so that the
     next texts of that shape are classified with it (pgbench's statements: one ask per shape)."""
-    if shape in _plain_shapes:
-        _plain_shapes[shape] = flags
+    c = _plain_shapes.get(shape)
+    if c is not None:
+        c._seq = flags
 
 
 def _digits_are_literals(raw: bytes) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from unpinned.sql.effects import Classification, Effect, Kind, Param, Reason, Unknown
 from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
-from unpinned.sql.classifier import classify
+from unpinned.sql.classifier import classify, keep_exact_texts
 from unpinned.sql.text import param_sync_sql, quote_literal
 from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
 
@@ -116,7 +116,10 @@ class Session:
         self._lex_conforming = True   # standard_conforming_strings surely on when the current string was lexed
         self._restored = False        # the statement being applied had its startup values restored
         # Verify mode: the statements since the last check, to name the one that changed state.
-        self.seen: list[str] | None = [] if self.options.verify else None
+        self.seen: list[str] | None = None
+        if self.options.verify:
+            self.seen = []
+            keep_exact_texts()      # so that `seen` has each statement's own text
         # Custom (dotted) parameters this session would have a placeholder for on a server of
         # its own: given at startup, or named by a SET, RESET or set_config (see
         # ServerState.placeholders; the pool matches the two).
