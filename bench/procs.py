@@ -67,23 +67,33 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int) -> tuple[float, float]:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rfind(")") + 2:].split()   # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def proc_cpu_split(pid: int | list[int]) -> tuple[float, float]:
+    """(utime, stime) in seconds of the process and its children (all threads), from
+    /proc/<pid>/stat; of several processes when given a list (the two-process PgBouncer).
+    Workers keep running for the whole bench, so their counters only grow between reads.
+    User time is the pooler's own code; system time mostly the kernel's loopback TCP work,
+    about the same for any pooler making the same system calls."""
+    user = system = 0.0
+    for p in [t for one in (pid if isinstance(pid, list) else [pid]) for t in proc_tree(one)]:
+        try:
+            u, s = _cpu(p)
+        except OSError:
+            continue
+        user += u
+        system += s
+    return user, system
 
 
 def proc_cpu_seconds(pid: int | list[int]) -> float:
-    """utime + stime of the process and its children (all threads), from /proc/<pid>/stat;
-    of several processes when given a list (the two-process PgBouncer).
-    Workers keep running for the whole bench, so their counters only grow between reads."""
-    total = 0.0
-    for p in [t for one in (pid if isinstance(pid, list) else [pid]) for t in proc_tree(one)]:
-        try:
-            total += _cpu(p)
-        except OSError:
-            pass
-    return total
+    """utime + stime (see proc_cpu_split)."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_rss_mb(pid: int) -> float:

@@ -110,6 +110,17 @@ def build_rows(res: dict) -> list[dict]:
                      "vs_pgbouncer": ratio(cpu["unpinned-1"], cpu["pgbouncer"]), "vs_direct": None,
                      "goal": "— (reference)", "result": "info", "values": cpu})
 
+    # The same CPU split: user time is the pooler's own code, system time the kernel's (loopback
+    # TCP, the same four system calls per transaction for any pooler).
+    user, system = per_target("select_simple", "proxy_user_us_per_txn"), per_target("select_simple", "proxy_sys_us_per_txn")
+    if user["unpinned"] is not None:
+        split = lambda t: "n/a" if user[t] is None else f"{user[t]:.1f} / {system[t]:.1f}"  # noqa: E731
+        rows.append({"key": "cpu_split", "what": "of which user / system µs per transaction", "unit": "µs",
+                     "direct": "—", "pgbouncer": split("pgbouncer"), "unpinned": split("unpinned"),
+                     "pgbouncer2": split("pgbouncer-2"), "vs_pgbouncer2": ratio(user["unpinned"], user["pgbouncer-2"]),
+                     "vs_pgbouncer": ratio(user["unpinned"], user["pgbouncer"]), "vs_direct": None,
+                     "goal": "— (user time ratio)", "result": "info", "values": {"user": user, "system": system}})
+
     for kind, what in (("select", "1M-row SELECT: MB/s"), ("copy", "1M-row COPY TO STDOUT: MB/s")):
         v = per_target(f"large_{kind}", "mb_per_s")
         rp, rd = ratio(v["unpinned"], v["pgbouncer"]), ratio(v["unpinned"], v["direct"])

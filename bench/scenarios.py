@@ -36,11 +36,11 @@ _FAILED = re.compile(r"number of failed transactions: (\d+)")
 def run_pgbench(tool: str, env: dict[str, str], port: int, args: list[str], seconds: int,
                 cwd: str | None = None, cpu_pid: int | None = None) -> dict:
     cmd = [tool, "-h", procs.HOST, "-p", str(port), "-U", "postgres", *args, "-T", str(seconds), "postgres"]
-    cpu0 = procs.proc_cpu_seconds(cpu_pid) if cpu_pid else None
+    cpu0 = procs.proc_cpu_split(cpu_pid) if cpu_pid else None
     start = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=seconds + 120)
     elapsed = time.perf_counter() - start
-    cpu1 = procs.proc_cpu_seconds(cpu_pid) if cpu_pid else None
+    cpu1 = procs.proc_cpu_split(cpu_pid) if cpu_pid else None
     out = {"tps": None, "transactions": 0, "failed": 0, "seconds": round(elapsed, 2), "errors": []}
     if m := _TPS.search(r.stdout):
         out["tps"] = float(m.group(1))
@@ -56,7 +56,10 @@ def run_pgbench(tool: str, env: dict[str, str], port: int, args: list[str], seco
         problems.insert(0, f"{out['failed']} failed transactions")
     out["errors"] = problems[:10]
     if cpu0 is not None and out["transactions"]:
-        out["proxy_cpu_us_per_txn"] = round((cpu1 - cpu0) * 1e6 / out["transactions"], 2)
+        user, system = ((b - a) * 1e6 / out["transactions"] for a, b in zip(cpu0, cpu1))
+        out["proxy_cpu_us_per_txn"] = round(user + system, 2)
+        out["proxy_user_us_per_txn"] = round(user, 2)
+        out["proxy_sys_us_per_txn"] = round(system, 2)
     return out
 
 
