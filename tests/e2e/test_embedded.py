@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -155,3 +156,34 @@ def test_start_failure_reports_log() -> None:
         assert not s.running
     finally:
         s.stop()
+
+
+def test_a_server_left_by_a_killed_process_is_stopped_by_the_next_one(tmp_path):
+    # A test run killed by a timeout leaves its servers running (atexit never ran): the next
+    # process that makes a temporary server stops them and removes their directories.
+    import sys
+    maker = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from unpinned.dev.embedded import EmbeddedPostgres\n"
+        "pg = EmbeddedPostgres(auth='trust', name='orphan').start()\n"
+        "print(pg.base_dir, pg.data_dir, pg.pid, pg.port, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    base_dir, data_dir, pid, port = maker.stdout.readline().split()
+    maker.kill()
+    maker.wait()
+    assert _pids_using(data_dir, int(pid)), "the server should outlive its killed maker"
+    assert _query(f"postgresql://postgres@127.0.0.1:{port}/postgres", "SELECT 1") == 1
+    reaper = subprocess.run([sys.executable, "-c", (
+        "from unpinned.dev.embedded import EmbeddedPostgres\n"
+        "pg = EmbeddedPostgres(auth='trust', name='next')\n"      # made, not started: reaps first
+        "pg.stop()\n")], capture_output=True, text=True, timeout=60)
+    assert reaper.returncode == 0, reaper.stderr
+    assert not _pids_using(data_dir, int(pid))
+    assert not os.path.exists(base_dir)
+
+
+def test_the_servers_of_a_living_process_are_left_alone(pg):
+    reaper = subprocess.run([sys.executable, "-c", "from unpinned.dev.embedded import reap_orphans; print(reap_orphans())"],
+                            capture_output=True, text=True, timeout=60)
+    assert pg.base_dir not in reaper.stdout
+    assert _query(pg.dsn(), "SELECT 1") == 1

@@ -148,11 +148,16 @@ class EmbeddedPostgres:
         self._fixed_port = port
         self.port = port or _free_port(self.host)
         self._owns_base = base_dir is None
-        self.base_dir = base_dir or tempfile.mkdtemp(prefix=f"unpinned-db-{name}-")
+        if self._owns_base:
+            reap_orphans()
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-")
         self.data_dir = os.path.join(self.base_dir, "data")
         self.log_file = os.path.join(self.base_dir, "postgres.log")
         # A unix socket path is limited to ~107 bytes, so keep it short and out of base_dir.
         self.socket_dir = tempfile.mkdtemp(prefix="upg-", dir=_SOCKET_PARENT)
+        if self._owns_base:
+            # Who made it: a later process stops the server if this one dies without doing so.
+            Path(self.base_dir, _OWNER).write_text(f"{os.getpid()} {_started(os.getpid())} {self.socket_dir}\n")
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
         with _instances_lock:
@@ -408,6 +413,58 @@ class EmbeddedPostgres:
 
 class _PortTaken(Exception):
     pass
+
+
+_TEMP_PREFIX = "unpinned-db-"
+_OWNER = "owner"        # in a temporary base dir: "<pid> <its start time> <socket dir>" of its maker
+_reaped = False
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/<pid>/stat): with the pid, names it uniquely."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()[19]
+
+
+def reap_orphans() -> list[str]:
+    """Stop the servers that a process killed before it could stop them left running (a test
+    run killed by a timeout, SIGKILL): those of temporary base dirs whose maker is gone. Each
+    is shut down fast (SIGINT, then SIGKILL to its group) and its directories removed. Runs
+    once per process, before its first temporary server. Returns the base dirs reaped."""
+    global _reaped
+    if _reaped:
+        return []
+    _reaped = True
+    reaped = []
+    for base in Path(tempfile.gettempdir()).glob(f"{_TEMP_PREFIX}*"):
+        try:
+            pid_s, started, socket_dir = (base / _OWNER).read_text().split(maxsplit=2)
+            if _started(int(pid_s)) == started:
+                continue        # its maker lives: its server is in use
+            lines = (base / "data" / "postmaster.pid").read_text().splitlines()
+        except (OSError, ValueError):
+            continue            # being made right now, or not ours to judge
+        pid = int(lines[0]) if lines and lines[0].isdigit() else 0
+        if pid and lines[1:2] == [str(base / "data")]:     # line 2: that server's data dir
+            try:
+                os.kill(pid, signal.SIGINT)     # fast shutdown
+            except (ProcessLookupError, PermissionError):
+                pid = 0
+            deadline = time.monotonic() + 10.0
+            while pid and _group_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid and _group_alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(socket_dir.strip(), ignore_errors=True)
+        reaped.append(str(base))
+    return reaped
 
 
 @atexit.register
