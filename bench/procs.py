@@ -293,3 +293,13 @@ def start_unpinned(repo: Path, upstream_dsn: str, pool_size: int, max_clients: i
              for a in argv]
     shown[0] = "python"
     return child.start(), {"http_port": http_port, "pin_log": pin_log, "command": " ".join(shown)}
+
+
+def start_pump(repo: Path, pg_port: int) -> Child:
+    """bench/pump.py: a uvloop byte pump, the floor of a Python proxy (see there)."""
+    d = make_tempdir("unpinned-bench-pump-")
+    port = free_port()
+    child = Child("pump", [sys.executable, str(repo / "bench" / "pump.py"), str(port), str(pg_port)],
+                  cwd=str(repo), log_path=os.path.join(d, "pump.log"))
+    child.port = port
+    return child.start()

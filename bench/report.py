@@ -4,9 +4,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-TARGETS = ("direct", "pgbouncer", "pgbouncer-2", "unpinned", "unpinned-1")
+TARGETS = ("direct", "pgbouncer", "pgbouncer-2", "unpinned", "unpinned-1", "pump")
 # pgbouncer-2: two PgBouncer processes sharing the port (so_reuseport), PgBouncer's own multi-core
-# answer, pool split between them; unpinned-1: unpinned with one worker, for reference.
+# answer, pool split between them; unpinned-1: unpinned with one worker, for reference; pump: a
+# uvloop byte pump (bench/pump.py), the floor of a Python proxy, -S simple only.
 
 
 def med(values) -> float | None:
@@ -113,13 +114,22 @@ def build_rows(res: dict) -> list[dict]:
     # The same CPU split: user time is the pooler's own code, system time the kernel's (loopback
     # TCP, the same four system calls per transaction for any pooler).
     user, system = per_target("select_simple", "proxy_user_us_per_txn"), per_target("select_simple", "proxy_sys_us_per_txn")
+    split = lambda t: "n/a" if user[t] is None else f"{user[t]:.1f} / {system[t]:.1f}"  # noqa: E731
     if user["unpinned"] is not None:
-        split = lambda t: "n/a" if user[t] is None else f"{user[t]:.1f} / {system[t]:.1f}"  # noqa: E731
         rows.append({"key": "cpu_split", "what": "of which user / system µs per transaction", "unit": "µs",
                      "direct": "—", "pgbouncer": split("pgbouncer"), "unpinned": split("unpinned"),
                      "pgbouncer2": split("pgbouncer-2"), "vs_pgbouncer2": ratio(user["unpinned"], user["pgbouncer-2"]),
                      "vs_pgbouncer": ratio(user["unpinned"], user["pgbouncer"]), "vs_direct": None,
                      "goal": "— (user time ratio)", "result": "info", "values": {"user": user, "system": system}})
+    if cpu["pump"] is not None:
+        # In the unpinned column: the pump. What any Python proxy on uvloop pays before its own work.
+        rows.append({"key": "cpu_pump", "what": "the floor: a uvloop byte pump in Python (bench/pump.py), "
+                     "-S simple: CPU µs per transaction (user / system)", "unit": "µs",
+                     "direct": "—", "pgbouncer": _fmt(cpu["pgbouncer"], 1),
+                     "unpinned": f"{cpu['pump']:.1f} ({split('pump')})",
+                     "pgbouncer2": _fmt(cpu["pgbouncer-2"], 1), "vs_pgbouncer2": ratio(cpu["pump"], cpu["pgbouncer-2"]),
+                     "vs_pgbouncer": ratio(cpu["pump"], cpu["pgbouncer"]), "vs_direct": None,
+                     "goal": "— (reference)", "result": "info", "values": cpu})
 
     for kind, what in (("select", "1M-row SELECT: MB/s"), ("copy", "1M-row COPY TO STDOUT: MB/s")):
         v = per_target(f"large_{kind}", "mb_per_s")

@@ -243,6 +243,10 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
         single.wait_ready()
         ports["unpinned-1"], pids["unpinned-1"] = single.port, single.pid
         meta["unpinned_1_command"] = info1["command"]
+    # The floor: -S simple through a byte pump (bench/pump.py), for the CPU row's comparison.
+    pump = procs.start_pump(REPO, pg.port)
+    pump.wait_ready()
+    ports["pump"], pids["pump"] = pump.port, pump.pid
     reference = {"select_simple", "churn"}      # the scenarios the 1-worker reference runs
     workdir = procs.make_tempdir("unpinned-bench-work-")
 
@@ -259,7 +263,8 @@ def run_all(args, res: dict, pg, pgbouncer_path: str | None) -> None:
     pg_names = list(scenarios.PGBENCH)
     for rnd in range(args.rounds):
         for i, scenario in enumerate(pg_names):
-            these = targets + (["unpinned-1"] if single and scenario in reference else [])
+            these = targets + (["unpinned-1"] if single and scenario in reference else []) \
+                + (["pump"] if scenario == "select_simple" else [])
             for t in rotated(rnd, i, these):
                 if scenario == "select_prepared" and t.startswith("pgbouncer"):
                     continue   # PgBouncer 1.18 cannot do protocol-level prepared statements in transaction mode
