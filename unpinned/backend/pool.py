@@ -4,13 +4,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from bisect import bisect_left
 from collections import deque
 
 from unpinned.backend import server as server_mod
 from unpinned.config import Config
 from unpinned.backend.server import ServerConnection, ServerError
-from unpinned.telemetry.counters import BUCKETS
+from unpinned.telemetry.buckets import bucket
 
 log = logging.getLogger("unpinned.backend.pool")
 
@@ -168,6 +167,8 @@ class Pool:
         self.waiters.append([borrower, now + timeout if timeout else None, now])
         if self._timer is None and timeout:
             self._arm_timer()
+        if not idle and len(self.busy) + self.opening >= self.config.pool_size:
+            return None     # (what _supply would find: nothing idle, no room for a new one)
         # _supply may find this very borrower a connection (an idle one the waiters ahead of it
         # do not fit): it is returned, not called back from inside borrow(), where the borrower
         # does not know yet that it waits.
@@ -277,7 +278,7 @@ class Pool:
             self.borrow_wait_total += waited
             if self.stats is not None:
                 h = self.stats.borrow_latency      # observe(waited), inlined: most transactions of a busy pool
-                h.counts[bisect_left(BUCKETS, waited)] += 1
+                h.counts[bucket(waited)] += 1
                 h.sum += waited
                 h.count += 1
             # The time it was handed out, as in borrow(): the borrower reads it rather than the clock

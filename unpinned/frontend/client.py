@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from bisect import bisect_left
 
 from unpinned.backend.pool import BorrowTimeout
 from unpinned.backend.server import ServerConnection, ServerError, send_cancel
@@ -14,7 +13,7 @@ from unpinned.frontend.connection import Staged
 from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
 from unpinned.sql.effects import Reason
-from unpinned.telemetry.counters import BUCKETS
+from unpinned.telemetry.buckets import bucket
 from unpinned.wire import messages as m
 
 
@@ -215,13 +214,13 @@ class PooledClient(ListeningClient, Staged):
             # Histogram.observe inlined (telemetry/counters.py): once or twice every transaction.
             d = now - self._t_req
             h = st.query_latency
-            h.counts[bisect_left(BUCKETS, d)] += 1
+            h.counts[bucket(d)] += 1
             h.sum += d
             h.count += 1
             if self._t_sent:
                 d = now - self._t_sent
                 h = st.db_latency
-                h.counts[bisect_left(BUCKETS, d)] += 1
+                h.counts[bucket(d)] += 1
                 h.sum += d
                 h.count += 1
             self._t_req = self._t_sent = 0.0
