@@ -372,10 +372,10 @@ class ReaderPools:
 
     # ------------------------------------------------------------------ Pool's interface
 
-    def borrow(self, borrower) -> ServerConnection | None:
+    def borrow(self, borrower, now: float = 0.0) -> ServerConnection | None:
         host = self._pick(borrower)
         if host is not None:
-            return self._pool(host).borrow(borrower)
+            return self._pool(host).borrow(borrower, now)
         why = self.cluster.topology.reader_unavailable(self.seen.get(borrower, 0))
         if why == NO_REPLICAS:
             hosts = ", ".join(str(h) for h in self.cluster.topology.hosts)
@@ -402,14 +402,14 @@ class ReaderPools:
         for p in self.pools.values():
             p.withdraw(borrower)
 
-    def release(self, conn: ServerConnection) -> None:
+    def release(self, conn: ServerConnection, now: float = 0.0) -> None:
         pool = self.pools.get(conn.host)
         if pool is None:
             conn.close()
             return
         client = conn.client
         if client is None or conn.closed:
-            pool.release(conn)
+            pool.release(conn, now)
             return
         conn.client = None
         self.last[client] = conn.host

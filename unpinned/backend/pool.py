@@ -9,6 +9,7 @@ from collections import deque
 from unpinned.backend import server as server_mod
 from unpinned.config import Config
 from unpinned.backend.server import ServerConnection, ServerError
+from unpinned.telemetry.buckets import bucket
 
 log = logging.getLogger("unpinned.backend.pool")
 
@@ -76,6 +77,10 @@ class Pool:
         self.checked_params: dict[frozenset, dict[str, str]] = {}
         self.login_messages: dict = {}      # startup parameters -> encoded AuthenticationOk + ParameterStatus
         self.paused = False
+        # No idle connection has custom placeholders or is kept for a client (issue 12's hand-off
+        # hygiene): true until one is put back that has (release, _hand), then for good. While
+        # true, borrow() takes the most recent idle connection without matching.
+        self.plain = True
         # While borrow() looks for a connection among the waiters' (see there): that borrower,
         # and the connection _hand found for it, which borrow() returns instead of a callback.
         self._lending_to: Borrower | None = None
@@ -110,11 +115,13 @@ class Pool:
         after = self.config.health_check_after
         return bool(after) and now - conn.last_used > after
 
-    def borrow(self, borrower: Borrower) -> ServerConnection | None:
-        """A connection now, or None: then `borrower` is called back later (never from inside this call)."""
+    def borrow(self, borrower: Borrower, now: float = 0.0) -> ServerConnection | None:
+        """A connection now, or None: then `borrower` is called back later (never from inside this call).
+        `now`: time.monotonic() if the caller has just read it."""
         idle = self.idle
-        if idle and not self.paused and not self.waiters:
+        if not now:
             now = time.monotonic()
+        if idle and not self.paused and not self.waiters:
             after = self.config.health_check_after
             prev = borrower.preferred
             if prev is not None and prev is not idle[-1] and not (after and now - prev.last_used > after):
@@ -126,43 +133,48 @@ class Pool:
                     continue
                 if after and now - conn.last_used > after:
                     break       # stale: checked first, below
-                state = conn.state
-                placeholders = state.placeholders
-                if state.reserved_for is not None and state.reserved_for is not borrower:
-                    conn = self._take_fitting(borrower, now)
-                    if conn is None:
-                        break   # none fits: a new one, below
-                elif not placeholders:
-                    if borrower.customs and conn is not prev:
-                        # Connections without placeholders are the ones every client fits: one
-                        # with placeholders this session has anyway is used first, if idle.
-                        conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
-                    else:
-                        idle.pop()
-                elif placeholders <= borrower.customs:
-                    idle.pop()
+                if self.plain:
+                    idle.pop()      # (every borrower fits every idle connection)
                 else:
-                    conn = self._take_fitting(borrower, now)
-                    if conn is None:
-                        break   # none fits: a new one, below
+                    state = conn.state
+                    placeholders = state.placeholders
+                    if state.reserved_for is not None and state.reserved_for is not borrower:
+                        conn = self._take_fitting(borrower, now)
+                        if conn is None:
+                            break   # none fits: a new one, below
+                    elif not placeholders:
+                        if borrower.customs and conn is not prev:
+                            # Connections without placeholders are the ones every client fits: one
+                            # with placeholders this session has anyway is used first, if idle.
+                            conn = self._take_fitting(borrower, now, marked=True) or idle.pop()
+                        else:
+                            idle.pop()
+                    elif placeholders <= borrower.customs:
+                        idle.pop()
+                    else:
+                        conn = self._take_fitting(borrower, now)
+                        if conn is None:
+                            break   # none fits: a new one, below
                 self.busy.add(conn)
                 self.borrows += 1
                 if self.stats is not None:
                     h = self.stats.borrow_latency      # observe(0.0), inlined: this is every transaction
                     h.counts[0] += 1
                     h.count += 1
+                conn.last_used = now        # (handed out now: see _hand)
                 return conn
-        now = time.monotonic()
         timeout = self.config.borrow_timeout
         self.waiters.append([borrower, now + timeout if timeout else None, now])
         if self._timer is None and timeout:
             self._arm_timer()
+        if not idle and len(self.busy) + self.opening >= self.config.pool_size:
+            return None     # (what _supply would find: nothing idle, no room for a new one)
         # _supply may find this very borrower a connection (an idle one the waiters ahead of it
         # do not fit): it is returned, not called back from inside borrow(), where the borrower
         # does not know yet that it waits.
         self._lending_to = borrower
         try:
-            self._supply()
+            self._supply(now)
         finally:
             self._lending_to = None
         conn, self._lent = self._lent, None
@@ -199,39 +211,48 @@ class Pool:
         conn = self.borrow(FutureBorrower(fut))
         return conn if conn is not None else await fut
 
-    def _supply(self) -> None:
+    def _supply(self, now: float = 0.0) -> None:
         """Find connections for waiters: idle ones (checked first if stale), or new ones."""
         if self.paused:
             return
-        now = time.monotonic()
         idle = self.idle
-        tries = len(idle)
-        while self.waiters and idle and tries:
-            tries -= 1
-            conn = idle.pop()
-            if conn.closed:
-                continue
-            self.busy.add(conn)
-            if self._stale(conn, now):
-                self.checking += 1
-                self._spawn(self._check_then_hand(conn))
-            elif not self._hand(conn):
-                idle.appendleft(idle.pop())     # fits no waiter: the others are tried
-        if self.waiters and idle and self.size >= self.config.pool_size and \
-                self.opening + self.checking < len(self.waiters):
-            # Waiters that no idle connection fits (custom placeholders they must not see, or kept
-            # for another client), and no room for a new one: the oldest idle connection makes room.
-            conn = idle.popleft()
-            conn.close()
-            self.retired += 1
-        # Open only as many as there are waiters not already covered by openings in flight.
-        while self.waiters and self.size < self.config.pool_size and not self.hold and self._retry is None and \
-                self.opening + self.checking < len(self.waiters):
+        if idle and self.waiters:
+            # (Not read when nothing is idle: a full pool's borrow() on every transaction.)
+            if not now:
+                now = time.monotonic()
+            tries = len(idle)
+            while self.waiters and idle and tries:
+                tries -= 1
+                conn = idle.pop()
+                if conn.closed:
+                    continue
+                self.busy.add(conn)
+                if self._stale(conn, now):
+                    self.checking += 1
+                    self._spawn(self._check_then_hand(conn))
+                elif not self._hand(conn, now):
+                    idle.appendleft(idle.pop())     # fits no waiter: the others are tried
+            if self.waiters and idle and self.size >= self.config.pool_size and \
+                    self.opening + self.checking < len(self.waiters):
+                # Waiters that no idle connection fits (custom placeholders they must not see, or
+                # kept for another client), and no room for a new one: the oldest idle connection
+                # makes room.
+                conn = idle.popleft()
+                conn.close()
+                self.retired += 1
+        # Open only as many as there are waiters not already covered by openings in flight (the
+        # pool size written out: a full pool's borrow() comes here on every transaction).
+        waiters = self.waiters
+        while waiters and len(idle) + len(self.busy) + self.opening < self.config.pool_size and not self.hold and \
+                self._retry is None and self.opening + self.checking < len(waiters):
             self.opening += 1
             self._spawn(self._open())
 
-    def _hand(self, conn: ServerConnection) -> bool:
-        """Give a busy-booked connection to the first live waiter it fits, or put it back (False)."""
+    def _hand(self, conn: ServerConnection, now: float = 0.0) -> bool:
+        """Give a busy-booked connection to the first live waiter it fits, or put it back (False).
+        `now`: time.monotonic() if the caller has just read it."""
+        if not now:
+            now = time.monotonic()
         waiters = self.waiters
         placeholders = conn.state.placeholders
         owner = conn.state.reserved_for
@@ -253,17 +274,25 @@ class Pool:
             if borrower.closing:
                 continue
             self.borrows += 1
-            waited = time.monotonic() - start
+            waited = now - start
             self.borrow_wait_total += waited
             if self.stats is not None:
-                self.stats.borrow_latency.observe(waited)
+                h = self.stats.borrow_latency      # observe(waited), inlined: most transactions of a busy pool
+                h.counts[bucket(waited)] += 1
+                h.sum += waited
+                h.count += 1
+            # The time it was handed out, as in borrow(): the borrower reads it rather than the clock
+            # again (it is set anew when the connection comes back, and not read while it is busy).
+            conn.last_used = now
             if borrower is self._lending_to:
                 self._lent = conn
             else:
                 borrower.borrowed(conn)
             return True
         self.busy.discard(conn)
-        conn.last_used = time.monotonic()
+        conn.last_used = now
+        if placeholders or owner is not None:
+            self.plain = False
         self.idle.append(conn)
         return False
 
@@ -369,26 +398,33 @@ class Pool:
 
     # ------------------------------------------------------------------ giving back
 
-    def release(self, conn: ServerConnection) -> None:
-        """Return a clean, idle connection (status I, nothing in flight)."""
+    def release(self, conn: ServerConnection, now: float = 0.0) -> None:
+        """Return a clean, idle connection (status I, nothing in flight). `now`: time.monotonic()
+        if the caller has just read it."""
         conn.client = None
-        conn.last_used = time.monotonic()
+        if not now:
+            now = time.monotonic()
+        conn.last_used = now
         if conn.closed:
             self.forget(conn)
             return
-        if conn.state.retire is not None and conn.state.reserved_for is None:
-            # What its last client did cannot be undone on it (temp buffers allocated, PL/pgSQL
-            # loaded), and that client is gone: closed, a new one opens when someone needs it.
-            log.debug("retiring server connection %d: %s", conn.id, conn.state.retire)
-            self.retired += 1
-            self.discard(conn)
-            return
+        state = conn.state
+        if state.placeholders or state.retire is not None:
+            self.plain = False      # (before it is idle: borrow() matches from now on)
+            if state.retire is not None and state.reserved_for is None:
+                # What its last client did cannot be undone on it (temp buffers allocated,
+                # PL/pgSQL loaded), and that client is gone: closed, a new one opens when someone
+                # needs it.
+                log.debug("retiring server connection %d: %s", conn.id, state.retire)
+                self.retired += 1
+                self.discard(conn)
+                return
         if conn.host is not self.host:     # opened to a host that is no longer this pool's (failover)
             self.discard(conn)
             return
         if self.waiters and not self.paused:
-            if not self._hand(conn):
-                self._supply()
+            if not self._hand(conn, now):
+                self._supply(now)
             return
         self.busy.discard(conn)
         self.idle.append(conn)

@@ -13,6 +13,7 @@ from unpinned.frontend.connection import Staged
 from unpinned.frontend.listening import ListeningClient
 from unpinned.frontend.shared import Shared
 from unpinned.sql.effects import Reason
+from unpinned.telemetry.buckets import bucket
 from unpinned.wire import messages as m
 
 
@@ -58,7 +59,7 @@ class PooledClient(ListeningClient, Staged):
             self.shutdown(None)
         else:
             # The common case: a request with no server connection yet, and one idle.
-            conn = self.pool.borrow(self)
+            conn = self.pool.borrow(self, now)
             if conn is None:
                 self.pending.append(data)
                 self.acquiring = True
@@ -108,7 +109,7 @@ class PooledClient(ListeningClient, Staged):
 
     def borrowed(self, conn: ServerConnection) -> None:
         self.acquiring = False
-        self._attach(conn)
+        self._attach(conn, None, conn.last_used)    # (the time the pool handed it: backend/pool.py _hand)
 
     def borrow_failed(self, exc: Exception) -> None:
         self.acquiring = False
@@ -206,19 +207,29 @@ class PooledClient(ListeningClient, Staged):
         if relay.to_server:
             self.server.transport.write(b"".join(relay.to_server))
             relay.to_server.clear()
+        now = 0.0
         if not relay.queue and self._t_req:
             now = time.monotonic()
             st = self.shared.stats
-            st.query_latency.observe(now - self._t_req)
+            # Histogram.observe inlined (telemetry/counters.py): once or twice every transaction.
+            d = now - self._t_req
+            h = st.query_latency
+            h.counts[bucket(d)] += 1
+            h.sum += d
+            h.count += 1
             if self._t_sent:
-                st.db_latency.observe(now - self._t_sent)
+                d = now - self._t_sent
+                h = st.db_latency
+                h.counts[bucket(d)] += 1
+                h.sum += d
+                h.count += 1
             self._t_req = self._t_sent = 0.0
         if relay.fatal is not None:
             self.shutdown(relay.fatal)
         elif relay.releasable:
-            self._release()
+            self._release(now)
 
-    def _release(self) -> None:
+    def _release(self, now: float = 0.0) -> None:
         conn = self.server
         self.server = None
         self.relay.detach()
@@ -233,7 +244,7 @@ class PooledClient(ListeningClient, Staged):
             self.preferred = conn
         else:
             self.preferred = conn if state.seq_owner is self.relay.session else None
-        self.pool.release(conn)
+        self.pool.release(conn, now)
 
     def server_lost(self, conn: ServerConnection) -> None:
         if self.server is conn:
@@ -287,7 +298,7 @@ class _Lost:
         self.final = final
         self.waiters = ()
 
-    def borrow(self, client) -> None:
+    def borrow(self, client, now: float = 0.0) -> None:
         client.shutdown(self.final)
 
     def withdraw(self, client) -> None:

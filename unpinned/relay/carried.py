@@ -31,6 +31,7 @@ from pglast.parser import scan
 from unpinned.relay.pending import R_QUERY, StatementRun, statement_run
 from unpinned.relay.prepared_view import carried_run
 from unpinned.sql.classifier import classify
+from unpinned.sql import kinds as K
 from unpinned.sql.effects import Classification, Kind, Reason
 from unpinned.state.policy import only_listen
 from unpinned.sql.text import quote_ident
@@ -62,7 +63,7 @@ def listen_query(relay, c: Classification) -> bytes | None:
     wait = []
     for group in c.groups:
         e = group[0]
-        if e.kind is Kind.LISTEN:
+        if e.kind is K.LISTEN:
             subs.op(LISTEN, e.name, now)
             answer.append(m.command_complete("LISTEN"))
             if not subs.ready(e.name):
@@ -71,10 +72,10 @@ def listen_query(relay, c: Classification) -> bytes | None:
             subs.op(UNLISTEN, e.name, now)
             answer.append(m.command_complete("UNLISTEN"))
     out = b"".join(answer)
-    if any(g[0].kind is Kind.LISTEN for g in c.groups):
+    if any(g[0].kind is K.LISTEN for g in c.groups):
         session.carry(Reason.LISTEN, c, "simple", relay.server)
     barrier = now and subs.barrier_due
-    if not now and any(g[0].kind is Kind.LISTEN for g in c.groups):
+    if not now and any(g[0].kind is K.LISTEN for g in c.groups):
         subs.barrier_due = True     # what its transaction notifies reaches it before the COMMIT returns
     if wait or barrier:
         # None: ReadyForQuery of the moment (relay.READY_NOW). An UNLISTEN answers once what was
@@ -95,12 +96,12 @@ def listen_mixed(relay, c: Classification, raw: bytes):
     sql_prepare_query returns, or None."""
     session = relay.session
     if session.rds or session.subscribe is None or not c.parsed or only_listen(c) or \
-            not any(e.kind is Kind.LISTEN for e in c.effects):
+            not any(e.kind is K.LISTEN for e in c.effects):
         return None
     edits = []
     hidden = set()
     for i, group in enumerate(c.groups):
-        channels = [e.name for e in group if e.kind is Kind.LISTEN]
+        channels = [e.name for e in group if e.kind is K.LISTEN]
         if len(channels) != 1:
             continue
         at = c.ends[i] if i < len(c.ends) else -1
@@ -134,13 +135,13 @@ def listen_execute(relay, c) -> bytes | None:
         return None
     e = c.groups[0][0]
     subs = session.subscriptions()
-    subs.op(LISTEN if e.kind is Kind.LISTEN else UNLISTEN, e.name, False)
-    if e.kind is Kind.LISTEN:
+    subs.op(LISTEN if e.kind is K.LISTEN else UNLISTEN, e.name, False)
+    if e.kind is K.LISTEN:
         session.carry(Reason.LISTEN, c, "extended", relay.server)
-    if e.kind is Kind.LISTEN and not subs.ready(e.name):
+    if e.kind is K.LISTEN and not subs.ready(e.name):
         relay.held = []                 # the rest of the batch waits; the answer is queued in order
         _wait(subs, [e.name])
-    return m.command_complete("LISTEN" if e.kind is Kind.LISTEN else "UNLISTEN")
+    return m.command_complete("LISTEN" if e.kind is K.LISTEN else "UNLISTEN")
 
 
 def _wait(subs, channels: list, barrier: bool = False) -> None:
@@ -301,7 +302,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
     wanted = [(e.kind, e.name) for e in c.effects if e.kind in _SQL_KINDS and e.name is not None]
     # DEALLOCATE of one of the client's names, alone: the proxy forgets it (the server keeps
     # the statement for other clients).
-    if len(wanted) == 1 and len(c.effects) == 1 and c.statements == 1 and wanted[0][0] is Kind.DEALLOCATE \
+    if len(wanted) == 1 and len(c.effects) == 1 and c.statements == 1 and wanted[0][0] is K.DEALLOCATE \
             and relay.status != b"E":
         name = wanted[0][1]
         if name in carried.names:
@@ -348,7 +349,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
             continue
         w += 1
         name_tok = tokens[j]
-        if kind is Kind.PREPARE:
+        if kind is K.PREPARE:
             if (local[name] is not None if name in local else carried.known(name)) \
                     or name.encode() in relay.statements:
                 return m.error_response("42P05", f'prepared statement "{name}" already exists')
@@ -386,7 +387,7 @@ def sql_prepare_query(relay, c: Classification, raw: bytes):
                 if evicted is not None:
                     prelude.append(f"DEALLOCATE {_q(evicted.decode())}")
                 prelude.append(sql)
-            if kind is Kind.DEALLOCATE:
+            if kind is K.DEALLOCATE:
                 local[name] = None
                 ops.append((index, "deallocate", name, server_name, sql, text))
         edits.append((name_tok.start, name_tok.end + 1, _q(server_name)))
@@ -431,8 +432,8 @@ def parse_rewrite(relay, data: bytes, start: int, end: int):
     qend = data.index(b"\x00", nul + 1)
     raw = data[nul + 1:qend]
     c = classify(raw)
-    if not c.parsed or not any(e.kind is Kind.EXECUTE for e in c.effects) or \
-            any(e.kind is Kind.PREPARE or e.kind is Kind.DEALLOCATE for e in c.effects):
+    if not c.parsed or not any(e.kind is K.EXECUTE for e in c.effects) or \
+            any(e.kind is K.PREPARE or e.kind is K.DEALLOCATE for e in c.effects):
         return None
     carried = settled(relay)
     text, tokens = tokens_of(raw)
@@ -464,7 +465,7 @@ def ensure_statement(relay, st) -> bytes:
     be bound or described: that one too must exist on this server connection."""
     out = b""
     for e in st.classification.effects:
-        if e.kind is Kind.EXECUTE and isinstance(e.name, str):
+        if e.kind is K.EXECUTE and isinstance(e.name, str):
             sql = relay.registry.sql_text.get(e.name)
             if sql is not None:
                 out += _ensure(relay, e.name, sql)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from unpinned.relay import prepared_view
 from unpinned.relay.carried import OWN_NAME, _ensure, _ident, _q, _statement_end, settled, tokens_of
 from unpinned.sql.classifier import classify
-from unpinned.sql.effects import Kind, Reason
+from unpinned.sql import kinds as K
+from unpinned.sql.effects import Reason
 from unpinned.wire import messages as m
 
 
@@ -27,7 +28,7 @@ def parse_prepare(relay, data: bytes, start: int, end: int):
     if not c.parsed or c.statements != 1 or len(c.effects) != 1:
         return None
     e = c.effects[0]
-    if e.kind is Kind.PREPARED_VIEW:
+    if e.kind is K.PREPARED_VIEW:
         if nul != start:
             return None     # a named statement outlives what it would list
         answer = prepared_view.view_query(relay, c, raw, own=relay._run_own)
@@ -35,19 +36,19 @@ def parse_prepare(relay, data: bytes, start: int, end: int):
             return None
         pre, text, _, _ = answer
         return pre, m.message(b"P", data[start:nul + 1] + text + data[qend:end])
-    if e.kind is not Kind.PREPARE and e.kind is not Kind.DEALLOCATE or not isinstance(e.name, str):
+    if e.kind is not K.PREPARE and e.kind is not K.DEALLOCATE or not isinstance(e.name, str):
         return None
     carried = settled(relay)
     text, tokens = tokens_of(raw)
     if tokens is None:
         return None
-    j = 1 if e.kind is Kind.PREPARE else 2 if len(tokens) > 2 and tokens[1].name == "PREPARE" else 1
+    j = 1 if e.kind is K.PREPARE else 2 if len(tokens) > 2 and tokens[1].name == "PREPARE" else 1
     if j >= len(tokens) or _ident(text, tokens[j]) != e.name:
         return None
     name = e.name
     name_tok = tokens[j]
     pre = b""
-    if e.kind is Kind.PREPARE:
+    if e.kind is K.PREPARE:
         if carried.known(name) or name.encode() in relay.statements:
             return ("42P05", f'prepared statement "{name}" already exists')
         key = text[name_tok.end + 1:_statement_end(tokens, j, len(text))].strip()
@@ -79,7 +80,7 @@ def record_execute(relay, run, c) -> bytes:
     """An Execute of a statement parse_prepare renamed, queued as `run`: the client's name
     changes when it completes. Returns the proxy's own statements to send right after it."""
     e = c.effects[0]
-    if e.kind is not Kind.PREPARE and e.kind is not Kind.DEALLOCATE or len(c.effects) != 1 or \
+    if e.kind is not K.PREPARE and e.kind is not K.DEALLOCATE or len(c.effects) != 1 or \
             not isinstance(e.name, str) or relay.status == b"E":
         return b""
     got = relay.carried.parsed.get(e.name)
@@ -87,7 +88,7 @@ def record_execute(relay, run, c) -> bytes:
         return b""
     name, sql, text = got
     server = relay.server
-    if e.kind is Kind.PREPARE:
+    if e.kind is K.PREPARE:
         if server.prepared.has(e.name.encode()):
             return b""      # (an Execute the server skips or refuses: a Parse before it failed)
         evicted = server.prepared.add(e.name.encode())

@@ -11,7 +11,7 @@ from unpinned.relay.pending import (
     R_BIND, R_DESC_STMT, R_PARSE, SHAPE, SWALLOW, Pending)
 from unpinned.relay.statements import ServerStatement, shape_of
 from unpinned.sql.classifier import classify
-from unpinned.sql.effects import Kind
+from unpinned.sql import kinds as K
 from unpinned.wire import messages as m
 from unpinned.wire.messages import BIND, DESCRIBE, PARSE
 
@@ -123,7 +123,7 @@ class ExtendedNames:
 
     def _ensure_prepared(self, st: ServerStatement) -> bytes:
         c = st.classification
-        if c is not None and c.effects and c.effects[0].kind is Kind.EXECUTE:
+        if c is not None and c.effects and c.effects[0].kind is K.EXECUTE:
             pre = carried.ensure_statement(self, st)    # the SQL-prepared statement it EXECUTEs
             if pre:
                 return pre + self._ensure_prepared_protocol(st)

@@ -4,7 +4,7 @@ position in a text the proxy edited."""
 from __future__ import annotations
 
 from unpinned.relay.pending import StatementRun
-from unpinned.sql.effects import Kind
+from unpinned.sql import kinds as K
 from unpinned.sql.text import quote_literal
 from unpinned.wire import messages as m
 
@@ -35,7 +35,7 @@ class Restore:
             for edit in value_edits(group, startup, raw):
                 edits.append(edit)
                 restored.add(i)
-            if any(e.kind is Kind.DISCARD and e.name == "ALL" for e in group):
+            if any(e.kind is K.DISCARD and e.name == "ALL" for e in group):
                 if single and not edits:
                     sql = session.restore_sql(group)
                     if sql is not None:
@@ -95,7 +95,7 @@ def value_edits(effects, startup: dict, raw: bytes) -> list[tuple[int, int, byte
     parameter or an expression (NULL there is a reset too). As (start, end, new bytes)."""
     out = []
     for e in effects:
-        if e.kind is Kind.SET_CONFIG and e.span[0] >= 0 and isinstance(e.name, str) and e.name in startup:
+        if e.kind is K.SET_CONFIG and e.span[0] >= 0 and isinstance(e.name, str) and e.name in startup:
             start, stop = e.span
             value = quote_literal(startup[e.name]).encode()
             if e.value is None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from unpinned.sql.classifier import note_shape_flags
-from unpinned.sql.effects import Classification, Kind
+from unpinned.sql import kinds as K
+from unpinned.sql.effects import Classification
 
 # First words of statements that never call a function by themselves.
 _QUIET_FIRST = frozenset((
@@ -89,7 +90,7 @@ def _may_set(c: Classification) -> bool:
     if not c.parsed:
         return True
     for e in c.effects:
-        if e.kind is Kind.SEQUENCE and e.name in ("nextval", "setval"):
+        if e.kind is K.SEQUENCE and e.name in ("nextval", "setval"):
             return True
     text = c.text.lower()
     firsts = _FIRST_WORDS.findall(text)

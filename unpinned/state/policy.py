@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unpinned.sql import kinds as K
 from unpinned.sql.effects import REASON_SENTENCES, Classification, Kind, Reason, Scope
 
 __all__ = ["STATEMENT_LIMIT", "PolicyOptions", "rds_reasons", "static_smart_reasons", "carried_reasons", "describe"]
@@ -72,12 +73,12 @@ def rds_reasons(c: Classification, opts: PolicyOptions | None = None) -> list[Re
         if r is not None and e.op == "explain":
             continue    # EXPLAIN EXECUTE only plans a statement the PREPARE pinned already
         if r is None:
-            if k is Kind.SET or k is Kind.ROLE:
+            if k is K.SET or k is K.ROLE:
                 # SET LOCAL / SET LOCAL ROLE end with the transaction: configurable.
                 if e.scope is Scope.LOCAL and not opts.set_local_pins:
                     continue
-                r = Reason.SET if k is Kind.SET else Reason.ROLE
-            elif k is Kind.ADVISORY_LOCK:
+                r = Reason.SET if k is K.SET else Reason.ROLE
+            elif k is K.ADVISORY_LOCK:
                 if e.flag is True:      # _xact_ variants: RDS documents no pin
                     continue
                 r = Reason.ADVISORY_LOCK
@@ -103,33 +104,33 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
     out: list[Reason] = []
     for e in c.effects:
         k = e.kind
-        if k is Kind.PREPARE and opts.sql_prepare == "pin":
+        if k is K.PREPARE and opts.sql_prepare == "pin":
             r = Reason.SQL_PREPARE      # EXECUTE/DEALLOCATE alone do not: the engine pins while any exists
-        elif k is Kind.CREATE_TEMP:
+        elif k is K.CREATE_TEMP:
             if e.flag is True:          # ON COMMIT DROP: gone at the end of the transaction
                 continue
             r = Reason.TEMP_OBJECT
-        elif k is Kind.DECLARE_CURSOR:
+        elif k is K.DECLARE_CURSOR:
             if e.flag is not True:      # WITHOUT HOLD: closed at the end of the transaction
                 continue
             r = Reason.CURSOR
-        elif k is Kind.LISTEN:
+        elif k is K.LISTEN:
             if only_listen(c) or opts.sql_prepare == "pin" or \
                     not any(e.kind in _SQL_PREPARE_KINDS for e in c.effects):
                 continue
             r = Reason.LISTEN       # with SQL PREPARE in one string: the relay carries only one of them
-        elif k is Kind.LOAD:
+        elif k is K.LOAD:
             r = Reason.LOAD
-        elif k is Kind.ADVISORY_LOCK:
+        elif k is K.ADVISORY_LOCK:
             # Session locks only; whether an unlock ends the pin is for the server to say.
             if e.flag is True or e.op not in ("lock", "try_lock"):
                 continue
             r = Reason.ADVISORY_LOCK
-        elif k is Kind.SEQUENCE:
+        elif k is K.SEQUENCE:
             if opts.sequences != "pin":
                 continue
             r = Reason.SEQUENCE
-        elif k is Kind.UNPARSED:
+        elif k is K.UNPARSED:
             r = Reason.UNPARSED
         else:
             continue
@@ -141,7 +142,7 @@ def static_smart_reasons(c: Classification, opts: PolicyOptions | None = None) -
 def only_listen(c: Classification) -> bool:
     """A string of LISTEN/UNLISTEN statements only: smart mode answers it itself."""
     return c.parsed and bool(c.groups) and len(c.groups) == c.statements and \
-        all(g and all(e.kind is Kind.LISTEN or e.kind is Kind.UNLISTEN for e in g) for g in c.groups)
+        all(g and all(e.kind is K.LISTEN or e.kind is K.UNLISTEN for e in g) for g in c.groups)
 
 
 def carried_reasons(c: Classification, opts: PolicyOptions | None = None) -> list[Reason]:

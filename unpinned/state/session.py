@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from unpinned.sql import kinds as K
 from unpinned.sql.effects import Classification, Effect, Kind, Param, Reason, Unknown
 from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_PIN, ClientInfo, PinLog
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
@@ -145,7 +146,7 @@ class Session:
         if not c.effects and c.byte_length <= STATEMENT_LIMIT:
             return None
         for e in c.effects:
-            if (e.kind is Kind.SET or e.kind is Kind.RESET or e.kind is Kind.SET_CONFIG) and \
+            if (e.kind is K.SET or e.kind is K.RESET or e.kind is K.SET_CONFIG) and \
                     isinstance(e.name, str) and "." in e.name:
                 # PostgreSQL makes the placeholder as the statement runs, whatever follows.
                 self.customs.add(e.name)
@@ -160,7 +161,7 @@ class Session:
             self._log(WOULD_PIN, reason, c, protocol, server)
         if self.options.sequences == "carry" and self._seq_at is not None:
             for e in c.effects:
-                if e.kind is Kind.SEQUENCE and e.name in ("currval", "lastval") and \
+                if e.kind is K.SEQUENCE and e.name in ("currval", "lastval") and \
                         (server is None or server.seq_owner is not self):
                     # This session's sequence values are on another server connection, or were
                     # discarded: the server answers as for a session without them (55000 in
@@ -192,14 +193,14 @@ class Session:
         sets: dict[str, bool] = {}      # name -> is_local
         for e in effects:
             k = e.kind
-            if k is Kind.RESET:
+            if k is K.RESET:
                 names = [n for n in startup if n not in _NO_RESET_ALL] if e.name is None else [e.name]
                 is_local = False
-            elif k is Kind.SET and e.value is None:
+            elif k is K.SET and e.value is None:
                 names, is_local = [e.name], e.scope == "local"
                 if is_local and not local:
                     continue
-            elif k is Kind.DISCARD and e.name == "ALL":
+            elif k is K.DISCARD and e.name == "ALL":
                 names, is_local = [n for n in startup if n not in _NO_RESET_ALL], False
             else:
                 continue
@@ -313,7 +314,7 @@ class Session:
 
     def _apply(self, e: Effect, c: Classification, tag: bytes, protocol: str, server) -> None:
         k = e.kind
-        if k is Kind.SET or k is Kind.ROLE:
+        if k is K.SET or k is K.ROLE:
             name = e.name   # for ROLE: "role" or "session_authorization", both GUCs
             if e.scope == "local" or name in _TRANSACTION_GUCS:
                 return
@@ -327,7 +328,7 @@ class Session:
                 self._reset(name)
             else:
                 self._set(name, e.value)
-        elif k is Kind.SET_CONFIG:
+        elif k is K.SET_CONFIG:
             if not isinstance(e.name, str):
                 # Which parameter it sets is only known at run time: nothing to carry it with.
                 self._pin(Reason.SET_CONFIG, c, protocol, server)
@@ -338,12 +339,12 @@ class Session:
                 # error in another column...): the server says what the value is. A NULL value
                 # is a RESET when it runs, which the read-back tells apart by its source.
                 self._set_unknown(e.name.lower())
-        elif k is Kind.RESET:
+        elif k is K.RESET:
             if e.name is None:
                 self._reset_all()
             else:
                 self._reset(e.name)
-        elif k is Kind.DISCARD:
+        elif k is K.DISCARD:
             if e.name == "ALL":
                 self._reset("session_authorization")
                 self._reset("role")
@@ -358,38 +359,38 @@ class Session:
                 self._due(Reason.TEMP_OBJECT, c, protocol)
             elif e.name == "SEQUENCES":
                 self._seq_at = None
-        elif k is Kind.SEQUENCE:
+        elif k is K.SEQUENCE:
             if e.name in ("nextval", "setval"):
                 if self.options.sequences == "pin":
                     self._pin(Reason.SEQUENCE, c, protocol, server)
                 elif server is not None:
                     self._seq_at = (server.id, server.epoch)
                     server.seq_owner = self
-        elif k is Kind.LOAD:
+        elif k is K.LOAD:
             self._pin(Reason.LOAD, c, protocol, server)
-        elif k is Kind.TRANSACTION:
+        elif k is K.TRANSACTION:
             self._transaction(e, tag, server)
-        elif k is Kind.ADVISORY_LOCK:
+        elif k is K.ADVISORY_LOCK:
             if not e.flag:   # _xact_ locks end with the transaction
                 self._due(Reason.ADVISORY_LOCK, c, protocol)
-        elif k is Kind.CREATE_TEMP:
+        elif k is K.CREATE_TEMP:
             if server is not None:
                 # Temp buffers are allocated for the session's life: `SET temp_buffers` fails
                 # there from now on, whatever DISCARD ALL does; no other client may get it.
                 server.retire = "temporary tables used"
             if not e.flag:   # ON COMMIT DROP ends with the transaction
                 self._due(Reason.TEMP_OBJECT, c, protocol)
-        elif k is Kind.DECLARE_CURSOR:
+        elif k is K.DECLARE_CURSOR:
             if e.flag:
                 self._due(Reason.CURSOR, c, protocol)
-        elif k is Kind.LISTEN and self.subscribe is not None and not self.rds:
+        elif k is K.LISTEN and self.subscribe is not None and not self.rds:
             # A LISTEN in a string with other statements: the relay had the server UNLISTEN it
             # at once (relay/carried.py listen_mixed), the proxy listens for the client. Its
             # ReadyForQuery waits for the listening connection (a barrier, frontend/client.py).
             self.subscriptions().op(LISTEN, e.name, False)
             self.listening.barrier_due = True
             self._due(Reason.LISTEN, c, protocol)       # the server says it does not listen
-        elif k is Kind.UNLISTEN and self.listening is not None and not self.rds:
+        elif k is K.UNLISTEN and self.listening is not None and not self.rds:
             # An UNLISTEN that reached the server (in a string with other statements, such as
             # asyncpg's reset): the proxy's own record of the client's channels follows it.
             self.listening.op(UNLISTEN, e.name, False)
@@ -397,7 +398,7 @@ class Session:
                 self._due(Reason.LISTEN, c, protocol)
         else:
             reason = _CHECK_TRIGGERS.get(k)
-            if reason is not None and (k in (Kind.LISTEN, Kind.PREPARE) or reason in self.pins):
+            if reason is not None and (k in (K.LISTEN, K.PREPARE) or reason in self.pins):
                 self._due(reason, c, protocol)
 
     def _due(self, reason: Reason, c: Classification, protocol: str) -> None:

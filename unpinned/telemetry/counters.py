@@ -2,15 +2,11 @@
 increment, not a metrics-library call); ops/metrics.py exports them to Prometheus."""
 from __future__ import annotations
 
-from bisect import bisect_left
-
-# Seconds; from 50 µs to 10 s.
-BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-           2.5, 5.0, 10.0)
+from unpinned.telemetry.buckets import BUCKETS, bucket
 
 
 class Histogram:
-    """A cheap fixed-bucket histogram (observe is a bisect and two additions)."""
+    """A cheap fixed-bucket histogram (observe is a compiled bucket lookup and two additions)."""
     __slots__ = ("counts", "sum", "count")
 
     def __init__(self) -> None:
@@ -19,7 +15,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.counts[bucket(seconds)] += 1
         self.sum += seconds
         self.count += 1
 
