@@ -20,6 +20,8 @@ from unpinned.wire.messages import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
 
 unpack_i32 = m.unpack_i32
+# (A module constant: Kind.X goes through the enum class's __getattr__ hook, ~850 instructions.)
+TRANSACTION = Kind.TRANSACTION
 
 _LIMITS = FRONTEND_LIMITS     # PostgreSQL's longest message of each type
 # Parse, Bind, Describe, Close: names may need rewriting (see _extended).
@@ -48,9 +50,13 @@ class RequestWalk:
         if len(data) > 5 and data[0] == QUERY and self.cin is None and not self.skip_to_sync \
                 and len(data) == 1 + unpack_i32(data, 1)[0]:
             # One whole simple Query, alone in this read (most requests of most clients):
-            # without session effects it goes as it is, with no walk.
+            # without session effects it goes as it is, with no walk. So does a lone BEGIN,
+            # COMMIT, ROLLBACK...: nothing is refused, rewritten or carried for it (the session
+            # engine has it at its CommandComplete), and TPC-B-like clients send two of each
+            # transaction.
             c = classify(data[5:-1])
-            if not c.effects and c.byte_length <= STATEMENT_LIMIT:
+            if (not c.effects or len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is TRANSACTION) \
+                    and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
                 seq = c._seq    # (no call once its client owns the connection's sequence state)
                 if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):

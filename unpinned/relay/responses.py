@@ -5,18 +5,21 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL,
-    R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
+    BIND_FORWARD, CHECK, DESC_PORTAL_FORWARD, EXTENDED, FORWARD, HIDE, PARSE_FORWARD, PRELUDE, QUERY_CHECK,
+    QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC,
+    R_SYNTH, SHAPE, SWALLOW, SYNC_FORWARD, TERMINALS, Pending, StatementRun)
 from unpinned.relay.prepared_view import CarriedRun, carried_error
 from unpinned.relay.restore import unshift_position
+from unpinned.sql.effects import Kind
 from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
-from unpinned.wire.framing import answer_types, query_answer_completes
+from unpinned.wire.framing import answer_types, query_answer_completes, unnamed_answer_completes
 from unpinned.wire.messages import (
     COMMAND_COMPLETE, COPY_DATA, DATA_ROW, ERROR_RESPONSE, NOTICE_RESPONSE, NOTIFICATION_RESPONSE,
     PARAMETER_STATUS, READY_FOR_QUERY)
 
 unpack_i32 = m.unpack_i32
+TRANSACTION = Kind.TRANSACTION     # (Kind.X goes through the enum class's __getattr__ hook)
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
 _DISCARDED = m.command_complete("DISCARD SEQUENCES") + m.ready_for_query(b"I")
@@ -32,12 +35,14 @@ class ResponseWalk:
     def from_server(self, data: bytes) -> bytes:
         queue = self.queue
         if len(queue) == 1 and not self.sbuf and data[-6:-1] == _READY_HEAD:
-            # The whole answer to one simple Query with no session effects, in one read (most
-            # transactions of most clients): walked for its message types only.
+            # The whole answer to one simple Query with no session effects, or of one transaction
+            # control statement alone, in one read (most transactions of most clients): walked
+            # for its message types only.
             head = queue[0]
             c = head.payload
-            if head.kind == R_QUERY and head.action == FORWARD and c is not None and not c.groups \
-                    and c.parsed and self.session.seen is None:
+            if head.kind == R_QUERY and head.action == FORWARD and c is not None and c.parsed \
+                    and self.session.seen is None and (not c.groups or len(c.groups) == 1 and len(c.effects) == 1
+                                                       and c.effects[0].kind is TRANSACTION):
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
@@ -188,9 +193,20 @@ class ResponseWalk:
 
     def _plain_answer(self, data: bytes, stmt: StatementRun) -> bytes | None:
         """from_server for `data` that ends with a ReadyForQuery, when the one request in flight
-        is a simple Query without session effects. None: not that case (an error, a parameter
-        report, COPY, ...), the general walk decides."""
+        is a simple Query without session effects, or of one transaction control statement.
+        None: not that case (an error, a parameter report, COPY, ...), the general walk decides."""
         last = len(data) - 6
+        c = stmt.payload
+        if c.groups:
+            # BEGIN, COMMIT, ROLLBACK... alone: taken here only when answered by its CommandComplete
+            # alone (a warning, a parameter report, an error: the general walk), which the session
+            # engine applies as _complete would.
+            if data[0] != COMMAND_COMPLETE or 1 + unpack_i32(data, 1)[0] != last:
+                return None
+            self.queue.popleft()
+            stmt.count = 1
+            self.session.transaction_completed(c.effects[0], data[5:last - 1], self.server)
+            return self._settled(data, last)
         completes = query_answer_completes(data, last)  # (what such an answer may hold: see there)
         if completes < 0:
             return None     # the tail only looked like a ReadyForQuery, or an answer for the general walk
@@ -206,6 +222,20 @@ class ResponseWalk:
         queue = self.queue
         last = len(data) - 6
         nq = len(queue) - 1     # requests before the Sync
+        if (nq == 3 or nq == 4 and queue[2] is DESC_PORTAL_FORWARD) and queue[0] is PARSE_FORWARD \
+                and queue[1] is BIND_FORWARD and queue[nq] is SYNC_FORWARD:
+            # The queue of one batch on the unnamed statement (requests.py _unnamed_batch, most
+            # drivers' every query): matched by one call, without the loop below.
+            run = queue[nq - 1]
+            c = run.payload
+            if run.kind != R_EXEC or run.action != FORWARD or c is None or c.groups or not c.parsed:
+                return None
+            completes = unnamed_answer_completes(data, last, nq == 4)
+            if completes < 0:
+                return None
+            queue.clear()
+            run.count += completes
+            return self._settled(data, last)
         types = answer_types(data, last)    # DataRow, NoticeResponse, NotificationResponse ride along
         if types is None or len(types) != nq or queue[nq].action != FORWARD:
             return None
@@ -234,7 +264,11 @@ class ResponseWalk:
         if self._ready(data[-1:], FORWARD):
             self.queue.append(Pending(R_SYNTH, FORWARD, data[last:]))
             data = data[:last]
-        self.releasable = self.can_release
+            self.releasable = False
+        else:
+            # Relay.can_release, without the property call.
+            self.releasable = not self.queue and self.status == b"I" and not self.batch_open \
+                and not self.session.pins and self.held is None and not (self.cin and self.cin.streaming)
         return data
 
     def _complete(self, stmt: Pending, tag: bytes) -> bool:
@@ -278,8 +312,11 @@ class ResponseWalk:
                 return True
         # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
         # server back to its own defaults where the client has startup values: set them again.
-        if status == b"I" and not session.pins and (not session.startup or self.server.params == session.params):
-            return False        # (resync_sql's own first test, without the call)
+        if status == b"I":
+            if not session.pins and (not session.startup or self.server.params == session.params):
+                return False    # (resync_sql's own first tests, without the call)
+        elif status == b"E" or session._w_params is None:
+            return False        # (the same inside a transaction: nothing set in it so far)
         sql = session.resync_sql(self.server, status)
         if sql:
             self.queue.append(QUERY_PRELUDE)

@@ -230,6 +230,13 @@ class Session:
             self._apply(e, c, tag, protocol, server)
         self._restored = False
 
+    def transaction_completed(self, e: Effect, tag: bytes, server) -> None:
+        """`completed` for a string of one transaction control statement (BEGIN, COMMIT,
+        ROLLBACK, ...: the relay's fast walk): its one effect applied, without the rest, which
+        only statements with other effects need (the lexing state is set again at the next
+        string's first statement, the server hint before each effect applied)."""
+        self._transaction(e, tag, server)
+
     def failed(self) -> None:
         self._query_failed = True
 
