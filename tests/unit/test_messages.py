@@ -244,6 +244,21 @@ def test_answer_helpers_read_headers_as_struct_does():
         assert query_answer_completes(data, last) == (want.count(b"C") if plain else -1)
 
 
+def test_query_text_is_the_text_of_one_whole_query_only():
+    import random
+    from unpinned.wire.framing import query_text
+    q = m.query("SELECT 1")
+    assert query_text(q) == b"SELECT 1" and query_text(m.query("")) == b""
+    rng = random.Random(19)
+    for _ in range(2000):
+        data = rng.choice((q, q + q, q[:-1], m.message(b"P", b"\x00SELECT 1\x00\x00\x00"), b"Q\x00\x00\x00\x04",
+                           b"Q\xff\xff\xff\xff" + b"x" * 3, b"", b"Q"))
+        if rng.random() < 0.3:
+            data = bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.1 else b for b in data)
+        whole = len(data) > 5 and data[0] == 81 and len(data) == 1 + struct.unpack("!i", data[1:5])[0]
+        assert query_text(data) == (data[5:-1] if whole else None)
+
+
 def test_unnamed_answer_matches_the_batch_in_order():
     import random
     import re

@@ -15,13 +15,14 @@ from unpinned.sql.sequences import SEQUENCES
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
-from unpinned.wire.framing import FRONTEND_LIMITS, unnamed_batch
+from unpinned.wire.framing import FRONTEND_LIMITS, query_text, unnamed_batch
 from unpinned.wire.messages import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
 
 unpack_i32 = m.unpack_i32
-# (A module constant: Kind.X goes through the enum class's __getattr__ hook, ~850 instructions.)
-TRANSACTION = Kind.TRANSACTION
+# Kind members as module constants: on Python 3.11 `Kind.X` goes through the enum class's
+# __getattr__ hook, ten times the cost of a global.
+_TRANSACTION, _PREPARED_VIEW, _DEALLOCATE = Kind.TRANSACTION, Kind.PREPARED_VIEW, Kind.DEALLOCATE
 
 _LIMITS = FRONTEND_LIMITS     # PostgreSQL's longest message of each type
 # Parse, Bind, Describe, Close: names may need rewriting (see _extended).
@@ -47,15 +48,14 @@ class RequestWalk:
                 else:
                     self.cin.chunks.append(data)
             return b""
-        if len(data) > 5 and data[0] == QUERY and self.cin is None and not self.skip_to_sync \
-                and len(data) == 1 + unpack_i32(data, 1)[0]:
+        if self.cin is None and not self.skip_to_sync and (text := query_text(data)) is not None:
             # One whole simple Query, alone in this read (most requests of most clients):
             # without session effects it goes as it is, with no walk. So does a lone BEGIN,
             # COMMIT, ROLLBACK...: nothing is refused, rewritten or carried for it (the session
             # engine has it at its CommandComplete), and TPC-B-like clients send two of each
             # transaction.
-            c = classify(data[5:-1])
-            if (not c.effects or len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is TRANSACTION) \
+            c = classify(text)
+            if (not c.effects or len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is _TRANSACTION) \
                     and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
                 seq = c._seq    # (no call once its client owns the connection's sequence state)
@@ -364,7 +364,7 @@ class RequestWalk:
         answer = carried.listen_query(self, c)
         if answer is None:
             answer = carried.sql_prepare_query(self, c, raw)
-        if answer is None and any(e.kind is Kind.PREPARED_VIEW for e in c.effects):
+        if answer is None and any(e.kind is _PREPARED_VIEW for e in c.effects):
             answer = prepared_view.view_query(self, c, raw)
         if answer is None:
             answer = carried.listen_mixed(self, c, raw)
@@ -373,7 +373,7 @@ class RequestWalk:
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
         # knows them under other names, so the proxy forgets them itself.
         effects = c.effects
-        if effects and all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
+        if effects and all(e.kind is _DEALLOCATE and e.name is not None and e.name.encode() in self.statements
                for e in effects):
             for e in effects:
                 self.statements.pop(e.name.encode(), None)

@@ -19,7 +19,7 @@ from unpinned.wire.messages import (
     PARAMETER_STATUS, READY_FOR_QUERY)
 
 unpack_i32 = m.unpack_i32
-TRANSACTION = Kind.TRANSACTION     # (Kind.X goes through the enum class's __getattr__ hook)
+_TRANSACTION = Kind.TRANSACTION    # (Kind.X goes through the enum class's __getattr__ hook: slow)
 
 _READY_HEAD = b"Z\x00\x00\x00\x05"
 _DISCARDED = m.command_complete("DISCARD SEQUENCES") + m.ready_for_query(b"I")
@@ -42,7 +42,7 @@ class ResponseWalk:
             c = head.payload
             if head.kind == R_QUERY and head.action == FORWARD and c is not None and c.parsed \
                     and self.session.seen is None and (not c.groups or len(c.groups) == 1 and len(c.effects) == 1
-                                                       and c.effects[0].kind is TRANSACTION):
+                                                       and c.effects[0].kind is _TRANSACTION):
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
@@ -261,14 +261,26 @@ class ResponseWalk:
     def _settled(self, data: bytes, last: int) -> bytes:
         """The end of a fast walk: the ReadyForQuery at `last` settles the session. As in the
         general walk, the client's ReadyForQuery waits while a check of the server runs."""
-        if self._ready(data[-1:], FORWARD):
+        # (_ready's FORWARD case, without the call: once per statement)
+        status = data[-1:]
+        server = self.server
+        self.status = server.status = status
+        session = self.session
+        sql = session.ready(status, server)
+        if sql is not None:
+            self.queue.append(QUERY_CHECK)
+            self.to_server.append(m.query(sql))
             self.queue.append(Pending(R_SYNTH, FORWARD, data[last:]))
-            data = data[:last]
             self.releasable = False
-        else:
-            # Relay.can_release, without the property call.
-            self.releasable = not self.queue and self.status == b"I" and not self.batch_open \
-                and not self.session.pins and self.held is None and not (self.cin and self.cin.streaming)
+            return data[:last]
+        if status == b"I":
+            if session.pins or session.startup and server.params != session.params:
+                self._resync(status)
+        elif status == b"T" and session._w_params is not None:
+            self._resync(status)
+        # Relay.can_release, without the property call.
+        self.releasable = not self.queue and status == b"I" and not self.batch_open \
+            and not session.pins and self.held is None and not (self.cin and self.cin.streaming)
         return data
 
     def _complete(self, stmt: Pending, tag: bytes) -> bool:
@@ -317,11 +329,14 @@ class ResponseWalk:
                 return False    # (resync_sql's own first tests, without the call)
         elif status == b"E" or session._w_params is None:
             return False        # (the same inside a transaction: nothing set in it so far)
-        sql = session.resync_sql(self.server, status)
+        self._resync(status)
+        return False
+
+    def _resync(self, status: bytes) -> None:
+        sql = self.session.resync_sql(self.server, status)
         if sql:
             self.queue.append(QUERY_PRELUDE)
             self.to_server.append(m.query(sql))
-        return False
 
     def _abandon(self, entry: Pending) -> None:
         """A request that failed or that the server skipped after an error.

@@ -50,6 +50,11 @@ _CHECK_TRIGGERS: dict[Kind, Reason] = {
     Kind.ADVISORY_LOCK: Reason.ADVISORY_LOCK,
     Kind.PREPARE: Reason.SQL_PREPARE, Kind.DEALLOCATE: Reason.SQL_PREPARE,
 }
+# Kind members as globals: `Kind.X` goes through the enum class's __getattr__ hook (10x the cost).
+_SET, _RESET, _SET_CONFIG, _ROLE, _DISCARD = Kind.SET, Kind.RESET, Kind.SET_CONFIG, Kind.ROLE, Kind.DISCARD
+_SEQUENCE, _LOAD, _TRANSACTION, _ADVISORY_LOCK = Kind.SEQUENCE, Kind.LOAD, Kind.TRANSACTION, Kind.ADVISORY_LOCK
+_CREATE_TEMP, _DECLARE_CURSOR, _PREPARE = Kind.CREATE_TEMP, Kind.DECLARE_CURSOR, Kind.PREPARE
+_LISTEN, _UNLISTEN = Kind.LISTEN, Kind.UNLISTEN
 # GUCs that only ever last for the transaction, whatever the SET says.
 _TRANSACTION_GUCS = frozenset(("transaction_isolation", "transaction_read_only", "transaction_deferrable"))
 # GUCs whose new value depends on the old one (SET DateStyle = ISO keeps the field order):
@@ -142,7 +147,7 @@ class Session:
         if not c.effects and c.byte_length <= STATEMENT_LIMIT:
             return None
         for e in c.effects:
-            if (e.kind is Kind.SET or e.kind is Kind.RESET or e.kind is Kind.SET_CONFIG) and \
+            if (e.kind is _SET or e.kind is _RESET or e.kind is _SET_CONFIG) and \
                     isinstance(e.name, str) and "." in e.name:
                 # PostgreSQL makes the placeholder as the statement runs, whatever follows.
                 self.customs.add(e.name)
@@ -157,7 +162,7 @@ class Session:
             self._log(WOULD_PIN, reason, c, protocol, server)
         if self.options.sequences == "carry" and self._seq_at is not None:
             for e in c.effects:
-                if e.kind is Kind.SEQUENCE and e.name in ("currval", "lastval") and \
+                if e.kind is _SEQUENCE and e.name in ("currval", "lastval") and \
                         (server is None or server.seq_owner is not self):
                     # This session's sequence values are on another server connection, or were
                     # discarded: the server answers as for a session without them (55000 in
@@ -189,14 +194,14 @@ class Session:
         sets: dict[str, bool] = {}      # name -> is_local
         for e in effects:
             k = e.kind
-            if k is Kind.RESET:
+            if k is _RESET:
                 names = [n for n in startup if n not in _NO_RESET_ALL] if e.name is None else [e.name]
                 is_local = False
-            elif k is Kind.SET and e.value is None:
+            elif k is _SET and e.value is None:
                 names, is_local = [e.name], e.scope == "local"
                 if is_local and not local:
                     continue
-            elif k is Kind.DISCARD and e.name == "ALL":
+            elif k is _DISCARD and e.name == "ALL":
                 names, is_local = [n for n in startup if n not in _NO_RESET_ALL], False
             else:
                 continue
@@ -231,10 +236,8 @@ class Session:
         self._restored = False
 
     def transaction_completed(self, e: Effect, tag: bytes, server) -> None:
-        """`completed` for a string of one transaction control statement (BEGIN, COMMIT,
-        ROLLBACK, ...: the relay's fast walk): its one effect applied, without the rest, which
-        only statements with other effects need (the lexing state is set again at the next
-        string's first statement, the server hint before each effect applied)."""
+        """`completed` for a string of one transaction control statement (the relay's fast walk):
+        only its effect, which needs neither the lexing state nor the server hint."""
         self._transaction(e, tag, server)
 
     def failed(self) -> None:
@@ -317,7 +320,7 @@ class Session:
 
     def _apply(self, e: Effect, c: Classification, tag: bytes, protocol: str, server) -> None:
         k = e.kind
-        if k is Kind.SET or k is Kind.ROLE:
+        if k is _SET or k is _ROLE:
             name = e.name   # for ROLE: "role" or "session_authorization", both GUCs
             if e.scope == "local" or name in _TRANSACTION_GUCS:
                 return
@@ -331,7 +334,7 @@ class Session:
                 self._reset(name)
             else:
                 self._set(name, e.value)
-        elif k is Kind.SET_CONFIG:
+        elif k is _SET_CONFIG:
             if not isinstance(e.name, str):
                 # Which parameter it sets is only known at run time: nothing to carry it with.
                 self._pin(Reason.SET_CONFIG, c, protocol, server)
@@ -342,12 +345,12 @@ class Session:
                 # error in another column...): the server says what the value is. A NULL value
                 # is a RESET when it runs, which the read-back tells apart by its source.
                 self._set_unknown(e.name.lower())
-        elif k is Kind.RESET:
+        elif k is _RESET:
             if e.name is None:
                 self._reset_all()
             else:
                 self._reset(e.name)
-        elif k is Kind.DISCARD:
+        elif k is _DISCARD:
             if e.name == "ALL":
                 self._reset("session_authorization")
                 self._reset("role")
@@ -362,38 +365,38 @@ class Session:
                 self._due(Reason.TEMP_OBJECT, c, protocol)
             elif e.name == "SEQUENCES":
                 self._seq_at = None
-        elif k is Kind.SEQUENCE:
+        elif k is _SEQUENCE:
             if e.name in ("nextval", "setval"):
                 if self.options.sequences == "pin":
                     self._pin(Reason.SEQUENCE, c, protocol, server)
                 elif server is not None:
                     self._seq_at = (server.id, server.epoch)
                     server.seq_owner = self
-        elif k is Kind.LOAD:
+        elif k is _LOAD:
             self._pin(Reason.LOAD, c, protocol, server)
-        elif k is Kind.TRANSACTION:
+        elif k is _TRANSACTION:
             self._transaction(e, tag, server)
-        elif k is Kind.ADVISORY_LOCK:
+        elif k is _ADVISORY_LOCK:
             if not e.flag:   # _xact_ locks end with the transaction
                 self._due(Reason.ADVISORY_LOCK, c, protocol)
-        elif k is Kind.CREATE_TEMP:
+        elif k is _CREATE_TEMP:
             if server is not None:
                 # Temp buffers are allocated for the session's life: `SET temp_buffers` fails
                 # there from now on, whatever DISCARD ALL does; no other client may get it.
                 server.retire = "temporary tables used"
             if not e.flag:   # ON COMMIT DROP ends with the transaction
                 self._due(Reason.TEMP_OBJECT, c, protocol)
-        elif k is Kind.DECLARE_CURSOR:
+        elif k is _DECLARE_CURSOR:
             if e.flag:
                 self._due(Reason.CURSOR, c, protocol)
-        elif k is Kind.LISTEN and self.subscribe is not None and not self.rds:
+        elif k is _LISTEN and self.subscribe is not None and not self.rds:
             # A LISTEN in a string with other statements: the relay had the server UNLISTEN it
             # at once (relay/carried.py listen_mixed), the proxy listens for the client. Its
             # ReadyForQuery waits for the listening connection (a barrier, frontend/client.py).
             self.subscriptions().op(LISTEN, e.name, False)
             self.listening.barrier_due = True
             self._due(Reason.LISTEN, c, protocol)       # the server says it does not listen
-        elif k is Kind.UNLISTEN and self.listening is not None and not self.rds:
+        elif k is _UNLISTEN and self.listening is not None and not self.rds:
             # An UNLISTEN that reached the server (in a string with other statements, such as
             # asyncpg's reset): the proxy's own record of the client's channels follows it.
             self.listening.op(UNLISTEN, e.name, False)
@@ -401,7 +404,7 @@ class Session:
                 self._due(Reason.LISTEN, c, protocol)
         else:
             reason = _CHECK_TRIGGERS.get(k)
-            if reason is not None and (k in (Kind.LISTEN, Kind.PREPARE) or reason in self.pins):
+            if reason is not None and (k in (_LISTEN, _PREPARE) or reason in self.pins):
                 self._due(reason, c, protocol)
 
     def _due(self, reason: Reason, c: Classification, protocol: str) -> None:

@@ -85,6 +85,16 @@ def unnamed_batch(data: bytes) -> tuple[bytes, bool] | None:
     return data[6:qend], described
 
 
+def query_text(data: bytes) -> bytes | None:
+    """The text of the simple Query that `data` is, exactly and whole (type, length, text, its
+    terminating zero byte), without that zero byte; None for anything else. The relay's first
+    test of a client's read, in one call."""
+    n = len(data)
+    if n < 6 or data[0] != 81 or 1 + _length(data, 0) != n:
+        return None
+    return data[5:n - 1]
+
+
 def answer_types(data: bytes, last: int) -> bytes | None:
     """The type bytes of the messages in data[:last] that answer a request, leaving out those
     that ride along with any answer (DataRow, NoticeResponse, NotificationResponse); None if
