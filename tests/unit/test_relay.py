@@ -944,17 +944,27 @@ TXN_SCRIPTS = [
 ]
 
 
+def _as_batch(query: str, answer: bytes) -> tuple[bytes, bytes]:
+    """The same statement through the extended protocol, as most drivers send it."""
+    return (parse(b"", query.encode()) + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+            P1 + B2 + NO_DATA + answer if answer[:1] != b"E" else P1 + B2 + answer)
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 @pytest.mark.parametrize("script,work_mem", TXN_SCRIPTS)
-def test_fast_walk_of_transaction_control_keeps_the_session_as_the_general_walk(script, work_mem, monkeypatch):
+def test_fast_walk_of_transaction_control_keeps_the_session_as_the_general_walk(script, work_mem, protocol,
+                                                                              monkeypatch):
     results = []
     for general_only in (False, True):
         relay = make_relay(StatementRegistry(), mode="smart")
         server = ServerState()
         relay.attach(server)
-        taken = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
+        taken = _watch_fast_walk(monkeypatch, "_plain_answer" if protocol == "simple" else "_plain_batch",
+                                 general_only)
         outs = []
         for query, answer in script:
-            outs.append((relay.from_client(m.query(query)), relay.from_server(answer) + drained(relay)))
+            request, answer = (m.query(query), answer) if protocol == "simple" else _as_batch(query, answer)
+            outs.append((relay.from_client(request), relay.from_server(answer) + drained(relay)))
         monkeypatch.undo()
         results.append((outs, relay.status, relay.releasable, relay.session.params, server.params,
                         relay.session._savepoints, list(relay.queue)))
@@ -996,6 +1006,14 @@ BATCH_CASES = [
      [False]),
     (parse(b"s2", b"SELECT 1") + describe_stmt(b"s2") + SYNC,
      [PREPARED + m.message(b"t", b"\x00\x00") + T_A + ZI], [False]),
+    # Transaction control alone: only when its CommandComplete is all the Execute's answer.
+    (parse(b"", b"BEGIN") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC, [P1 + B2 + NO_DATA + cc("BEGIN") + ZT],
+     [True]),
+    (parse(b"", b"COMMIT") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + cc("ROLLBACK") + ZI], [True]),
+    (parse(b"", b"BEGIN") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + NO_DATA + m.notice_response("there is already a transaction in progress") + cc("BEGIN") + ZT], [False]),
+    (parse(b"", b"ROLLBACK") + bind(b"", b"") + execute() + SYNC,
+     [P1 + B2 + m.parameter_status("TimeZone", "UTC") + cc("ROLLBACK") + ZI], [False]),
 ]
 
 

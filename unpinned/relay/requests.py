@@ -267,14 +267,16 @@ class RequestWalk:
     def _unnamed_batch(self, data: bytes) -> bytes | None:
         """from_client for `data` that is one whole batch on the unnamed statement and portal
         (Parse, Bind, Describe, Execute, Sync: most drivers' every query; framing.unnamed_batch)
-        whose statement has no session effects: the queue entries the message loop below would
-        make, without the loop. None: not that case, the loop decides."""
+        whose statement has no session effects, or is one transaction control statement: the
+        queue entries the message loop below would make, without the loop. None: not that
+        case, the loop decides."""
         batch = unnamed_batch(data)
         if batch is None:
             return None
         c = classify(batch[0])
-        if c.effects or c.byte_length > STATEMENT_LIMIT or c.groups:
-            return None
+        if c.effects and not (len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is _TRANSACTION) \
+                or c.byte_length > STATEMENT_LIMIT:
+            return None     # (transaction control alone: nothing to refuse, rewrite or carry, as in from_client)
         self.unnamed_c = c
         self.portal_c[b""] = c
         seq = c._seq    # sequence values or PL/pgSQL left for the next client (see from_client)

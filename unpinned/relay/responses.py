@@ -228,11 +228,23 @@ class ResponseWalk:
             # drivers' every query): matched by one call, without the loop below.
             run = queue[nq - 1]
             c = run.payload
-            if run.kind != R_EXEC or run.action != FORWARD or c is None or c.groups or not c.parsed:
+            if run.kind != R_EXEC or run.action != FORWARD or c is None or not c.parsed:
                 return None
             completes = unnamed_answer_completes(data, last, nq == 4)
             if completes < 0:
                 return None
+            if c.groups:
+                # Transaction control alone, as in _plain_answer: its CommandComplete right after
+                # the ParseComplete, BindComplete and NoData (5 bytes each), nothing riding along.
+                at = 5 * nq - 5
+                if len(c.groups) != 1 or len(c.effects) != 1 or c.effects[0].kind is not _TRANSACTION \
+                        or run.restored is not None or data[at] != COMMAND_COMPLETE \
+                        or at + 1 + unpack_i32(data, at + 1)[0] != last:
+                    return None
+                queue.clear()
+                run.count = 1
+                self.session.transaction_completed(c.effects[0], data[at + 5:last - 1], self.server)
+                return self._settled(data, last)
             queue.clear()
             run.count += completes
             return self._settled(data, last)
