@@ -244,6 +244,46 @@ def test_answer_helpers_read_headers_as_struct_does():
         assert query_answer_completes(data, last) == (want.count(b"C") if plain else -1)
 
 
+def test_query_text_is_the_text_of_one_whole_query_only():
+    import random
+    from unpinned.wire.framing import query_text
+    q = m.query("SELECT 1")
+    assert query_text(q) == b"SELECT 1" and query_text(m.query("")) == b""
+    rng = random.Random(19)
+    for _ in range(2000):
+        data = rng.choice((q, q + q, q[:-1], m.message(b"P", b"\x00SELECT 1\x00\x00\x00"), b"Q\x00\x00\x00\x04",
+                           b"Q\xff\xff\xff\xff" + b"x" * 3, b"", b"Q"))
+        if rng.random() < 0.3:
+            data = bytes(b ^ (1 << rng.randrange(8)) if rng.random() < 0.1 else b for b in data)
+        whole = len(data) > 5 and data[0] == 81 and len(data) == 1 + struct.unpack("!i", data[1:5])[0]
+        assert query_text(data) == (data[5:-1] if whole else None)
+
+
+def test_unnamed_answer_matches_the_batch_in_order():
+    import random
+    import re
+    from unpinned.wire.framing import unnamed_answer_completes
+    rng = random.Random(18)
+    seen = set()
+    for _ in range(3000):
+        # Mostly the answer's own shape, with riders and a wrong or missing type now and then.
+        types = [b"1", b"2", rng.choice((b"T", b"n", b"")), rng.choice((b"C", b"I", b"s", b"C"))]
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            types.insert(rng.randrange(len(types) + 1), rng.choice((b"D", b"N", b"A", b"E", b"Z", b"3", b"t")))
+        if rng.random() < 0.2:
+            types.pop(rng.randrange(len(types)))
+        data = b"".join(m.message(t, rng.randbytes(rng.choice((0, 1, 5, 300)))) for t in types if t) + m.READY_IDLE
+        last = len(data) - 6 - rng.choice((0, 0, 0, 0, 1))
+        want = _reference_types(data, last)
+        for described in (False, True):
+            shape = b"12[Tn][CIs]" if described else b"12[CIs]"
+            ok = want is not None and re.fullmatch(shape, want) is not None
+            got = unnamed_answer_completes(data, last, described)
+            assert got == (int(want.endswith(b"C")) if ok else -1)
+            seen.add(got)
+    assert seen == {-1, 0, 1}
+
+
 def test_unnamed_batch_declines_lengths_past_the_limits():
     from unpinned.wire.framing import unnamed_batch
     parse = m.message(b"P", b"\x00SELECT 1\x00\x00\x00")

@@ -858,6 +858,15 @@ PLAIN_CASES = [
     # A read that ends inside a row whose bytes look like a ReadyForQuery: declined, buffered.
     ("SELECT 1", [m.row_description(["a"]) + _TRICK_ROW, cc("SELECT 1") + ZI], [False, True]),
     ("SELECT 1", [m.row_description(["a"]) + row(1), cc("SELECT 1") + ZI], [True]),
+    # Transaction control alone: only when its CommandComplete is all the answer.
+    ("BEGIN", [cc("BEGIN") + ZT], [True]),
+    ("start transaction isolation level serializable", [cc("BEGIN") + ZT], [True]),
+    ("COMMIT", [cc("COMMIT") + ZI], [True]),
+    ("END", [cc("ROLLBACK") + ZI], [True]),
+    ("BEGIN", [m.notice_response("there is already a transaction in progress") + cc("BEGIN") + ZT], [False]),
+    ("ROLLBACK", [m.parameter_status("TimeZone", "UTC") + cc("ROLLBACK") + ZI], [False]),
+    ("COMMIT", [err("40001", "could not serialize") + ZI], [False]),
+    ("BEGIN; SELECT 1", [cc("BEGIN") + m.row_description(["a"]) + row(1) + cc("SELECT 1") + ZT], []),
 ]
 
 
@@ -921,6 +930,50 @@ def test_fast_walk_holds_ready_for_query_while_a_check_runs(registry, monkeypatc
     assert outs[0] == outs[1]
 
 
+_SET8 = ("SET work_mem = '8MB'", cc("SET") + ZT)
+TXN_SCRIPTS = [
+    # (client's queries, with each answer; work_mem the session has at the end): a parameter set
+    # in a transaction that commits, rolls back, or fails and is ended by COMMIT (tag ROLLBACK);
+    # a savepoint rolled back to.
+    ([("BEGIN", cc("BEGIN") + ZT), _SET8, ("COMMIT", cc("COMMIT") + ZI)], "8MB"),
+    ([("BEGIN", cc("BEGIN") + ZT), _SET8, ("ROLLBACK", cc("ROLLBACK") + ZI)], None),
+    ([("BEGIN", cc("BEGIN") + ZT), _SET8, ("SELECT x", err() + ZE), ("COMMIT", cc("ROLLBACK") + ZI)], None),
+    ([("BEGIN", cc("BEGIN") + ZT), _SET8, ("SAVEPOINT a", cc("SAVEPOINT") + ZT),
+      ("SET work_mem = '9MB'", cc("SET") + ZT), ("ROLLBACK TO a", cc("ROLLBACK") + ZT), ("END", cc("COMMIT") + ZI)],
+     "8MB"),
+]
+
+
+def _as_batch(query: str, answer: bytes) -> tuple[bytes, bytes]:
+    """The same statement through the extended protocol, as most drivers send it."""
+    return (parse(b"", query.encode()) + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+            P1 + B2 + NO_DATA + answer if answer[:1] != b"E" else P1 + B2 + answer)
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+@pytest.mark.parametrize("script,work_mem", TXN_SCRIPTS)
+def test_fast_walk_of_transaction_control_keeps_the_session_as_the_general_walk(script, work_mem, protocol,
+                                                                              monkeypatch):
+    results = []
+    for general_only in (False, True):
+        relay = make_relay(StatementRegistry(), mode="smart")
+        server = ServerState()
+        relay.attach(server)
+        taken = _watch_fast_walk(monkeypatch, "_plain_answer" if protocol == "simple" else "_plain_batch",
+                                 general_only)
+        outs = []
+        for query, answer in script:
+            request, answer = (m.query(query), answer) if protocol == "simple" else _as_batch(query, answer)
+            outs.append((relay.from_client(request), relay.from_server(answer) + drained(relay)))
+        monkeypatch.undo()
+        results.append((outs, relay.status, relay.releasable, relay.session.params, server.params,
+                        relay.session._savepoints, list(relay.queue)))
+        if not general_only:
+            assert taken[0] and taken[-1]       # BEGIN and the last statement took the fast walk
+    assert results[0] == results[1]
+    assert results[0][3].get("work_mem") == work_mem and results[0][1] == b"I" and results[0][2]
+
+
 def test_verify_mode_still_sees_every_statement(registry, monkeypatch):
     _, _, _, fast = _run_plain("SELECT 42", [m.row_description(["a"]) + row(42) + cc("SELECT 1") + ZI],
                                False, monkeypatch, verify=True)
@@ -953,6 +1006,14 @@ BATCH_CASES = [
      [False]),
     (parse(b"s2", b"SELECT 1") + describe_stmt(b"s2") + SYNC,
      [PREPARED + m.message(b"t", b"\x00\x00") + T_A + ZI], [False]),
+    # Transaction control alone: only when its CommandComplete is all the Execute's answer.
+    (parse(b"", b"BEGIN") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC, [P1 + B2 + NO_DATA + cc("BEGIN") + ZT],
+     [True]),
+    (parse(b"", b"COMMIT") + bind(b"", b"") + execute() + SYNC, [P1 + B2 + cc("ROLLBACK") + ZI], [True]),
+    (parse(b"", b"BEGIN") + bind(b"", b"") + DESCRIBE_PORTAL + execute() + SYNC,
+     [P1 + B2 + NO_DATA + m.notice_response("there is already a transaction in progress") + cc("BEGIN") + ZT], [False]),
+    (parse(b"", b"ROLLBACK") + bind(b"", b"") + execute() + SYNC,
+     [P1 + B2 + m.parameter_status("TimeZone", "UTC") + cc("ROLLBACK") + ZI], [False]),
 ]
 
 

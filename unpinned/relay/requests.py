@@ -10,12 +10,12 @@ from unpinned.relay.pending import (
     FUNC_FORWARD, PARSE_FORWARD, PARSE_SWALLOW, QUERY_QUIET, QUERY_SWALLOW, R_BIND, R_EXEC, R_PARSE,
     R_QUERY, R_SYNTH, READY_NOW, SWALLOW, SYNC_FORWARD, Pending, StatementRun, statement_run)
 from unpinned.sql.classifier import classify, unheld
-from unpinned.sql.effects import Kind
+from unpinned.sql import kinds as K
 from unpinned.sql.sequences import SEQUENCES
 from unpinned.sql.text import raise_sql
 from unpinned.state.policy import STATEMENT_LIMIT
 from unpinned.wire import messages as m
-from unpinned.wire.framing import FRONTEND_LIMITS, unnamed_batch
+from unpinned.wire.framing import FRONTEND_LIMITS, query_text, unnamed_batch
 from unpinned.wire.messages import (
     BIND, CLOSE, COPY_DATA, COPY_DONE, COPY_FAIL, DESCRIBE, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, TERMINATE)
 
@@ -45,12 +45,15 @@ class RequestWalk:
                 else:
                     self.cin.chunks.append(data)
             return b""
-        if len(data) > 5 and data[0] == QUERY and self.cin is None and not self.skip_to_sync \
-                and len(data) == 1 + unpack_i32(data, 1)[0]:
+        if self.cin is None and not self.skip_to_sync and (text := query_text(data)) is not None:
             # One whole simple Query, alone in this read (most requests of most clients):
-            # without session effects it goes as it is, with no walk.
-            c = classify(data[5:-1])
-            if not c.effects and c.byte_length <= STATEMENT_LIMIT:
+            # without session effects it goes as it is, with no walk. So does a lone BEGIN,
+            # COMMIT, ROLLBACK...: nothing is refused, rewritten or carried for it (the session
+            # engine has it at its CommandComplete), and TPC-B-like clients send two of each
+            # transaction.
+            c = classify(text)
+            if (not c.effects or len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is K.TRANSACTION) \
+                    and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
                 seq = c._seq    # (no call once its client owns the connection's sequence state)
                 if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
@@ -261,14 +264,16 @@ class RequestWalk:
     def _unnamed_batch(self, data: bytes) -> bytes | None:
         """from_client for `data` that is one whole batch on the unnamed statement and portal
         (Parse, Bind, Describe, Execute, Sync: most drivers' every query; framing.unnamed_batch)
-        whose statement has no session effects: the queue entries the message loop below would
-        make, without the loop. None: not that case, the loop decides."""
+        whose statement has no session effects, or is one transaction control statement: the
+        queue entries the message loop below would make, without the loop. None: not that
+        case, the loop decides."""
         batch = unnamed_batch(data)
         if batch is None:
             return None
         c = classify(batch[0])
-        if c.effects or c.byte_length > STATEMENT_LIMIT or c.groups:
-            return None
+        if c.effects and not (len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is K.TRANSACTION) \
+                or c.byte_length > STATEMENT_LIMIT:
+            return None     # (transaction control alone: nothing to refuse, rewrite or carry, as in from_client)
         self.unnamed_c = c
         self.portal_c[b""] = c
         seq = c._seq    # sequence values or PL/pgSQL left for the next client (see from_client)
@@ -358,7 +363,7 @@ class RequestWalk:
         answer = carried.listen_query(self, c)
         if answer is None:
             answer = carried.sql_prepare_query(self, c, raw)
-        if answer is None and any(e.kind is Kind.PREPARED_VIEW for e in c.effects):
+        if answer is None and any(e.kind is K.PREPARED_VIEW for e in c.effects):
             answer = prepared_view.view_query(self, c, raw)
         if answer is None:
             answer = carried.listen_mixed(self, c, raw)
@@ -367,7 +372,7 @@ class RequestWalk:
         # DEALLOCATE of protocol-level statement names (psycopg 3 does this): the server
         # knows them under other names, so the proxy forgets them itself.
         effects = c.effects
-        if effects and all(e.kind is Kind.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
+        if effects and all(e.kind is K.DEALLOCATE and e.name is not None and e.name.encode() in self.statements
                for e in effects):
             for e in effects:
                 self.statements.pop(e.name.encode(), None)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from unpinned.relay import carried
 from unpinned.relay.pending import (
-    CHECK, EXTENDED, FORWARD, HIDE, PRELUDE, QUERY_CHECK, QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL,
-    R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC, R_SYNTH, SHAPE, SWALLOW, TERMINALS, Pending, StatementRun)
+    BIND_FORWARD, CHECK, DESC_PORTAL_FORWARD, EXTENDED, FORWARD, HIDE, PARSE_FORWARD, PRELUDE, QUERY_CHECK,
+    QUERY_DISCARD, QUERY_PRELUDE, QUIET, R_BIND, R_DESC_PORTAL, R_DESC_STMT, R_EXEC, R_FUNC, R_PARSE, R_QUERY, R_SYNC,
+    R_SYNTH, SHAPE, SWALLOW, SYNC_FORWARD, TERMINALS, Pending, StatementRun)
 from unpinned.relay.prepared_view import CarriedRun, carried_error
 from unpinned.relay.restore import unshift_position
+from unpinned.sql import kinds as K
 from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
-from unpinned.wire.framing import answer_types, query_answer_completes
+from unpinned.wire.framing import answer_types, query_answer_completes, unnamed_answer_completes
 from unpinned.wire.messages import (
     COMMAND_COMPLETE, COPY_DATA, DATA_ROW, ERROR_RESPONSE, NOTICE_RESPONSE, NOTIFICATION_RESPONSE,
     PARAMETER_STATUS, READY_FOR_QUERY)
@@ -32,12 +34,14 @@ class ResponseWalk:
     def from_server(self, data: bytes) -> bytes:
         queue = self.queue
         if len(queue) == 1 and not self.sbuf and data[-6:-1] == _READY_HEAD:
-            # The whole answer to one simple Query with no session effects, in one read (most
-            # transactions of most clients): walked for its message types only.
+            # The whole answer to one simple Query with no session effects, or of one transaction
+            # control statement alone, in one read (most transactions of most clients): walked
+            # for its message types only.
             head = queue[0]
             c = head.payload
-            if head.kind == R_QUERY and head.action == FORWARD and c is not None and not c.groups \
-                    and c.parsed and self.session.seen is None:
+            if head.kind == R_QUERY and head.action == FORWARD and c is not None and c.parsed \
+                    and self.session.seen is None and (not c.groups or len(c.groups) == 1 and len(c.effects) == 1
+                                                       and c.effects[0].kind is K.TRANSACTION):
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
@@ -188,9 +192,20 @@ class ResponseWalk:
 
     def _plain_answer(self, data: bytes, stmt: StatementRun) -> bytes | None:
         """from_server for `data` that ends with a ReadyForQuery, when the one request in flight
-        is a simple Query without session effects. None: not that case (an error, a parameter
-        report, COPY, ...), the general walk decides."""
+        is a simple Query without session effects, or of one transaction control statement.
+        None: not that case (an error, a parameter report, COPY, ...), the general walk decides."""
         last = len(data) - 6
+        c = stmt.payload
+        if c.groups:
+            # BEGIN, COMMIT, ROLLBACK... alone: taken here only when answered by its CommandComplete
+            # alone (a warning, a parameter report, an error: the general walk), which the session
+            # engine applies as _complete would.
+            if data[0] != COMMAND_COMPLETE or 1 + unpack_i32(data, 1)[0] != last:
+                return None
+            self.queue.popleft()
+            stmt.count = 1
+            self.session.transaction_completed(c.effects[0], data[5:last - 1], self.server)
+            return self._settled(data, last)
         completes = query_answer_completes(data, last)  # (what such an answer may hold: see there)
         if completes < 0:
             return None     # the tail only looked like a ReadyForQuery, or an answer for the general walk
@@ -206,6 +221,32 @@ class ResponseWalk:
         queue = self.queue
         last = len(data) - 6
         nq = len(queue) - 1     # requests before the Sync
+        if (nq == 3 or nq == 4 and queue[2] is DESC_PORTAL_FORWARD) and queue[0] is PARSE_FORWARD \
+                and queue[1] is BIND_FORWARD and queue[nq] is SYNC_FORWARD:
+            # The queue of one batch on the unnamed statement (requests.py _unnamed_batch, most
+            # drivers' every query): matched by one call, without the loop below.
+            run = queue[nq - 1]
+            c = run.payload
+            if run.kind != R_EXEC or run.action != FORWARD or c is None or not c.parsed:
+                return None
+            completes = unnamed_answer_completes(data, last, nq == 4)
+            if completes < 0:
+                return None
+            if c.groups:
+                # Transaction control alone, as in _plain_answer: its CommandComplete right after
+                # the ParseComplete, BindComplete and NoData (5 bytes each), nothing riding along.
+                at = 5 * nq - 5
+                if len(c.groups) != 1 or len(c.effects) != 1 or c.effects[0].kind is not K.TRANSACTION \
+                        or run.restored is not None or data[at] != COMMAND_COMPLETE \
+                        or at + 1 + unpack_i32(data, at + 1)[0] != last:
+                    return None
+                queue.clear()
+                run.count = 1
+                self.session.transaction_completed(c.effects[0], data[at + 5:last - 1], self.server)
+                return self._settled(data, last)
+            queue.clear()
+            run.count += completes
+            return self._settled(data, last)
         types = answer_types(data, last)    # DataRow, NoticeResponse, NotificationResponse ride along
         if types is None or len(types) != nq or queue[nq].action != FORWARD:
             return None
@@ -231,10 +272,26 @@ class ResponseWalk:
     def _settled(self, data: bytes, last: int) -> bytes:
         """The end of a fast walk: the ReadyForQuery at `last` settles the session. As in the
         general walk, the client's ReadyForQuery waits while a check of the server runs."""
-        if self._ready(data[-1:], FORWARD):
+        # (_ready's FORWARD case, without the call: once per statement)
+        status = data[-1:]
+        server = self.server
+        self.status = server.status = status
+        session = self.session
+        sql = session.ready(status, server)
+        if sql is not None:
+            self.queue.append(QUERY_CHECK)
+            self.to_server.append(m.query(sql))
             self.queue.append(Pending(R_SYNTH, FORWARD, data[last:]))
-            data = data[:last]
-        self.releasable = self.can_release
+            self.releasable = False
+            return data[:last]
+        if status == b"I":
+            if session.pins or session.startup and server.params != session.params:
+                self._resync(status)
+        elif status == b"T" and session._w_params is not None:
+            self._resync(status)
+        # Relay.can_release, without the property call.
+        self.releasable = not self.queue and status == b"I" and not self.batch_open \
+            and not session.pins and self.held is None and not (self.cin and self.cin.streaming)
         return data
 
     def _complete(self, stmt: Pending, tag: bytes) -> bool:
@@ -278,13 +335,19 @@ class ResponseWalk:
                 return True
         # The client keeps this connection (pinned, or in a transaction) and a RESET sent the
         # server back to its own defaults where the client has startup values: set them again.
-        if status == b"I" and not session.pins and (not session.startup or self.server.params == session.params):
-            return False        # (resync_sql's own first test, without the call)
-        sql = session.resync_sql(self.server, status)
+        if status == b"I":
+            if not session.pins and (not session.startup or self.server.params == session.params):
+                return False    # (resync_sql's own first tests, without the call)
+        elif status == b"E" or session._w_params is None:
+            return False        # (the same inside a transaction: nothing set in it so far)
+        self._resync(status)
+        return False
+
+    def _resync(self, status: bytes) -> None:
+        sql = self.session.resync_sql(self.server, status)
         if sql:
             self.queue.append(QUERY_PRELUDE)
             self.to_server.append(m.query(sql))
-        return False
 
     def _abandon(self, entry: Pending) -> None:
         """A request that failed or that the server skipped after an error.

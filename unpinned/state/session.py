@@ -234,6 +234,11 @@ class Session:
             self._apply(e, c, tag, protocol, server)
         self._restored = False
 
+    def transaction_completed(self, e: Effect, tag: bytes, server) -> None:
+        """`completed` for a string of one transaction control statement (the relay's fast walk):
+        only its effect, which needs neither the lexing state nor the server hint."""
+        self._transaction(e, tag, server)
+
     def failed(self) -> None:
         self._query_failed = True
 

@@ -85,6 +85,16 @@ def unnamed_batch(data: bytes) -> tuple[bytes, bool] | None:
     return data[6:qend], described
 
 
+def query_text(data: bytes) -> bytes | None:
+    """The text of the simple Query that `data` is, exactly and whole (type, length, text, its
+    terminating zero byte), without that zero byte; None for anything else. The relay's first
+    test of a client's read, in one call."""
+    n = len(data)
+    if n < 6 or data[0] != 81 or 1 + _length(data, 0) != n:
+        return None
+    return data[5:n - 1]
+
+
 def answer_types(data: bytes, last: int) -> bytes | None:
     """The type bytes of the messages in data[:last] that answer a request, leaving out those
     that ride along with any answer (DataRow, NoticeResponse, NotificationResponse); None if
@@ -100,6 +110,35 @@ def answer_types(data: bytes, last: int) -> bytes | None:
     if pos != last:
         return None
     return bytes(types)
+
+
+def unnamed_answer_completes(data: bytes, last: int, described: bool) -> int:
+    """How many CommandComplete (0 or 1) data[:last] holds, when it is all the answer to one
+    unnamed_batch (see there) in order: ParseComplete, BindComplete, RowDescription or NoData
+    if `described`, then CommandComplete, EmptyQueryResponse or PortalSuspended, with DataRow,
+    NoticeResponse and NotificationResponse riding along anywhere; -1 otherwise. answer_types
+    and the relay's match of each type to its request in one call, for the commonest batch."""
+    step = 0        # answers seen: 0 none, 1 ParseComplete, 2 BindComplete, 3 the Describe's, 4 the Execute's
+    completes = 0
+    pos = 0
+    while pos < last:
+        t = data[pos]
+        if t == 68 or t == 78 or t == 65:
+            pass
+        elif step == 0 and t == 49:
+            step = 1
+        elif step == 1 and t == 50:
+            step = 2 if described else 3
+        elif step == 2 and (t == 84 or t == 110):
+            step = 3
+        elif step == 3 and (t == 67 or t == 73 or t == 115):
+            step = 4
+            if t == 67:
+                completes = 1
+        else:
+            return -1
+        pos += 1 + _length(data, pos)
+    return completes if pos == last and step == 4 else -1
 
 
 def query_answer_completes(data: bytes, last: int) -> int:
