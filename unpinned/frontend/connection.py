@@ -81,6 +81,6 @@ class Staged(ClientConnection):
     the client sets (a connection per transaction, pgbench -C, pays for every step of a
     login). Neither subclass adds slots; `take_over` remains for the admin console."""
 
-    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted",                          # Login
+    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted", "_wanted_key",           # Login
                  "pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self",     # PooledClient
                  "preferred", "customs")

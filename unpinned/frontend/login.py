@@ -37,6 +37,17 @@ TLS_HANDSHAKE = object()    # Login._auth while the TLS handshake runs
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit (MAX_STARTUP_PACKET_LENGTH)
 MAX_AUTH_MESSAGE = 65536
 MAX_BEFORE_LOGIN = 1 << 20  # bytes a client may send ahead of the end of its login
+# BackendKeyData (pid, secret) and ReadyForQuery(idle), the end of every login, in one pack.
+_KEY_AND_READY = struct.Struct("!5sII6s")
+_KEY_HEAD = b"K\x00\x00\x00\x0c"
+
+# StartupMessage packet -> what _startup makes of it: (user, database, application_name,
+# session parameters, their frozenset). The same packet (a pooled application's, pgbench's)
+# comes back at every connection: parsed once. Only packets that need nothing else
+# (protocol 3.0, no _pq_ extension, no options, no replication) are kept; nothing in an
+# entry is ever changed (the parameters are copied where they are changed).
+_STARTUPS: dict[bytes, tuple[str, str, str, dict[str, str], frozenset]] = {}
+MAX_STARTUPS = 256
 
 
 # Cancel keys come from the operating system's CSPRNG, drawn in blocks (one system call per
@@ -65,7 +76,7 @@ class Login(Staged):
     __slots__ = ()      # (frontend/connection.py: Staged)
 
     def __init__(self, shared: Shared, endpoint=None):
-        super().__init__(shared)
+        ClientConnection.__init__(self, shared)     # (not super(): an object less per login)
         self.endpoint = endpoint
         self.id = shared.new_client_id()
         self._buf = bytearray()          # bytes before login completes
@@ -73,6 +84,7 @@ class Login(Staged):
         self._authenticated = False
         self._secret = None
         self._wanted: dict[str, str] = {}
+        self._wanted_key: frozenset | None = None    # frozenset(_wanted.items()), made once
         self.acquiring = False           # (a slot here: PooledClient's)
 
     def connection_made(self, transport) -> None:
@@ -118,6 +130,10 @@ class Login(Staged):
                     return
                 body = bytes(buf[4:ln])
                 del buf[:ln]
+                known = _STARTUPS.get(body)
+                if known is not None:
+                    self._known_startup(known)
+                    continue
                 code, params = m.parse_startup(body)
                 if code == m.SSL_REQUEST and self.shared.tls_context is not None and not self.tls:
                     if buf:
@@ -136,7 +152,7 @@ class Login(Staged):
                         self.shared.spawn(self.shared.cancel(pid, secret))
                     self.shutdown(None)
                     return
-                self._startup(code, params)
+                self._startup(code, params, body)
             elif self._auth is TLS_HANDSHAKE:
                 return      # bytes wait in the TLS layer until the handshake is done
             elif not self._auth.done:
@@ -202,7 +218,7 @@ class Login(Staged):
     def login_timed_out(self) -> None:
         self._login_failed(TimeoutError())
 
-    def _startup(self, code: int, params: dict[str, str]) -> None:
+    def _startup(self, code: int, params: dict[str, str], body: bytes = b"") -> None:
         """The StartupMessage: check it, then start authentication."""
         cfg = self.config
         rds = cfg.mode == "rds"
@@ -224,13 +240,9 @@ class Login(Staged):
         self.user = params.get("user", "")
         if not self.user:
             raise AuthFailed("no PostgreSQL user name specified in startup packet", "28000")
-        if cfg.require_tls and not self.tls:
-            raise AuthFailed(f'connection for user "{self.user}" requires TLS (sslmode=require)', "28000")
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
-        if self.shared.client_count() > cfg.max_client_connections:
-            raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
-                                  f"{cfg.max_client_connections}.", "53300")
+        self._admit()
         replication = params.get("replication", "").lower()
         if replication and replication not in ("false", "0", "off", "no"):
             raise m.ProtocolError(RDS_REPLICATION_TEXT if rds else
@@ -243,9 +255,31 @@ class Login(Staged):
                 gucs = {**m.parse_options(options), **gucs}
             except ValueError as e:
                 raise m.ProtocolError(str(e), "22023") from None
+        elif body and not (code & 0xFFFF or extensions or replication) and len(_STARTUPS) < MAX_STARTUPS:
+            # (what the next login with this packet skips: see _known_startup)
+            _STARTUPS[body] = (self.user, self.database, self.application_name, gucs, frozenset(gucs.items()))
         self._wanted = gucs
+        self._start_auth()
 
+    def _known_startup(self, known: tuple[str, str, str, dict[str, str], frozenset]) -> None:
+        """A StartupMessage seen before (_STARTUPS): _startup's checks that depend on more than
+        the packet, in its order."""
+        self.user, self.database, self.application_name, self._wanted, self._wanted_key = known
+        self._admit()
+        self._start_auth()
+
+    def _admit(self) -> None:
+        """What a startup packet is checked against besides itself: TLS, the proxy's client limit."""
+        cfg = self.config
+        if cfg.require_tls and not self.tls:
+            raise AuthFailed(f'connection for user "{self.user}" requires TLS (sslmode=require)', "28000")
+        if self.shared.client_count() > cfg.max_client_connections:
+            raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
+                                  f"{cfg.max_client_connections}.", "53300")
+
+    def _start_auth(self) -> None:
         # Authenticate before any server connection is opened for this user.
+        cfg = self.config
         if cfg.auth == "trust":
             self._secret = cfg.users.get(self.user)     # (read for whether it may use the admin console)
             self._auth = _TRUSTED
@@ -271,7 +305,9 @@ class Login(Staged):
             self._start_admin()
             return
         self.pool = pool = self.shared.pool_for(self.database, self.user, self.endpoint)
-        head = pool.login_messages.get(frozenset(self._wanted.items()))
+        if self._wanted_key is None:
+            self._wanted_key = frozenset(self._wanted.items())
+        head = pool.login_messages.get(self._wanted_key)
         if head is not None:    # (most logins: these startup parameters were seen before)
             self._logged_in(head)
             return
@@ -298,7 +334,7 @@ class Login(Staged):
         head = m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items())
         cache = self.pool.login_messages
         if len(cache) < 1000:
-            cache[frozenset(self._wanted.items())] = head
+            cache[self._wanted_key] = head
         return head
 
     def _logged_in(self, head: bytes) -> None:
@@ -307,7 +343,7 @@ class Login(Staged):
                                                         self.shared.session_options), self.shared.stats,
                            buffer_limit=self.config.max_client_message_buffer)
         pid, secret_key = self._new_key()
-        self.transport.write(head + m.backend_key_data(pid, secret_key) + m.READY_IDLE)
+        self.transport.write(head + _KEY_AND_READY.pack(_KEY_HEAD, pid, secret_key, m.READY_IDLE))
         self.shared.stats.clients_setup_ok += 1
         log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         self._become_pooled()
@@ -317,7 +353,7 @@ class Login(Staged):
         frontend/connection.py), with any bytes the client sent ahead."""
         buf = self._buf
         self.__class__ = PooledClient
-        self._buf = self._auth = self._secret = self._wanted = None     # the login's, done with
+        self._buf = self._auth = self._secret = self._wanted = self._wanted_key = None  # the login's, done with
         self._start_pooled()
         self.relay.session.subscribe = self._subscriptions
         self.customs = self.relay.session.customs       # the pool matches placeholders by it

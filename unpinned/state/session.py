@@ -89,9 +89,11 @@ class Session:
 
     def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
                  options: SessionOptions | None = None):
-        self.options = options or SessionOptions()
-        self.rds = self.options.mode == "rds"
-        self.policy = self.options.policy()
+        if options is None:
+            options = SessionOptions()
+        self.options = options
+        self.rds = options.mode == "rds"
+        self.policy = options.policy()
         self.startup = dict(startup)        # what RESET goes back to
         self.params = dict(startup)         # what the client's session has now (committed)
         self.client = client
@@ -116,11 +118,15 @@ class Session:
         self._lex_conforming = True   # standard_conforming_strings surely on when the current string was lexed
         self._restored = False        # the statement being applied had its startup values restored
         # Verify mode: the statements since the last check, to name the one that changed state.
-        self.seen: list[str] | None = [] if self.options.verify else None
+        self.seen: list[str] | None = [] if options.verify else None
         # Custom (dotted) parameters this session would have a placeholder for on a server of
         # its own: given at startup, or named by a SET, RESET or set_config (see
         # ServerState.placeholders; the pool matches the two).
-        self.customs: set[str] = {n for n in startup if "." in n}
+        customs: set[str] = set()
+        for n in startup:       # (a loop here, not a set comprehension: its own frame at every login)
+            if "." in n:
+                customs.add(n)
+        self.customs = customs
         # LISTEN carried in smart mode (state/notifications.py): the client's channels, made on
         # first use by `subscribe` (plugged in by the client connection).
         self.listening: Subscriptions | None = None
