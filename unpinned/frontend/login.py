@@ -46,6 +46,7 @@ _KEY_HEAD = b"K\x00\x00\x00\x0c"
 # comes back at every connection: parsed once. Only packets that need nothing else
 # (protocol 3.0, no _pq_ extension, no options, no replication) are kept; nothing in an
 # entry is ever changed (the parameters are copied where they are changed).
+_tuple_new = tuple.__new__     # (ClientInfo made without a Python call)
 _STARTUPS: dict[bytes, tuple[str, str, str, dict[str, str], frozenset]] = {}
 MAX_STARTUPS = 256
 
@@ -338,7 +339,7 @@ class Login(Staged):
         return head
 
     def _logged_in(self, head: bytes) -> None:
-        info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
+        info = _tuple_new(ClientInfo, (self.id, self.addr, self.user, self.database, self.application_name))
         self.relay = Relay(self.shared.registry, Session(self._wanted, info, self.shared.pinlog,
                                                         self.shared.session_options), self.shared.stats,
                            buffer_limit=self.config.max_client_message_buffer)
