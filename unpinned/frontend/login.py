@@ -41,7 +41,7 @@ MAX_BEFORE_LOGIN = 1 << 20  # bytes a client may send ahead of the end of its lo
 _KEY_AND_READY = struct.Struct("!5sII6s")
 _KEY_HEAD = b"K\x00\x00\x00\x0c"
 
-# StartupMessage packet -> what _startup makes of it: (user, database, application_name,
+# StartupMessage packet (with its length) -> what _startup makes of it: (user, database, application_name,
 # session parameters, their frozenset). The same packet (a pooled application's, pgbench's)
 # comes back at every connection: parsed once. Only packets that need nothing else
 # (protocol 3.0, no _pq_ extension, no options, no replication) are kept; nothing in an
@@ -53,16 +53,15 @@ MAX_STARTUPS = 256
 
 # Cancel keys come from the operating system's CSPRNG, drawn in blocks (one system call per
 # 512 keys instead of one per login). A forked worker must not reuse its parent's block.
-_entropy = bytearray()
+_entropy: list[int] = []
 os.register_at_fork(after_in_child=_entropy.clear)
+_BLOCK = struct.Struct("=512Q")
 
 
 def _random64() -> int:
     if not _entropy:
-        _entropy.extend(os.urandom(4096))
-    raw = int.from_bytes(_entropy[-8:], "big")
-    del _entropy[-8:]
-    return raw
+        _entropy.extend(_BLOCK.unpack(os.urandom(_BLOCK.size)))
+    return _entropy.pop()
 
 
 # Trust: the exchange is over before it starts, the same for everyone.
@@ -84,7 +83,7 @@ class Login(Staged):
         self._auth: ClientAuth | None = None
         self._authenticated = False
         self._secret = None
-        self._wanted: dict[str, str] = {}
+        self._wanted: dict[str, str] | None = None     # (set by the startup packet)
         self._wanted_key: frozenset | None = None    # frozenset(_wanted.items()), made once
         self.acquiring = False           # (a slot here: PooledClient's)
 
@@ -98,6 +97,16 @@ class Login(Staged):
         shared.stats.clients_received += 1
 
     def data_received(self, data: bytes) -> None:
+        if self._auth is None and not self._buf and type(data) is bytes:     # (TLS may hand a bytearray)
+            known = _STARTUPS.get(data)
+            if known is not None and not self.transport.is_closing():
+                # The usual first read: a startup packet seen before, whole and alone.
+                try:
+                    self._known_startup(known)
+                    self._login_step()
+                except Exception as e:
+                    self._login_failed(e)
+                return
         buf = self._buf
         buf += data
         if len(buf) > MAX_BEFORE_LOGIN:
@@ -129,12 +138,13 @@ class Login(Staged):
                     raise m.ProtocolError("invalid length of startup packet")
                 if len(buf) < ln:
                     return
-                body = bytes(buf[4:ln])
+                packet = bytes(buf[:ln])
                 del buf[:ln]
-                known = _STARTUPS.get(body)
+                known = _STARTUPS.get(packet)
                 if known is not None:
                     self._known_startup(known)
                     continue
+                body = packet[4:]
                 code, params = m.parse_startup(body)
                 if code == m.SSL_REQUEST and self.shared.tls_context is not None and not self.tls:
                     if buf:
@@ -153,7 +163,7 @@ class Login(Staged):
                         self.shared.spawn(self.shared.cancel(pid, secret))
                     self.shutdown(None)
                     return
-                self._startup(code, params, body)
+                self._startup(code, params, packet)
             elif self._auth is TLS_HANDSHAKE:
                 return      # bytes wait in the TLS layer until the handshake is done
             elif not self._auth.done:
@@ -219,7 +229,7 @@ class Login(Staged):
     def login_timed_out(self) -> None:
         self._login_failed(TimeoutError())
 
-    def _startup(self, code: int, params: dict[str, str], body: bytes = b"") -> None:
+    def _startup(self, code: int, params: dict[str, str], packet: bytes = b"") -> None:
         """The StartupMessage: check it, then start authentication."""
         cfg = self.config
         rds = cfg.mode == "rds"
@@ -256,9 +266,9 @@ class Login(Staged):
                 gucs = {**m.parse_options(options), **gucs}
             except ValueError as e:
                 raise m.ProtocolError(str(e), "22023") from None
-        elif body and not (code & 0xFFFF or extensions or replication) and len(_STARTUPS) < MAX_STARTUPS:
+        elif packet and not (code & 0xFFFF or extensions or replication) and len(_STARTUPS) < MAX_STARTUPS:
             # (what the next login with this packet skips: see _known_startup)
-            _STARTUPS[body] = (self.user, self.database, self.application_name, gucs, frozenset(gucs.items()))
+            _STARTUPS[packet] = (self.user, self.database, self.application_name, gucs, frozenset(gucs.items()))
         self._wanted = gucs
         self._start_auth()
 
@@ -340,12 +350,13 @@ class Login(Staged):
 
     def _logged_in(self, head: bytes) -> None:
         info = _tuple_new(ClientInfo, (self.id, self.addr, self.user, self.database, self.application_name))
-        self.relay = Relay(self.shared.registry, Session(self._wanted, info, self.shared.pinlog,
-                                                        self.shared.session_options), self.shared.stats,
-                           buffer_limit=self.config.max_client_message_buffer)
+        shared = self.shared
+        # (Positional arguments: a keyword makes calling a class build a dict.)
+        self.relay = Relay(shared.registry, Session(self._wanted, info, shared.pinlog, shared.session_options),
+                           shared.stats, self.config.max_client_message_buffer)
         pid, secret_key = self._new_key()
         self.transport.write(head + _KEY_AND_READY.pack(_KEY_HEAD, pid, secret_key, m.READY_IDLE))
-        self.shared.stats.clients_setup_ok += 1
+        shared.stats.clients_setup_ok += 1
         log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         self._become_pooled()
 
