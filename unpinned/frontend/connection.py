@@ -59,7 +59,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         shared = self.shared
         shared.clients.discard(self)
-        shared.count_changed()
+        if shared.worker is not None:   # (several processes: the shared count; a call less otherwise)
+            shared.count_changed()
         shared.by_key.pop(self.key, None)
 
     def shutdown(self, final: bytes | None) -> None:

@@ -93,7 +93,8 @@ class Login(Staged):
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         shared = self.shared
         shared.clients.add(self)
-        shared.count_changed()
+        if shared.worker is not None:   # (several processes: the shared count; a call less otherwise)
+            shared.count_changed()
         shared.stats.clients_received += 1
 
     def data_received(self, data: bytes) -> None:
@@ -103,7 +104,11 @@ class Login(Staged):
                 # The usual first read: a startup packet seen before, whole and alone.
                 try:
                     self._known_startup(known)
-                    self._login_step()
+                    if self._auth is _TRUSTED:      # (what _login_step does next, without its loop)
+                        self._authenticated = True
+                        self._after_auth()
+                    else:
+                        self._login_step()
                 except Exception as e:
                     self._login_failed(e)
                 return
