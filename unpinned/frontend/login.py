@@ -362,7 +362,8 @@ class Login(Staged):
         pid, secret_key = self._new_key()
         self.transport.write(head + _KEY_AND_READY.pack(_KEY_HEAD, pid, secret_key, m.READY_IDLE))
         shared.stats.clients_setup_ok += 1
-        log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
+        if log.isEnabledFor(logging.DEBUG):     # (log.debug itself costs a login 1% more, even when off)
+            log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         self._become_pooled()
 
     def _become_pooled(self) -> None:
