@@ -40,13 +40,13 @@ MAX_BEFORE_LOGIN = 1 << 20  # bytes a client may send ahead of the end of its lo
 # BackendKeyData (pid, secret) and ReadyForQuery(idle), the end of every login, in one pack.
 _KEY_AND_READY = struct.Struct("!5sII6s")
 _KEY_HEAD = b"K\x00\x00\x00\x0c"
+_tuple_new = tuple.__new__     # (a ClientInfo made without a Python call)
 
-# StartupMessage packet (with its length) -> what _startup makes of it: (user, database, application_name,
-# session parameters, their frozenset). The same packet (a pooled application's, pgbench's)
-# comes back at every connection: parsed once. Only packets that need nothing else
-# (protocol 3.0, no _pq_ extension, no options, no replication) are kept; nothing in an
-# entry is ever changed (the parameters are copied where they are changed).
-_tuple_new = tuple.__new__     # (ClientInfo made without a Python call)
+# StartupMessage packet (with its length) -> what _startup makes of it: (user, database,
+# application_name, session parameters, their frozenset). The same packet (a pooled
+# application's, pgbench's) comes back at every connection: parsed once. Only packets that
+# need nothing else (protocol 3.0, no _pq_ extension, no options, no replication) are kept;
+# nothing in an entry is ever changed (Session copies the parameters it changes).
 _STARTUPS: dict[bytes, tuple[str, str, str, dict[str, str], frozenset]] = {}
 MAX_STARTUPS = 256
 
@@ -362,7 +362,7 @@ class Login(Staged):
         pid, secret_key = self._new_key()
         self.transport.write(head + _KEY_AND_READY.pack(_KEY_HEAD, pid, secret_key, m.READY_IDLE))
         shared.stats.clients_setup_ok += 1
-        if log.isEnabledFor(logging.DEBUG):     # (log.debug itself costs a login 1% more, even when off)
+        if log.isEnabledFor(logging.DEBUG):     # (log.debug itself costs a login over 1% more, even when off)
             log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         self._become_pooled()
 
