@@ -59,7 +59,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         shared = self.shared
         shared.clients.discard(self)
-        shared.count_changed()
+        if shared.worker is not None:   # (several processes: the shared count; a call less otherwise)
+            shared.count_changed()
         shared.by_key.pop(self.key, None)
 
     def shutdown(self, final: bytes | None) -> None:
@@ -81,6 +82,6 @@ class Staged(ClientConnection):
     the client sets (a connection per transaction, pgbench -C, pays for every step of a
     login). Neither subclass adds slots; `take_over` remains for the admin console."""
 
-    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted",                          # Login
+    __slots__ = ("_buf", "_auth", "_authenticated", "_secret", "_wanted", "_wanted_key",           # Login
                  "pending", "acquiring", "_t_req", "_t_sent", "_paused_server", "_paused_self",     # PooledClient
                  "preferred", "customs")

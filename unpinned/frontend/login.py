@@ -37,20 +37,31 @@ TLS_HANDSHAKE = object()    # Login._auth while the TLS handshake runs
 MAX_STARTUP_PACKET = 10000  # PostgreSQL's own limit (MAX_STARTUP_PACKET_LENGTH)
 MAX_AUTH_MESSAGE = 65536
 MAX_BEFORE_LOGIN = 1 << 20  # bytes a client may send ahead of the end of its login
+# BackendKeyData (pid, secret) and ReadyForQuery(idle), the end of every login, in one pack.
+_KEY_AND_READY = struct.Struct("!5sII6s")
+_KEY_HEAD = b"K\x00\x00\x00\x0c"
+_tuple_new = tuple.__new__     # (a ClientInfo made without a Python call)
+
+# StartupMessage packet (with its length) -> what _startup makes of it: (user, database,
+# application_name, session parameters, their frozenset). The same packet (a pooled
+# application's, pgbench's) comes back at every connection: parsed once. Only packets that
+# need nothing else (protocol 3.0, no _pq_ extension, no options, no replication) are kept;
+# nothing in an entry is ever changed (Session copies the parameters it changes).
+_STARTUPS: dict[bytes, tuple[str, str, str, dict[str, str], frozenset]] = {}
+MAX_STARTUPS = 256
 
 
 # Cancel keys come from the operating system's CSPRNG, drawn in blocks (one system call per
 # 512 keys instead of one per login). A forked worker must not reuse its parent's block.
-_entropy = bytearray()
+_entropy: list[int] = []
 os.register_at_fork(after_in_child=_entropy.clear)
+_BLOCK = struct.Struct("=512Q")
 
 
 def _random64() -> int:
     if not _entropy:
-        _entropy.extend(os.urandom(4096))
-    raw = int.from_bytes(_entropy[-8:], "big")
-    del _entropy[-8:]
-    return raw
+        _entropy.extend(_BLOCK.unpack(os.urandom(_BLOCK.size)))
+    return _entropy.pop()
 
 
 # Trust: the exchange is over before it starts, the same for everyone.
@@ -65,14 +76,15 @@ class Login(Staged):
     __slots__ = ()      # (frontend/connection.py: Staged)
 
     def __init__(self, shared: Shared, endpoint=None):
-        super().__init__(shared)
+        ClientConnection.__init__(self, shared)     # (not super(): an object less per login)
         self.endpoint = endpoint
         self.id = shared.new_client_id()
         self._buf = bytearray()          # bytes before login completes
         self._auth: ClientAuth | None = None
         self._authenticated = False
         self._secret = None
-        self._wanted: dict[str, str] = {}
+        self._wanted: dict[str, str] | None = None     # (set by the startup packet)
+        self._wanted_key: frozenset | None = None    # frozenset(_wanted.items()), made once
         self.acquiring = False           # (a slot here: PooledClient's)
 
     def connection_made(self, transport) -> None:
@@ -81,10 +93,25 @@ class Login(Staged):
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         shared = self.shared
         shared.clients.add(self)
-        shared.count_changed()
+        if shared.worker is not None:   # (several processes: the shared count; a call less otherwise)
+            shared.count_changed()
         shared.stats.clients_received += 1
 
     def data_received(self, data: bytes) -> None:
+        if self._auth is None and not self._buf and type(data) is bytes:     # (TLS may hand a bytearray)
+            known = _STARTUPS.get(data)
+            if known is not None and not self.transport.is_closing():
+                # The usual first read: a startup packet seen before, whole and alone.
+                try:
+                    self._known_startup(known)
+                    if self._auth is _TRUSTED:      # (what _login_step does next, without its loop)
+                        self._authenticated = True
+                        self._after_auth()
+                    else:
+                        self._login_step()
+                except Exception as e:
+                    self._login_failed(e)
+                return
         buf = self._buf
         buf += data
         if len(buf) > MAX_BEFORE_LOGIN:
@@ -116,8 +143,13 @@ class Login(Staged):
                     raise m.ProtocolError("invalid length of startup packet")
                 if len(buf) < ln:
                     return
-                body = bytes(buf[4:ln])
+                packet = bytes(buf[:ln])
                 del buf[:ln]
+                known = _STARTUPS.get(packet)
+                if known is not None:
+                    self._known_startup(known)
+                    continue
+                body = packet[4:]
                 code, params = m.parse_startup(body)
                 if code == m.SSL_REQUEST and self.shared.tls_context is not None and not self.tls:
                     if buf:
@@ -136,7 +168,7 @@ class Login(Staged):
                         self.shared.spawn(self.shared.cancel(pid, secret))
                     self.shutdown(None)
                     return
-                self._startup(code, params)
+                self._startup(code, params, packet)
             elif self._auth is TLS_HANDSHAKE:
                 return      # bytes wait in the TLS layer until the handshake is done
             elif not self._auth.done:
@@ -202,7 +234,7 @@ class Login(Staged):
     def login_timed_out(self) -> None:
         self._login_failed(TimeoutError())
 
-    def _startup(self, code: int, params: dict[str, str]) -> None:
+    def _startup(self, code: int, params: dict[str, str], packet: bytes = b"") -> None:
         """The StartupMessage: check it, then start authentication."""
         cfg = self.config
         rds = cfg.mode == "rds"
@@ -224,13 +256,9 @@ class Login(Staged):
         self.user = params.get("user", "")
         if not self.user:
             raise AuthFailed("no PostgreSQL user name specified in startup packet", "28000")
-        if cfg.require_tls and not self.tls:
-            raise AuthFailed(f'connection for user "{self.user}" requires TLS (sslmode=require)', "28000")
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
-        if self.shared.client_count() > cfg.max_client_connections:
-            raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
-                                  f"{cfg.max_client_connections}.", "53300")
+        self._admit()
         replication = params.get("replication", "").lower()
         if replication and replication not in ("false", "0", "off", "no"):
             raise m.ProtocolError(RDS_REPLICATION_TEXT if rds else
@@ -243,9 +271,31 @@ class Login(Staged):
                 gucs = {**m.parse_options(options), **gucs}
             except ValueError as e:
                 raise m.ProtocolError(str(e), "22023") from None
+        elif packet and not (code & 0xFFFF or extensions or replication) and len(_STARTUPS) < MAX_STARTUPS:
+            # (what the next login with this packet skips: see _known_startup)
+            _STARTUPS[packet] = (self.user, self.database, self.application_name, gucs, frozenset(gucs.items()))
         self._wanted = gucs
+        self._start_auth()
 
+    def _known_startup(self, known: tuple[str, str, str, dict[str, str], frozenset]) -> None:
+        """A StartupMessage seen before (_STARTUPS): _startup's checks that depend on more than
+        the packet, in its order."""
+        self.user, self.database, self.application_name, self._wanted, self._wanted_key = known
+        self._admit()
+        self._start_auth()
+
+    def _admit(self) -> None:
+        """What a startup packet is checked against besides itself: TLS, the proxy's client limit."""
+        cfg = self.config
+        if cfg.require_tls and not self.tls:
+            raise AuthFailed(f'connection for user "{self.user}" requires TLS (sslmode=require)', "28000")
+        if self.shared.client_count() > cfg.max_client_connections:
+            raise m.ProtocolError(f"The maximum number of client connections to the proxy exceeded "
+                                  f"{cfg.max_client_connections}.", "53300")
+
+    def _start_auth(self) -> None:
         # Authenticate before any server connection is opened for this user.
+        cfg = self.config
         if cfg.auth == "trust":
             self._secret = cfg.users.get(self.user)     # (read for whether it may use the admin console)
             self._auth = _TRUSTED
@@ -271,7 +321,9 @@ class Login(Staged):
             self._start_admin()
             return
         self.pool = pool = self.shared.pool_for(self.database, self.user, self.endpoint)
-        head = pool.login_messages.get(frozenset(self._wanted.items()))
+        if self._wanted_key is None:
+            self._wanted_key = frozenset(self._wanted.items())
+        head = pool.login_messages.get(self._wanted_key)
         if head is not None:    # (most logins: these startup parameters were seen before)
             self._logged_in(head)
             return
@@ -298,18 +350,20 @@ class Login(Staged):
         head = m.AUTH_OK + b"".join(m.parameter_status(k, v) for k, v in reported.items())
         cache = self.pool.login_messages
         if len(cache) < 1000:
-            cache[frozenset(self._wanted.items())] = head
+            cache[self._wanted_key] = head
         return head
 
     def _logged_in(self, head: bytes) -> None:
-        info = ClientInfo(self.id, self.addr, self.user, self.database, self.application_name)
-        self.relay = Relay(self.shared.registry, Session(self._wanted, info, self.shared.pinlog,
-                                                        self.shared.session_options), self.shared.stats,
-                           buffer_limit=self.config.max_client_message_buffer)
+        info = _tuple_new(ClientInfo, (self.id, self.addr, self.user, self.database, self.application_name))
+        shared = self.shared
+        # (Positional arguments: a keyword makes calling a class build a dict.)
+        self.relay = Relay(shared.registry, Session(self._wanted, info, shared.pinlog, shared.session_options),
+                           shared.stats, self.config.max_client_message_buffer)
         pid, secret_key = self._new_key()
-        self.transport.write(head + m.backend_key_data(pid, secret_key) + m.READY_IDLE)
-        self.shared.stats.clients_setup_ok += 1
-        log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
+        self.transport.write(head + _KEY_AND_READY.pack(_KEY_HEAD, pid, secret_key, m.READY_IDLE))
+        shared.stats.clients_setup_ok += 1
+        if log.isEnabledFor(logging.DEBUG):     # (log.debug itself costs a login over 1% more, even when off)
+            log.debug("client %d (%s) logged in as %s to %s", self.id, self.addr, self.user, self.database)
         self._become_pooled()
 
     def _become_pooled(self) -> None:
@@ -317,7 +371,7 @@ class Login(Staged):
         frontend/connection.py), with any bytes the client sent ahead."""
         buf = self._buf
         self.__class__ = PooledClient
-        self._buf = self._auth = self._secret = self._wanted = None     # the login's, done with
+        self._buf = self._auth = self._secret = self._wanted = self._wanted_key = None  # the login's, done with
         self._start_pooled()
         self.relay.session.subscribe = self._subscriptions
         self.customs = self.relay.session.customs       # the pool matches placeholders by it

@@ -25,24 +25,9 @@ from unpinned.telemetry.pinlog import CARRIED, CURRVAL_GUARD, PIN, UNPIN, WOULD_
 from unpinned.state.policy import STATEMENT_LIMIT, PolicyOptions, rds_reasons
 from unpinned.sql.classifier import classify, keep_exact_texts
 from unpinned.sql.text import param_sync_sql, quote_literal
+from unpinned.state.checks import CHECKS, VERIFY_PARAMS
 from unpinned.state.notifications import LISTEN, UNLISTEN, Subscriptions
 
-# Pins the server's own catalogs can confirm or clear: reason -> SQL counting what holds it.
-# Verify mode: every parameter the server connection has from SQL, names joined by \x1f.
-# (A value equal to the connection's reset value is no leak, and PostgreSQL reports source
-# 'session' for one after RESET x; SET LOCAL x in one transaction.)
-VERIFY_PARAMS = ("(SELECT pg_catalog.string_agg(name, chr(31)) FROM pg_catalog.pg_settings "
-                 "WHERE source = 'session' AND setting IS DISTINCT FROM reset_val)")
-CHECKS: dict[Reason, str] = {
-    Reason.TEMP_OBJECT: "(SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema())",
-    Reason.CURSOR: "(SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable)",
-    Reason.LISTEN: "(SELECT count(*) FROM pg_catalog.pg_listening_channels())",
-    Reason.ADVISORY_LOCK: "(SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-                          "AND pid = pg_catalog.pg_backend_pid())",
-    # (U_<n>: the proxy's own names for statements it carries, see relay/carried.py)
-    Reason.SQL_PREPARE: "(SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql "
-                        "AND name !~ '^U_[0-9]+$')",
-}
 # Effects after which a given check is due.
 _CHECK_TRIGGERS: dict[Kind, Reason] = {
     Kind.CREATE_TEMP: Reason.TEMP_OBJECT, Kind.DROP: Reason.TEMP_OBJECT,
@@ -90,9 +75,11 @@ class Session:
 
     def __init__(self, startup: dict[str, str], client: ClientInfo, pinlog: PinLog | None,
                  options: SessionOptions | None = None):
-        self.options = options or SessionOptions()
-        self.rds = self.options.mode == "rds"
-        self.policy = self.options.policy()
+        if options is None:
+            options = SessionOptions()
+        self.options = options
+        self.rds = options.mode == "rds"
+        self.policy = options.policy()
         self.startup = dict(startup)        # what RESET goes back to
         self.params = dict(startup)         # what the client's session has now (committed)
         self.client = client
@@ -117,14 +104,17 @@ class Session:
         self._lex_conforming = True   # standard_conforming_strings surely on when the current string was lexed
         self._restored = False        # the statement being applied had its startup values restored
         # Verify mode: the statements since the last check, to name the one that changed state.
-        self.seen: list[str] | None = None
-        if self.options.verify:
-            self.seen = []
+        self.seen: list[str] | None = [] if options.verify else None
+        if options.verify:
             keep_exact_texts()      # so that `seen` has each statement's own text
         # Custom (dotted) parameters this session would have a placeholder for on a server of
         # its own: given at startup, or named by a SET, RESET or set_config (see
         # ServerState.placeholders; the pool matches the two).
-        self.customs: set[str] = {n for n in startup if "." in n}
+        customs: set[str] = set()
+        for n in startup:       # (a loop here, not a set comprehension: its own frame at every login)
+            if "." in n:
+                customs.add(n)
+        self.customs = customs
         # LISTEN carried in smart mode (state/notifications.py): the client's channels, made on
         # first use by `subscribe` (plugged in by the client connection).
         self.listening: Subscriptions | None = None

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, NamedTuple
 
 from unpinned.sql.classifier import digest, fingerprint
 from unpinned.sql.effects import REASON_SENTENCES, RDS_REASON_SQL, RDS_REASON_TOO_LONG, Classification, Reason
@@ -22,9 +22,9 @@ PIN, UNPIN, WOULD_PIN, CURRVAL_GUARD = "pin", "unpin", "would_pin_rds", "currval
 CARRIED = "carried"
 
 
-@dataclass(slots=True)
-class ClientInfo:
-    """Who a pin belongs to."""
+class ClientInfo(NamedTuple):
+    """Who a pin belongs to. A tuple: made at every login, with `tuple.__new__(ClientInfo, ...)`
+    there, without the Python call a dataclass's __init__ is."""
     id: int
     address: str
     user: str
