@@ -694,3 +694,12 @@ def test_digest(sql, expected):
     c = classify(sql)
     assert digest(c) == expected
     assert c._digest == expected
+
+
+@pytest.mark.parametrize("sql, alone", [
+    ("BEGIN", True), ("COMMIT;", True), ("END", True), ("ROLLBACK TO SAVEPOINT s", True),
+    ("BEGIN; SELECT 1", False), ("BEGIN; COMMIT", False), ("SET search_path = a", False),
+    ("SELECT 1", False), ("BEGIN ISOLATION LEVEL SERIALIZABLE", True),
+])
+def test_transaction_control_alone_is_marked_for_the_fast_paths(sql, alone):
+    assert classify(sql.encode()).control_only is alone

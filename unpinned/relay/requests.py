@@ -52,8 +52,7 @@ class RequestWalk:
             # engine has it at its CommandComplete), and TPC-B-like clients send two of each
             # transaction.
             c = classify(text)
-            if (not c.effects or len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is K.TRANSACTION) \
-                    and c.byte_length <= STATEMENT_LIMIT:
+            if (not c.effects or c.control_only) and c.byte_length <= STATEMENT_LIMIT:
                 self.stats.query_requests += 1
                 seq = c._seq    # (no call once its client owns the connection's sequence state)
                 if seq != 0 and (seq != SEQUENCES or self.server.seq_owner is not self.session):
@@ -271,8 +270,7 @@ class RequestWalk:
         if batch is None:
             return None
         c = classify(batch[0])
-        if c.effects and not (len(c.groups) == 1 and len(c.effects) == 1 and c.effects[0].kind is K.TRANSACTION) \
-                or c.byte_length > STATEMENT_LIMIT:
+        if c.effects and not c.control_only or c.byte_length > STATEMENT_LIMIT:
             return None     # (transaction control alone: nothing to refuse, rewrite or carry, as in from_client)
         self.unnamed_c = c
         self.portal_c[b""] = c

@@ -10,7 +10,6 @@ from unpinned.relay.pending import (
     R_SYNTH, SHAPE, SWALLOW, SYNC_FORWARD, TERMINALS, Pending, StatementRun)
 from unpinned.relay.prepared_view import CarriedRun, carried_error
 from unpinned.relay.restore import unshift_position
-from unpinned.sql import kinds as K
 from unpinned.sql.text import RAISE_SQLSTATE
 from unpinned.wire import messages as m
 from unpinned.wire.framing import answer_types, query_answer_completes, unnamed_answer_completes
@@ -40,8 +39,7 @@ class ResponseWalk:
             head = queue[0]
             c = head.payload
             if head.kind == R_QUERY and head.action == FORWARD and c is not None and c.parsed \
-                    and self.session.seen is None and (not c.groups or len(c.groups) == 1 and len(c.effects) == 1
-                                                       and c.effects[0].kind is K.TRANSACTION):
+                    and self.session.seen is None and (not c.groups or c.control_only):
                 out = self._plain_answer(data, head)
                 if out is not None:
                     return out
@@ -236,8 +234,7 @@ class ResponseWalk:
                 # Transaction control alone, as in _plain_answer: its CommandComplete right after
                 # the ParseComplete, BindComplete and NoData (5 bytes each), nothing riding along.
                 at = 5 * nq - 5
-                if len(c.groups) != 1 or len(c.effects) != 1 or c.effects[0].kind is not K.TRANSACTION \
-                        or run.restored is not None or data[at] != COMMAND_COMPLETE \
+                if not c.control_only or run.restored is not None or data[at] != COMMAND_COMPLETE \
                         or at + 1 + unpack_i32(data, at + 1)[0] != last:
                     return None
                 queue.clear()

@@ -255,7 +255,8 @@ def _parse_effects(text: str, raw: bytes) -> Classification:
                               byte_length=len(raw), parsed=False)
     return Classification(text=text, effects=tuple(effects) if effects else EMPTY,
                           _statements=len(stmts), byte_length=len(raw), parsed=True,
-                          groups=tuple(groups) if effects else (), ends=tuple(ends) if effects else ())
+                          groups=tuple(groups) if effects else (), ends=tuple(ends) if effects else (),
+                          control_only=len(groups) == 1 and len(effects) == 1 and effects[0].kind is Kind.TRANSACTION)
 
 
 # --------------------------------------------------------------------------- fingerprint / digest

@@ -109,6 +109,9 @@ class Classification:
     _digest: str | None = field(default=None, repr=False)
     # What it may leave in the server connection (sql/sequences.handoff_flags), once asked.
     _seq: int | None = field(default=None, repr=False)
+    # One transaction control statement alone (BEGIN, COMMIT, ROLLBACK, SAVEPOINT...): the
+    # relay's fast paths take it as a plain statement, and settle only its transaction.
+    control_only: bool = field(default=False, repr=False)
 
     @property
     def has_effects(self) -> bool:
