@@ -1116,10 +1116,9 @@ def test_sequence_values_of_another_client_are_discarded_at_hand_off(registry):
     assert b.releasable
 
 
-def test_a_made_up_answer_behind_the_hand_off_discard_goes_out(registry):
-    """A held LISTEN/UNLISTEN's answer (relay/carried.resume) queued behind the proxy's DISCARD
-    SEQUENCES goes out when that is answered (it hung the client when the DISCARD's answer was
-    taken off the front without looking behind it)."""
+def _after_another_clients_insert(registry) -> Relay:
+    """A relay attached to a server connection where another client's INSERT ran: its
+    DISCARD SEQUENCES goes first."""
     server = ServerState()
     a = new_relay(registry, server)
     a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))
@@ -1127,6 +1126,14 @@ def test_a_made_up_answer_behind_the_hand_off_discard_goes_out(registry):
     a.detach()
     b = make_relay(registry)
     assert b.attach(server) == m.query("DISCARD SEQUENCES")
+    return b
+
+
+def test_a_made_up_answer_behind_the_hand_off_discard_goes_out(registry):
+    """A held LISTEN/UNLISTEN's answer (relay/carried.resume) queued behind the proxy's DISCARD
+    SEQUENCES goes out when that is answered (it hung the client when the DISCARD's answer was
+    taken off the front without looking behind it)."""
+    b = _after_another_clients_insert(registry)
     b._synth(m.command_complete("UNLISTEN"))
     b._synth(None)
     out = b.from_server(cc("DISCARD SEQUENCES") + ZI)
@@ -1141,14 +1148,7 @@ def test_the_hand_off_discard_leaves_the_client_answer_to_the_fast_walks(reads, 
     the client sees exactly what the general walk gives."""
     runs = []
     for general_only in (False, True):
-        registry = StatementRegistry()
-        server = ServerState()
-        a = new_relay(registry, server)
-        a.from_client(m.query("INSERT INTO t(v) VALUES (1)"))
-        a.from_server(cc("INSERT 0 1") + ZI)
-        a.detach()
-        b = make_relay(registry)
-        assert b.attach(server) == m.query("DISCARD SEQUENCES")
+        b = _after_another_clients_insert(StatementRegistry())
         if request_kind == "simple":
             taken = _watch_fast_walk(monkeypatch, "_plain_answer", general_only)
             b.from_client(m.query("SELECT 1"))
@@ -1161,7 +1161,7 @@ def test_the_hand_off_discard_leaves_the_client_answer_to_the_fast_walks(reads, 
         parts = [discarded + answer] if reads == "one read" else [discarded, answer]
         out = b"".join(b.from_server(p) for p in parts)
         monkeypatch.undo()
-        runs.append((out, b.status, b.releasable, list(b.queue), server.seq_owner, taken))
+        runs.append((out, b.status, b.releasable, list(b.queue), b.server.seq_owner, taken))
     assert runs[0][:-1] == runs[1][:-1]
     assert runs[0][0].endswith(ZI) and b"DISCARD" not in runs[0][0] and runs[0][2]
     assert runs[0][-1] == [True]        # the client's answer took the fast walk
