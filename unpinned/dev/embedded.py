@@ -109,14 +109,19 @@ def _group_alive(pgid: int) -> bool:
         except ProcessLookupError:
             return False
     for p in pids:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        fields = _stat(p)   # state, ppid, pgrp, ...
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat's fields from the third (state) on, or None when the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()
 
 
 def _ident(name: str) -> str:
@@ -422,11 +427,8 @@ _reaped = False
 
 def _started(pid: int) -> str | None:
     """The process's start time (field 22 of /proc/<pid>/stat): with the pid, names it uniquely."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()[19]
+    fields = _stat(pid)
+    return fields[19] if fields else None
 
 
 def reap_orphans() -> list[str]:
